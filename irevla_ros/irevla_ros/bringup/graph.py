@@ -1,0 +1,155 @@
+"""The node graph: the single description that `launch/collect.launch.py` and `irevla bringup` both start.
+
+Neither holds a node list of its own. A graph is a list of processes; each process is one installed executable
+that creates one or more nodes with fixed names; each node reads its parameter files from `config/`.
+In simulation the simulated cell, the camera and the arm controller share one process, because the camera's
+`sim` backend renders and the arm's `sim` backend steps the same MuJoCo world; on a robot they are separate
+driver processes, exactly like realsense2_camera and a Franka/UR driver.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from irevla_ros.entry_points import NODE_EXECUTABLES
+from irevla_ros.parameters import SCHEMAS
+from irevla_ros.params import (
+    ConfigError,
+    ParamSpec,
+    load_parameter_file,
+    node_key_matches,
+    validate_parameters,
+)
+from irevla_ros.paths import config_dir
+
+HARDWARE_PROFILES = ("sim", "robot")
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    name: str
+    kind: str  # key of parameters.SCHEMAS
+    namespace: str = ""
+    parameter_files: tuple[str, ...] = ()
+
+    @property
+    def fully_qualified_name(self) -> str:
+        ns = self.namespace.strip("/")
+        return f"/{ns}/{self.name}" if ns else f"/{self.name}"
+
+    @property
+    def schema(self) -> tuple[ParamSpec, ...]:
+        return SCHEMAS[self.kind]
+
+
+@dataclass(frozen=True)
+class ProcessSpec:
+    executable: str
+    nodes: tuple[NodeSpec, ...]
+
+    @property
+    def parameter_files(self) -> tuple[str, ...]:
+        files: list[str] = []
+        for node in self.nodes:
+            files.extend(f for f in node.parameter_files if f not in files)
+        return tuple(files)
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    name: str
+    hardware: str
+    processes: tuple[ProcessSpec, ...]
+    description: str = ""
+    extra_parameter_files: tuple[Path, ...] = field(default=())
+
+    def nodes(self) -> Iterator[NodeSpec]:
+        for process in self.processes:
+            yield from process.nodes
+
+    def executables(self) -> list[str]:
+        return [p.executable for p in self.processes]
+
+
+def _node(name: str, kind: str, hardware: str, namespace: str = "") -> NodeSpec:
+    return NodeSpec(name, kind, namespace, (f"{kind}.yaml", f"{hardware}.yaml"))
+
+
+def collect_graph(hardware: str = "sim") -> GraphSpec:
+    """The collection graph of `ros2 launch irevla_ros collect.launch.py` / `irevla bringup`."""
+    if hardware not in HARDWARE_PROFILES:
+        raise ConfigError(f"hardware: {hardware!r} is not one of {', '.join(HARDWARE_PROFILES)}")
+    camera = _node("camera", "camera", hardware, namespace="camera")
+    arm = _node("arm_controller", "arm_controller", hardware)
+    if hardware == "sim":
+        drivers: tuple[ProcessSpec, ...] = (
+            ProcessSpec("sim_cell_node", (_node("sim_cell", "sim_cell", hardware), camera, arm)),
+        )
+    else:
+        drivers = (ProcessSpec("camera_node", (camera,)), ProcessSpec("arm_controller_node", (arm,)))
+    return GraphSpec(
+        name="collect",
+        hardware=hardware,
+        description="cameras, policy, arm controller, episode manager and the trainer's episode store",
+        processes=(
+            *drivers,
+            ProcessSpec("policy_node", (_node("policy", "policy", hardware),)),
+            ProcessSpec("episode_manager_node", (_node("episode_manager", "episode_manager", hardware),)),
+            ProcessSpec("trainer_node", (_node("trainer", "trainer", hardware),)),
+        ),
+    )
+
+
+GRAPHS = {"collect": collect_graph}
+
+
+def all_parameter_files() -> set[str]:
+    """Every parameter file any graph, in any hardware profile, reads."""
+    files: set[str] = set()
+    for make in GRAPHS.values():
+        for hardware in HARDWARE_PROFILES:
+            for process in make(hardware).processes:
+                files.update(process.parameter_files)
+    return files
+
+
+def all_executables() -> set[str]:
+    exes: set[str] = set()
+    for make in GRAPHS.values():
+        for hardware in HARDWARE_PROFILES:
+            exes.update(make(hardware).executables())
+    return exes
+
+
+def process_parameter_paths(
+    graph: GraphSpec, process: ProcessSpec, config: Path | None = None
+) -> list[Path]:
+    directory = config or config_dir()
+    return [directory / f for f in process.parameter_files] + list(graph.extra_parameter_files)
+
+
+def validate_graph(graph: GraphSpec, config: Path | None = None) -> dict[str, dict[str, object]]:
+    """Check every parameter file of the graph against the schema of the nodes it addresses.
+
+    Returns {fully qualified node name: {parameter: value}} as the nodes will see them (file order: later wins).
+    Raises ConfigError naming the file and the key on the first problem.
+    """
+    for exe in graph.executables():
+        if exe not in NODE_EXECUTABLES:
+            raise ConfigError(f"graph {graph.name}: executable {exe!r} is not installed by setup.py")
+    effective: dict[str, dict[str, object]] = {n.fully_qualified_name: {} for n in graph.nodes()}
+    for process in graph.processes:
+        for path in process_parameter_paths(graph, process, config):
+            for node_key, values in load_parameter_file(path).items():
+                targets = [n for n in graph.nodes() if node_key_matches(node_key, n.fully_qualified_name)]
+                if not targets:
+                    known = ", ".join(n.fully_qualified_name for n in graph.nodes())
+                    raise ConfigError(f"{path}: {node_key}: no node of graph {graph.name!r} has this name ({known})")
+                for node in targets:
+                    if node not in process.nodes:
+                        continue
+                    checked = validate_parameters(path, node_key, values, node.schema)
+                    effective[node.fully_qualified_name].update(checked)
+    return effective

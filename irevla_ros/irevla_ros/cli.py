@@ -1,0 +1,103 @@
+"""`irevla <verb>`: the command-line tool for people. Every verb has --help."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from irevla_ros.bringup.graph import GRAPHS, HARDWARE_PROFILES, validate_graph
+from irevla_ros.params import ConfigError
+
+Verb = Callable[[argparse.Namespace], int]
+
+
+def _add_graph_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--graph", default="collect", choices=sorted(GRAPHS), help="node graph (default: collect)")
+    parser.add_argument(
+        "--hardware", default="sim", choices=HARDWARE_PROFILES, help="hardware profile (default: sim)"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="NODE.PARAM=VALUE",
+        help="override a parameter, e.g. --set /policy.action_noise=0.2 (repeatable)",
+    )
+
+
+def cmd_graph(args: argparse.Namespace) -> int:
+    graph = GRAPHS[args.graph](args.hardware)
+    print(f"graph {graph.name} ({graph.hardware}): {graph.description}")
+    print(f"{'process (executable)':<24} {'node':<22} {'parameter files'}")
+    for process in graph.processes:
+        for node in process.nodes:
+            print(f"{process.executable:<24} {node.fully_qualified_name:<22} {', '.join(node.parameter_files)}")
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+    from pathlib import Path
+    from tempfile import TemporaryDirectory
+
+    from irevla_ros.bringup.launcher import overrides_file
+
+    graph = GRAPHS[args.graph](args.hardware)
+    with TemporaryDirectory() as tmp:
+        if args.overrides:
+            graph = replace(graph, extra_parameter_files=(overrides_file(args.overrides, Path(tmp)),))
+        effective = validate_graph(graph)
+    for node, values in effective.items():
+        print(node)
+        for key, value in sorted(values.items()):
+            print(f"  {key}: {value!r}")
+    print(f"configuration of graph {graph.name} ({graph.hardware}) is valid")
+    return 0
+
+
+def cmd_bringup(args: argparse.Namespace) -> int:
+    from irevla_ros.bringup.launcher import run_graph
+
+    return run_graph(GRAPHS[args.graph](args.hardware), args.overrides, duration=args.duration)
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Verb]]:
+    parser = argparse.ArgumentParser(
+        prog="irevla",
+        description="irevla_ros: improve a VLA policy on the robot with online RL and supervised fine-tuning.",
+    )
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    verbs: dict[str, Verb] = {}
+
+    p = sub.add_parser("bringup", help="start a node graph (what `ros2 launch` does, for pip-only machines)")
+    _add_graph_args(p)
+    p.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (0: run until Ctrl-C)")
+    verbs["bringup"] = cmd_bringup
+
+    p = sub.add_parser("graph", help="print the node graph: processes, nodes, parameter files")
+    _add_graph_args(p)
+    verbs["graph"] = cmd_graph
+
+    p = sub.add_parser("check-config", help="validate the parameter files of a graph and print the effective values")
+    _add_graph_args(p)
+    verbs["check-config"] = cmd_check_config
+    return parser, verbs
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser, verbs = build_parser()
+    args = parser.parse_args(argv)
+    if args.verb is None:
+        parser.print_help()
+        return 1
+    try:
+        return verbs[args.verb](args)
+    except ConfigError as exc:
+        print(f"irevla {args.verb}: configuration error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

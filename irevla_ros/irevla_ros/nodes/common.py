@@ -1,0 +1,169 @@
+"""What every node adapter shares: parameter declaration from the schema table, message conversions,
+QoS profiles, and a `run_nodes` main loop that shuts down cleanly on Ctrl-C and SIGTERM."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import rclpy
+from builtin_interfaces.msg import Time as TimeMsg
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+from rclpy.context import Context
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.node import Node
+from rclpy.qos import (
+    DurabilityPolicy,
+    HistoryPolicy,
+    QoSProfile,
+    ReliabilityPolicy,
+    qos_profile_sensor_data,
+)
+from sensor_msgs.msg import Image
+
+from irevla_ros.params import ConfigError, ParamSpec, ParamValue
+
+SENSOR_QOS = qos_profile_sensor_data
+# Step records and episode events must not be dropped: reliable, deep queue.
+RELIABLE_QOS = QoSProfile(
+    history=HistoryPolicy.KEEP_LAST, depth=1000, reliability=ReliabilityPolicy.RELIABLE
+)
+# Latest state for late joiners (active version, session status).
+LATCHED_QOS = QoSProfile(
+    history=HistoryPolicy.KEEP_LAST,
+    depth=1,
+    reliability=ReliabilityPolicy.RELIABLE,
+    durability=DurabilityPolicy.TRANSIENT_LOCAL,
+)
+
+
+def declare_parameters(node: Node, specs: Sequence[ParamSpec]) -> dict[str, ParamValue]:
+    """Declare `specs` with descriptors (description, ranges) and return their validated values."""
+    values: dict[str, ParamValue] = {}
+    for spec in specs:
+        descriptor = ParameterDescriptor(description=spec.description, read_only=spec.read_only)
+        if spec.choices:
+            descriptor.additional_constraints = "one of: " + ", ".join(spec.choices)
+        if isinstance(spec.default, float) and (spec.min is not None or spec.max is not None):
+            descriptor.floating_point_range = [
+                FloatingPointRange(
+                    from_value=float(spec.min if spec.min is not None else -sys.float_info.max),
+                    to_value=float(spec.max if spec.max is not None else sys.float_info.max),
+                )
+            ]
+        elif (
+            isinstance(spec.default, int)
+            and not isinstance(spec.default, bool)
+            and (spec.min is not None or spec.max is not None)
+        ):
+            descriptor.integer_range = [
+                IntegerRange(
+                    from_value=int(spec.min if spec.min is not None else -(2**63)),
+                    to_value=int(spec.max if spec.max is not None else 2**63 - 1),
+                )
+            ]
+        try:
+            param = node.declare_parameter(spec.name, spec.default, descriptor)
+        except Exception as exc:  # InvalidParameterValueException, type mismatch from an override
+            raise ConfigError(f"{node.get_fully_qualified_name()}: parameter {spec.name}: {exc}") from exc
+        where = f"{node.get_fully_qualified_name()}: parameter {spec.name}"
+        values[spec.name] = spec.check(param.value, where)
+    return values
+
+
+def to_time_msg(seconds: float) -> TimeMsg:
+    sec = int(np.floor(seconds))
+    return TimeMsg(sec=sec, nanosec=int(round((seconds - sec) * 1e9)) % 1_000_000_000)
+
+
+def time_to_ns(stamp: TimeMsg) -> int:
+    return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
+
+
+def image_to_msg(array: np.ndarray, stamp: TimeMsg, frame_id: str, encoding: str = "rgb8") -> Image:
+    array = np.ascontiguousarray(array)
+    msg = Image()
+    msg.header.stamp = stamp
+    msg.header.frame_id = frame_id
+    msg.height, msg.width = int(array.shape[0]), int(array.shape[1])
+    msg.encoding = encoding
+    msg.is_bigendian = 0
+    msg.step = int(array.strides[0])
+    msg.data = array.tobytes()
+    return msg
+
+
+_CHANNELS = {"rgb8": (3, np.uint8), "bgr8": (3, np.uint8), "mono8": (1, np.uint8), "16UC1": (1, np.uint16)}
+
+
+class ImageFormatError(ValueError):
+    pass
+
+
+def msg_to_image(msg: Image) -> np.ndarray:
+    """Decode a sensor_msgs/Image into an HxWxC (or HxW) array; malformed messages raise ImageFormatError."""
+    if msg.encoding not in _CHANNELS:
+        raise ImageFormatError(f"unsupported encoding {msg.encoding!r} (supported: {', '.join(_CHANNELS)})")
+    channels, dtype = _CHANNELS[msg.encoding]
+    itemsize = np.dtype(dtype).itemsize
+    if msg.height == 0 or msg.width == 0:
+        raise ImageFormatError("empty image (0 pixels)")
+    if msg.step < msg.width * channels * itemsize:
+        raise ImageFormatError(f"step {msg.step} too small for width {msg.width} x {channels} channels")
+    expected = msg.step * msg.height
+    if len(msg.data) != expected:
+        raise ImageFormatError(f"data has {len(msg.data)} bytes, expected step*height = {expected}")
+    flat = np.frombuffer(bytes(msg.data), dtype=np.uint8).reshape(msg.height, msg.step)
+    rows = flat[:, : msg.width * channels * itemsize].copy().view(dtype)
+    image = rows.reshape(msg.height, msg.width, channels) if channels > 1 else rows.reshape(msg.height, msg.width)
+    if msg.encoding == "bgr8":
+        image = image[..., ::-1].copy()
+    return image
+
+
+def run_nodes(
+    make_nodes: Callable[[Context], Sequence[Node]],
+    args: list[str] | None = None,
+    on_shutdown: Callable[[], Any] | None = None,
+) -> int:
+    """Init rclpy, create the nodes, spin them on one MultiThreadedExecutor, shut down cleanly.
+
+    rclpy's own handlers turn SIGINT into a context shutdown; SIGTERM is mapped onto the same path so
+    `kill`, systemd and `ros2 launch` all stop the nodes the same way (destroying them, flushing state).
+    """
+    context = Context()
+    rclpy.init(args=args if args is not None else sys.argv, context=context)
+    nodes: list[Node] = []
+    executor = MultiThreadedExecutor(context=context)
+
+    def _terminate(_signum: int, _frame: object) -> None:
+        context.try_shutdown()
+
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    code = 0
+    try:
+        nodes = list(make_nodes(context))
+        for node in nodes:
+            executor.add_node(node)
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        code = 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if on_shutdown is not None:
+            on_shutdown()
+        for node in nodes:
+            close = getattr(node, "close", None)
+            if callable(close):
+                close()
+        executor.shutdown(timeout_sec=2.0)
+        for node in nodes:
+            node.destroy_node()
+        context.try_shutdown()
+    return code

@@ -1,0 +1,125 @@
+"""Test harness: real rclpy over Fast DDS, every test on its own ROS_DOMAIN_ID with localhost-only discovery.
+
+Domain ids are leased with an exclusive file lock, so parallel pytest runs on one host (two developers, CI and
+a developer) never share a domain and never cross-talk.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp")
+os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+os.environ.setdefault("MUJOCO_GL", "osmesa")
+os.environ.setdefault("PYOPENGL_PLATFORM", "osmesa")
+os.environ.setdefault("ROS_LOG_DIR", str(Path(tempfile.gettempdir()) / "irevla-test-roslog"))
+if sys.prefix not in os.environ.get("AMENT_PREFIX_PATH", "").split(":"):
+    os.environ["AMENT_PREFIX_PATH"] = ":".join(p for p in (sys.prefix, os.environ.get("AMENT_PREFIX_PATH")) if p)
+
+_LOCK_DIR = Path(tempfile.gettempdir()) / "irevla-ros-domain-locks"
+# Fast DDS maps domain d to UDP ports 7400 + 250 d (+ offsets): ids above 232 overflow the port range.
+_DOMAIN_RANGE = range(1, 233)
+
+
+def _lease_domain() -> tuple[int, int]:
+    _LOCK_DIR.mkdir(exist_ok=True)
+    start = (os.getpid() * 7) % len(_DOMAIN_RANGE)
+    for offset in range(len(_DOMAIN_RANGE)):
+        domain = _DOMAIN_RANGE[(start + offset) % len(_DOMAIN_RANGE)]
+        fd = os.open(_LOCK_DIR / f"{domain}.lock", os.O_CREAT | os.O_RDWR, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return domain, fd
+        except BlockingIOError:
+            os.close(fd)
+    raise RuntimeError("no free ROS domain id: too many parallel test runs on this host")
+
+
+@pytest.fixture
+def ros_domain(monkeypatch: pytest.MonkeyPatch) -> Iterator[int]:
+    """A ROS_DOMAIN_ID leased for this test; child processes inherit it through the environment."""
+    domain, fd = _lease_domain()
+    monkeypatch.setenv("ROS_DOMAIN_ID", str(domain))
+    try:
+        yield domain
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+@pytest.fixture
+def ros_context(ros_domain: int) -> Iterator[object]:
+    """A per-test rclpy Context on the test's own domain."""
+    import rclpy
+    from rclpy.context import Context
+
+    context = Context()
+    rclpy.init(context=context, domain_id=ros_domain)
+    try:
+        yield context
+    finally:
+        context.try_shutdown()
+
+
+def spin_until(
+    executor: object, predicate: Callable[[], bool], timeout: float, period: float = 0.05
+) -> bool:
+    """Spin `executor` until `predicate()` holds or `timeout` (wall seconds) passes; returns the predicate."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        executor.spin_once(timeout_sec=period)  # type: ignore[attr-defined]
+    return predicate()
+
+
+@pytest.fixture
+def spin() -> Callable[..., bool]:
+    return spin_until
+
+
+class ChildProcess:
+    """A child process (a node executable or a script) with its output captured to a file for diagnosis."""
+
+    def __init__(self, cmd: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+        self.log = log
+        self._out = open(log, "wb")  # noqa: SIM115 (closed in stop)
+        self.popen = subprocess.Popen(cmd, stdout=self._out, stderr=subprocess.STDOUT, env=env or dict(os.environ))
+
+    def output(self) -> str:
+        self._out.flush()
+        return self.log.read_text(errors="replace")
+
+    def stop(self, sig: int = 2, timeout: float = 15.0) -> int:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+            try:
+                self.popen.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        self._out.close()
+        return int(self.popen.returncode)
+
+
+@pytest.fixture
+def child(tmp_path: Path, ros_domain: int) -> Iterator[Callable[..., ChildProcess]]:
+    started: list[ChildProcess] = []
+
+    def start(cmd: list[str], name: str = "child", env: dict[str, str] | None = None) -> ChildProcess:
+        proc = ChildProcess(cmd, tmp_path / f"{name}-{len(started)}.log", env)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()

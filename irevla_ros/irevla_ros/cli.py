@@ -13,7 +13,9 @@ Verb = Callable[[argparse.Namespace], int]
 
 
 def _add_graph_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--graph", default="collect", choices=sorted(GRAPHS), help="node graph (default: collect)")
+    parser.add_argument(
+        "--graph", default="collect", choices=sorted(GRAPHS), help="node graph (default: collect)"
+    )
     parser.add_argument(
         "--hardware", default="sim", choices=HARDWARE_PROFILES, help="hardware profile (default: sim)"
     )
@@ -33,7 +35,9 @@ def cmd_graph(args: argparse.Namespace) -> int:
     print(f"{'process (executable)':<24} {'node':<22} {'parameter files'}")
     for process in graph.processes:
         for node in process.nodes:
-            print(f"{process.executable:<24} {node.fully_qualified_name:<22} {', '.join(node.parameter_files)}")
+            print(
+                f"{process.executable:<24} {node.fully_qualified_name:<22} {', '.join(node.parameter_files)}"
+            )
     return 0
 
 
@@ -63,6 +67,23 @@ def cmd_bringup(args: argparse.Namespace) -> int:
     return run_graph(GRAPHS[args.graph](args.hardware), args.overrides, duration=args.duration)
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from irevla_ros.bringup.demo import run_demo
+
+    summary = run_demo(
+        episodes=args.episodes,
+        store=Path(args.store) if args.store else None,
+        noise=args.noise,
+        timeout=args.timeout,
+        overrides=args.overrides,
+    )
+    print(json.dumps(summary), flush=True)
+    return 0 if summary["lost_steps"] == 0 and summary["episodes"] == args.episodes else 1
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Verb]]:
     parser = argparse.ArgumentParser(
         prog="irevla",
@@ -73,14 +94,27 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Verb]]:
 
     p = sub.add_parser("bringup", help="start a node graph (what `ros2 launch` does, for pip-only machines)")
     _add_graph_args(p)
-    p.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (0: run until Ctrl-C)")
+    p.add_argument(
+        "--duration", type=float, default=0.0, help="stop after this many seconds (0: run until Ctrl-C)"
+    )
     verbs["bringup"] = cmd_bringup
+
+    p = sub.add_parser("demo", help="run a supervised session in the simulated cell and print a JSON summary")
+    p.add_argument("--episodes", type=int, default=5, help="episodes to collect (default: 5)")
+    p.add_argument("--store", default="", help="episode store folder (default: runs/demo-<time>/store)")
+    p.add_argument("--noise", type=float, default=0.1, help="std of the scripted expert's action noise")
+    p.add_argument("--timeout", type=float, default=1200.0, help="give up after this many wall seconds")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="NODE.PARAM=VALUE",
+                   help="override a parameter of the graph (repeatable)")
+    verbs["demo"] = cmd_demo
 
     p = sub.add_parser("graph", help="print the node graph: processes, nodes, parameter files")
     _add_graph_args(p)
     verbs["graph"] = cmd_graph
 
-    p = sub.add_parser("check-config", help="validate the parameter files of a graph and print the effective values")
+    p = sub.add_parser(
+        "check-config", help="validate the parameter files of a graph and print the effective values"
+    )
     _add_graph_args(p)
     verbs["check-config"] = cmd_check_config
     return parser, verbs

@@ -13,7 +13,9 @@ SIM_CELL = (
     ParamSpec("image_width", 128, "rendered image width (pixels)", min=16, max=1920),
     ParamSpec("image_height", 128, "rendered image height (pixels)", min=16, max=1080),
     ParamSpec("cameras", ["corner"], "MuJoCo cameras rendered after every control period"),
-    ParamSpec("control_period", 0.1, "simulated seconds per control period (one arm command)", min=0.0125, max=1.0),
+    ParamSpec(
+        "control_period", 0.1, "simulated seconds per control period (one arm command)", min=0.0125, max=1.0
+    ),
     ParamSpec(
         "max_wall_wait",
         1.0,
@@ -21,7 +23,9 @@ SIM_CELL = (
         min=0.01,
         max=60.0,
     ),
-    ParamSpec("real_time_factor", 0.0, "0: as fast as the graph keeps up; 1: no faster than real time", min=0.0),
+    ParamSpec(
+        "real_time_factor", 0.0, "0: as fast as the graph keeps up; 1: no faster than real time", min=0.0
+    ),
 )
 
 CAMERA = (
@@ -42,17 +46,23 @@ CAMERA = (
 ARM_CONTROLLER = (
     ParamSpec("backend", "sim", "arm backend", choices=("sim", "franky")),
     ParamSpec("franky_host", "172.16.0.2", "franky backend: robot (or franky-sim) address"),
-    ParamSpec("franky_dynamics_factor", 0.1, "franky backend: velocity/acceleration scaling", min=0.01, max=1.0),
+    ParamSpec(
+        "franky_dynamics_factor", 0.1, "franky backend: velocity/acceleration scaling", min=0.01, max=1.0
+    ),
     ParamSpec("action_frame", "base", "frame of the end-effector deltas", choices=("base",)),
     ParamSpec("action_scale", 0.01, "metres per unit of normalised policy action", min=1e-4, max=0.1),
-    ParamSpec("max_abs_action", 10.0, "normalised actions above this magnitude are rejected as garbage", min=1.0),
+    ParamSpec(
+        "max_abs_action", 10.0, "normalised actions above this magnitude are rejected as garbage", min=1.0
+    ),
     ParamSpec("workspace_low", [-0.525, 0.348, -0.0525], "workspace box lower corner (m, base frame)"),
     ParamSpec("workspace_high", [0.525, 1.025, 0.7], "workspace box upper corner (m, base frame)"),
     ParamSpec("max_step", 0.01, "largest end-effector move per command (m)", min=1e-4, max=0.1),
     ParamSpec("max_speed", 0.25, "largest end-effector speed (m/s)", min=1e-3, max=1.0),
     ParamSpec("gripper_min", 0.0, "smallest gripper command (normalised opening)", min=0.0, max=1.0),
     ParamSpec("gripper_max", 1.0, "largest gripper command (normalised opening)", min=0.0, max=1.0),
-    ParamSpec("watchdog_timeout", 0.3, "hold the arm when the newest action is older than this (s)", min=0.01),
+    ParamSpec(
+        "watchdog_timeout", 0.3, "hold the arm when the newest action is older than this (s)", min=0.01
+    ),
     ParamSpec("home", [0.0, 0.6, 0.2], "reset-to-home end-effector position (m)"),
     ParamSpec("home_gripper", 1.0, "gripper opening at home", min=0.0, max=1.0),
     ParamSpec("state_rate", 10.0, "JointState / pose publish rate (Hz)", min=1.0, max=1000.0),
@@ -65,8 +75,12 @@ POLICY = (
     ParamSpec("image_width", 128, "policy input width (pixels)", min=16, max=1024),
     ParamSpec("image_height", 128, "policy input height (pixels)", min=16, max=1024),
     ParamSpec("max_image_age", 0.25, "a camera frame older than this is stale (s)", min=0.0),
-    ParamSpec("max_camera_skew", 0.1, "largest stamp difference between cameras of one observation (s)", min=0.0),
-    ParamSpec("action_noise", 0.0, "std of Gaussian noise added to the scripted expert (normalised units)", min=0.0),
+    ParamSpec(
+        "max_camera_skew", 0.1, "largest stamp difference between cameras of one observation (s)", min=0.0
+    ),
+    ParamSpec(
+        "action_noise", 0.0, "std of Gaussian noise added to the scripted expert (normalised units)", min=0.0
+    ),
     ParamSpec("seed", 0, "random seed (noise, random policy)", min=0),
     ParamSpec("model_store", "models", "model store folder (VLA policy)"),
     ParamSpec("version", "", "model-store version to start with (empty: newest)"),
@@ -76,7 +90,9 @@ EPISODE_MANAGER = (
     ParamSpec("tasks", DEFAULT_TASKS, "tasks cycled through, one per episode"),
     ParamSpec("num_episodes", 0, "episodes to run, then idle (0: until stopped)", min=0),
     ParamSpec("auto_start", True, "start the next episode after a reset without an operator"),
-    ParamSpec("episode_timeout", 15.0, "an episode running this long (s, ROS time) ends as a timeout", min=0.1),
+    ParamSpec(
+        "episode_timeout", 15.0, "an episode running this long (s, ROS time) ends as a timeout", min=0.1
+    ),
     ParamSpec("success_source", "simulator", "automatic outcome source", choices=("simulator", "none")),
     ParamSpec("label_wait", 0.0, "after an episode ends, wait this long for an operator label (s)", min=0.0),
     ParamSpec("reset_timeout", 10.0, "a reset taking longer than this (s, wall) aborts the session", min=0.1),
@@ -84,7 +100,12 @@ EPISODE_MANAGER = (
     ParamSpec("joy_failure_button", 1, "gamepad button: label failure", min=-1),
     ParamSpec("joy_reset_button", 2, "gamepad button: reset (the teleop reset button)", min=-1),
     ParamSpec("joy_pause_button", 3, "gamepad button: pause / resume", min=-1),
-    ParamSpec("source", "expert", "episode source recorded in the catalogue", choices=("expert", "policy", "intervention")),
+    ParamSpec(
+        "source",
+        "expert",
+        "episode source recorded in the catalogue",
+        choices=("expert", "policy", "intervention"),
+    ),
 )
 
 TRAINER = (

@@ -123,9 +123,7 @@ def all_executables() -> set[str]:
     return exes
 
 
-def process_parameter_paths(
-    graph: GraphSpec, process: ProcessSpec, config: Path | None = None
-) -> list[Path]:
+def process_parameter_paths(graph: GraphSpec, process: ProcessSpec, config: Path | None = None) -> list[Path]:
     directory = config or config_dir()
     return [directory / f for f in process.parameter_files] + list(graph.extra_parameter_files)
 
@@ -146,7 +144,9 @@ def validate_graph(graph: GraphSpec, config: Path | None = None) -> dict[str, di
                 targets = [n for n in graph.nodes() if node_key_matches(node_key, n.fully_qualified_name)]
                 if not targets:
                     known = ", ".join(n.fully_qualified_name for n in graph.nodes())
-                    raise ConfigError(f"{path}: {node_key}: no node of graph {graph.name!r} has this name ({known})")
+                    raise ConfigError(
+                        f"{path}: {node_key}: no node of graph {graph.name!r} has this name ({known})"
+                    )
                 for node in targets:
                     if node not in process.nodes:
                         continue

@@ -152,7 +152,10 @@ def run_graph(graph: GraphSpec, overrides: Sequence[str] = (), duration: float =
             break
         time.sleep(0.2)
     if failed is not None:
-        print(f"[bringup] {failed.executable} exited with {failed.popen.returncode}: stopping the graph", flush=True)
+        print(
+            f"[bringup] {failed.executable} exited with {failed.popen.returncode}: stopping the graph",
+            flush=True,
+        )
     codes = runner.stop()
     print(f"[bringup] stopped: {codes}", flush=True)
     if failed is not None:

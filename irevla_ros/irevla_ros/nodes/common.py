@@ -28,9 +28,7 @@ from irevla_ros.params import ConfigError, ParamSpec, ParamValue
 
 SENSOR_QOS = qos_profile_sensor_data
 # Step records and episode events must not be dropped: reliable, deep queue.
-RELIABLE_QOS = QoSProfile(
-    history=HistoryPolicy.KEEP_LAST, depth=1000, reliability=ReliabilityPolicy.RELIABLE
-)
+RELIABLE_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1000, reliability=ReliabilityPolicy.RELIABLE)
 # Latest state for late joiners (active version, session status).
 LATCHED_QOS = QoSProfile(
     history=HistoryPolicy.KEEP_LAST,
@@ -118,7 +116,9 @@ def msg_to_image(msg: Image) -> np.ndarray:
         raise ImageFormatError(f"data has {len(msg.data)} bytes, expected step*height = {expected}")
     flat = np.frombuffer(bytes(msg.data), dtype=np.uint8).reshape(msg.height, msg.step)
     rows = flat[:, : msg.width * channels * itemsize].copy().view(dtype)
-    image = rows.reshape(msg.height, msg.width, channels) if channels > 1 else rows.reshape(msg.height, msg.width)
+    image = (
+        rows.reshape(msg.height, msg.width, channels) if channels > 1 else rows.reshape(msg.height, msg.width)
+    )
     if msg.encoding == "bgr8":
         image = image[..., ::-1].copy()
     return image

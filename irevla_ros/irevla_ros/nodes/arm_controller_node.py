@@ -1,0 +1,228 @@
+"""Arm controller node: policy actions in, safe Cartesian targets out to an arm backend (sim, franky, ...).
+
+Every command passes the one SafetyLayer (workspace box, step and speed limits, gripper range, NaN/inf
+rejection, watchdog, latched e-stop). The node never imports a concrete backend: `backend` picks one from the
+registry. Publishes /joint_states, ~/ee_pose and /diagnostics; serves ~/estop, ~/clear_estop, ~/reset_home.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import numpy as np
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from geometry_msgs.msg import PoseStamped
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.node import Node
+from sensor_msgs.msg import JointState
+from std_srvs.srv import Trigger
+
+from irevla_interfaces.msg import ArmCommand, EpisodeEvent
+from irevla_ros import topics
+from irevla_ros.hardware.arm import ArmBackend, make_arm
+from irevla_ros.nodes.common import RELIABLE_QOS, declare_parameters, run_nodes
+from irevla_ros.parameters import ARM_CONTROLLER
+from irevla_ros.params import ParamValue
+from irevla_ros.safety import SafetyLayer, SafetyLimits
+
+_HOME_TOLERANCE = 0.005  # m
+
+
+class ArmControllerNode(Node):
+    def __init__(
+        self,
+        backend_factory: Callable[[dict[str, ParamValue]], ArmBackend] | None = None,
+        name: str = "arm_controller",
+        **kwargs: object,
+    ) -> None:
+        super().__init__(name, **kwargs)  # type: ignore[arg-type]
+        p = declare_parameters(self, ARM_CONTROLLER)
+        self.params = p
+        self.safety = SafetyLayer(
+            SafetyLimits(
+                workspace_low=tuple(p["workspace_low"]),  # type: ignore[arg-type]
+                workspace_high=tuple(p["workspace_high"]),  # type: ignore[arg-type]
+                max_step=float(p["max_step"]),  # type: ignore[arg-type]
+                max_speed=float(p["max_speed"]),  # type: ignore[arg-type]
+                gripper_min=float(p["gripper_min"]),  # type: ignore[arg-type]
+                gripper_max=float(p["gripper_max"]),  # type: ignore[arg-type]
+                watchdog_timeout=float(p["watchdog_timeout"]),  # type: ignore[arg-type]
+                action_scale=float(p["action_scale"]),  # type: ignore[arg-type]
+                max_abs_action=float(p["max_abs_action"]),  # type: ignore[arg-type]
+                home=tuple(p["home"]),  # type: ignore[arg-type]
+                home_gripper=float(p["home_gripper"]),  # type: ignore[arg-type]
+            )
+        )
+        if backend_factory is None:
+            kind = str(p["backend"])
+            if kind == "sim":
+                raise ValueError(
+                    "arm backend 'sim' runs inside sim_cell_node (it steps the shared simulated cell)"
+                )
+            self.backend = make_arm(kind, host=p["franky_host"], dynamics_factor=p["franky_dynamics_factor"])
+        else:
+            self.backend = backend_factory(p)
+        self.backend.connect()
+        self._lock = threading.Lock()
+        self.commands_sent = 0
+        self.commands_rejected = 0
+        self.holds = 0
+        self._last_status = ""
+        self._homing = False
+        control = MutuallyExclusiveCallbackGroup()
+        self.create_subscription(ArmCommand, topics.ACTION, self._on_action, 10, callback_group=control)
+        self.create_subscription(
+            EpisodeEvent, topics.EPISODE_EVENTS, self._on_event, RELIABLE_QOS, callback_group=control
+        )
+        self._joint_pub = self.create_publisher(JointState, topics.JOINT_STATES, 10)
+        self._pose_pub = self.create_publisher(PoseStamped, topics.EE_POSE, 10)
+        self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self.create_timer(1.0 / float(p["state_rate"]), self._on_timer, callback_group=control)  # type: ignore[arg-type]
+        services = ReentrantCallbackGroup()
+        self.create_service(Trigger, topics.ESTOP, self._on_estop, callback_group=services)
+        self.create_service(Trigger, topics.CLEAR_ESTOP, self._on_clear_estop, callback_group=services)
+        self.create_service(Trigger, topics.RESET_HOME, self._on_reset_home, callback_group=services)
+        self.get_logger().info(
+            f"arm backend {p['backend']} connected; workspace {p['workspace_low']}..{p['workspace_high']}"
+        )
+
+    def _now(self) -> float:
+        return self.get_clock().now().nanoseconds * 1e-9
+
+    def _hold(self, why: str) -> None:
+        self.backend.hold()
+        self.holds += 1
+        if why != self._last_status:
+            self.get_logger().warning(f"holding the arm: {why}")
+            self._last_status = why
+
+    def _on_action(self, msg: ArmCommand) -> None:
+        with self._lock:
+            if self._homing:
+                return
+            if msg.hold:
+                self._hold(f"policy requested a hold (episode {msg.episode_id or '-'})")
+                return
+            action = np.array([*msg.ee_delta, msg.gripper], dtype=np.float64)
+            state = self.backend.read_state()
+            cmd = self.safety.command(action, self._now(), state.ee_position)
+            if not cmd.moves:
+                self.commands_rejected += 1
+                self._hold(cmd.reason)
+                return
+            assert cmd.target is not None and cmd.gripper is not None
+            self.backend.send_target(cmd.target, cmd.gripper)
+            self.commands_sent += 1
+            self._last_status = ""
+
+    def _on_event(self, msg: EpisodeEvent) -> None:
+        if msg.type == EpisodeEvent.START:
+            # The scene (and in simulation the arm) may have been reset or moved by hand since the last command:
+            # limits apply from where the arm is now.
+            with self._lock:
+                self.safety.reset()
+
+    def _on_timer(self) -> None:
+        with self._lock:
+            if not self._homing and self.safety.check_watchdog(self._now()):
+                self._hold("no fresh action within the watchdog deadline")
+            self._publish_state()
+
+    def _publish_state(self) -> None:
+        state = self.backend.read_state()
+        stamp = self.get_clock().now().to_msg()
+        joints = JointState()
+        joints.header.stamp = stamp
+        joints.name = [*state.joint_names, "gripper_opening"]
+        joints.position = [float(x) for x in state.joint_positions] + [float(state.gripper)]
+        joints.velocity = [float(x) for x in state.joint_velocities] + [0.0]
+        self._joint_pub.publish(joints)
+        pose = PoseStamped()
+        pose.header.stamp = stamp
+        pose.header.frame_id = str(self.params["action_frame"])
+        pose.pose.position.x, pose.pose.position.y, pose.pose.position.z = (
+            float(v) for v in state.ee_position
+        )
+        qx, qy, qz, qw = (float(v) for v in state.ee_orientation)
+        pose.pose.orientation.x, pose.pose.orientation.y, pose.pose.orientation.z, pose.pose.orientation.w = (
+            qx,
+            qy,
+            qz,
+            qw,
+        )
+        self._pose_pub.publish(pose)
+        diag = DiagnosticArray()
+        diag.header.stamp = stamp
+        level = DiagnosticStatus.ERROR if self.safety.estopped else DiagnosticStatus.OK
+        diag.status = [
+            DiagnosticStatus(
+                level=level,
+                name="irevla: arm controller",
+                message="e-stop latched" if self.safety.estopped else "ok",
+                hardware_id=str(self.params["backend"]),
+                values=[
+                    KeyValue(key="commands_sent", value=str(self.commands_sent)),
+                    KeyValue(key="commands_rejected", value=str(self.commands_rejected)),
+                    KeyValue(key="holds", value=str(self.holds)),
+                ],
+            )
+        ]
+        self._diag_pub.publish(diag)
+
+    def _on_estop(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
+        with self._lock:
+            self.safety.estop("e-stop service")
+            self.backend.hold()
+        self.get_logger().error("E-STOP latched: the arm holds until ~/clear_estop")
+        response.success, response.message = True, "e-stop latched"
+        return response
+
+    def _on_clear_estop(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
+        with self._lock:
+            self.safety.clear_estop()
+            self.safety.reset()
+        self.get_logger().info("e-stop cleared")
+        response.success, response.message = True, "e-stop cleared"
+        return response
+
+    def _on_reset_home(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
+        """Move home through the same step and speed limits, one command per control period."""
+        home = np.asarray(self.params["home"], dtype=np.float64)
+        period = 1.0 / float(self.params["state_rate"])  # type: ignore[arg-type]
+        self._homing = True
+        try:
+            with self._lock:
+                self.safety.reset()
+            for _ in range(int(60.0 / period)):
+                with self._lock:
+                    state = self.backend.read_state()
+                    if np.linalg.norm(state.ee_position - home) < _HOME_TOLERANCE:
+                        response.success, response.message = True, "at home"
+                        return response
+                    cmd = self.safety.command_home(self._now(), state.ee_position)
+                    if not cmd.moves or cmd.target is None or cmd.gripper is None:
+                        response.success, response.message = False, f"homing refused: {cmd.reason}"
+                        return response
+                    self.backend.send_target(cmd.target, cmd.gripper)
+                self.get_clock().sleep_for(rclpy_duration(period))
+            response.success, response.message = False, "home not reached within 60 s"
+            return response
+        finally:
+            self._homing = False
+
+    def close(self) -> None:
+        try:
+            self.backend.hold()
+        finally:
+            self.backend.close()
+
+
+def rclpy_duration(seconds: float) -> object:
+    from rclpy.duration import Duration
+
+    return Duration(nanoseconds=int(seconds * 1e9))
+
+
+def main(args: list[str] | None = None) -> int:
+    return run_nodes(lambda context: [ArmControllerNode(context=context)], args)

@@ -1,0 +1,285 @@
+"""Episode manager node: the operator-supervised session (irevla_ros.session) on ROS.
+
+Inputs: the simulator's success signal, operator Trigger services (~/label_success, ~/label_failure, ~/reset,
+~/pause, ~/resume) and a gamepad (sensor_msgs/Joy; the teleop reset button). Outputs: EpisodeEvents, the session
+status, and the RViz overlay (a text MarkerArray and an annotated camera image showing the last outcome and the
+running success rate). Resets call /sim/reset_episode in simulation, or home the arm on a robot.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import cv2
+import numpy as np
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.node import Node
+from sensor_msgs.msg import Image, Joy
+from std_msgs.msg import Bool
+from std_srvs.srv import Trigger
+from visualization_msgs.msg import Marker, MarkerArray
+
+from irevla_interfaces.msg import EpisodeEvent, SessionStatus
+from irevla_interfaces.srv import ResetEpisode
+from irevla_ros import topics
+from irevla_ros.nodes.common import (
+    LATCHED_QOS,
+    RELIABLE_QOS,
+    SENSOR_QOS,
+    ImageFormatError,
+    declare_parameters,
+    image_to_msg,
+    msg_to_image,
+    run_nodes,
+)
+from irevla_ros.parameters import EPISODE_MANAGER
+from irevla_ros.session import Session, SessionConfig, SessionEvent, SessionState, TransitionError
+
+OUTCOME_CODES = {
+    "": EpisodeEvent.OUTCOME_NONE,
+    "success": EpisodeEvent.OUTCOME_SUCCESS,
+    "failure": EpisodeEvent.OUTCOME_FAILURE,
+    "timeout": EpisodeEvent.OUTCOME_TIMEOUT,
+    "aborted": EpisodeEvent.OUTCOME_ABORTED,
+}
+SOURCE_CODES = {
+    "": EpisodeEvent.LABEL_SOURCE_NONE,
+    "operator": EpisodeEvent.LABEL_SOURCE_OPERATOR,
+    "simulator": EpisodeEvent.LABEL_SOURCE_SIMULATOR,
+    "classifier": EpisodeEvent.LABEL_SOURCE_CLASSIFIER,
+}
+EVENT_CODES = {
+    "start": EpisodeEvent.START,
+    "end": EpisodeEvent.END,
+    "label": EpisodeEvent.LABEL,
+    "reset_requested": EpisodeEvent.RESET_REQUESTED,
+    "reset_done": EpisodeEvent.RESET_DONE,
+}
+OUTCOME_COLOURS = {
+    "success": (0.1, 0.8, 0.1),
+    "failure": (0.9, 0.1, 0.1),
+    "timeout": (0.9, 0.6, 0.1),
+    "aborted": (0.6, 0.6, 0.6),
+    "": (1.0, 1.0, 1.0),
+}
+
+
+class EpisodeManagerNode(Node):
+    def __init__(self, name: str = "episode_manager", **kwargs: object) -> None:
+        super().__init__(name, **kwargs)  # type: ignore[arg-type]
+        p = declare_parameters(self, EPISODE_MANAGER)
+        self.params = p
+        self.session = Session(
+            SessionConfig(
+                tasks=list(p["tasks"]),  # type: ignore[arg-type]
+                episode_timeout=float(p["episode_timeout"]),  # type: ignore[arg-type]
+                label_wait=float(p["label_wait"]),  # type: ignore[arg-type]
+                num_episodes=int(p["num_episodes"]),  # type: ignore[arg-type]
+                auto_start=bool(p["auto_start"]),
+                success_source=str(p["success_source"]),
+            )
+        )
+        self._lock = threading.RLock()
+        self._sim_success = False
+        self._resetting = False
+        self._joy_previous: list[int] = []
+        self._policy_version = ""
+        self._event_pub = self.create_publisher(EpisodeEvent, topics.EPISODE_EVENTS, RELIABLE_QOS)
+        self._status_pub = self.create_publisher(SessionStatus, topics.SESSION_STATUS, LATCHED_QOS)
+        self._marker_pub = self.create_publisher(MarkerArray, topics.OVERLAY_MARKERS, 10)
+        self._overlay_pub = self.create_publisher(Image, topics.OVERLAY_IMAGE, SENSOR_QOS)
+        group = MutuallyExclusiveCallbackGroup()
+        self.create_subscription(Bool, topics.SIM_SUCCESS, self._on_success, 10, callback_group=group)
+        self.create_subscription(Joy, topics.JOY, self._on_joy, 10, callback_group=group)
+        self.create_subscription(Image, topics.CAMERA_IMAGE, self._on_image, SENSOR_QOS, callback_group=group)
+        self.create_timer(0.05, self._on_timer, callback_group=group)
+        clients = ReentrantCallbackGroup()
+        self._sim_reset = self.create_client(ResetEpisode, topics.SIM_RESET, callback_group=clients)
+        self._home = self.create_client(Trigger, topics.RESET_HOME, callback_group=clients)
+        for name, handler in (
+            (topics.LABEL_SUCCESS, lambda: self._label("success")),
+            (topics.LABEL_FAILURE, lambda: self._label("failure")),
+            (topics.RESET_EPISODE, self._reset_request),
+            (topics.PAUSE, self._pause),
+            (topics.RESUME, self._resume),
+        ):
+            self.create_service(
+                Trigger, name, lambda req, res, h=handler: self._serve(h, res), callback_group=group
+            )
+        if p["auto_start"]:
+            self._apply(self.session.request_reset(self._now(), "session start"))
+
+    def _now(self) -> float:
+        return self.get_clock().now().nanoseconds * 1e-9
+
+    # --- operator input -------------------------------------------------------------------------------------------
+    def _serve(self, handler: object, response: Trigger.Response) -> Trigger.Response:
+        try:
+            with self._lock:
+                message = handler()  # type: ignore[operator]
+            response.success, response.message = True, message
+        except (TransitionError, ValueError) as exc:
+            response.success, response.message = False, str(exc)
+        return response
+
+    def _label(self, outcome: str) -> str:
+        self._apply(self.session.operator_label(self._now(), outcome))
+        return f"labelled {outcome}"
+
+    def _reset_request(self) -> str:
+        self._apply(self.session.request_reset(self._now(), "operator reset"))
+        return "reset requested"
+
+    def _pause(self) -> str:
+        self._apply(self.session.pause(self._now()))
+        return "paused"
+
+    def _resume(self) -> str:
+        self._apply(self.session.resume(self._now()))
+        return "resumed"
+
+    def _on_joy(self, msg: Joy) -> None:
+        buttons = list(msg.buttons)
+        pressed = [
+            i
+            for i, b in enumerate(buttons)
+            if b and (i >= len(self._joy_previous) or not self._joy_previous[i])
+        ]
+        self._joy_previous = buttons
+        actions = {
+            int(self.params["joy_success_button"]): lambda: self._label("success"),  # type: ignore[arg-type]
+            int(self.params["joy_failure_button"]): lambda: self._label("failure"),  # type: ignore[arg-type]
+            int(self.params["joy_reset_button"]): self._reset_request,  # type: ignore[arg-type]
+            int(self.params["joy_pause_button"]): self._toggle_pause,
+        }  # type: ignore[arg-type]
+        for index in pressed:
+            if index in actions:
+                try:
+                    with self._lock:
+                        self.get_logger().info(f"gamepad button {index}: {actions[index]()}")
+                except (TransitionError, ValueError) as exc:
+                    self.get_logger().warning(f"gamepad button {index} ignored: {exc}")
+
+    def _toggle_pause(self) -> str:
+        return self._resume() if self.session.state is SessionState.PAUSED else self._pause()
+
+    def _on_success(self, msg: Bool) -> None:
+        self._sim_success = bool(msg.data)
+
+    # --- the session clock ----------------------------------------------------------------------------------------
+    def _on_timer(self) -> None:
+        with self._lock:
+            success, self._sim_success = self._sim_success, False
+            self._apply(self.session.tick(self._now(), success))
+            if self.session.wants_reset and not self._resetting:
+                self._start_reset()
+            self._publish_status()
+
+    def _start_reset(self) -> None:
+        self._resetting = True
+        task = self.session.next_task()
+        if self._sim_reset.service_is_ready():
+            future = self._sim_reset.call_async(ResetEpisode.Request(task=task, seed=-1))
+            future.add_done_callback(lambda f: self._reset_finished(f.result(), task))
+        elif self._home.service_is_ready():
+            future = self._home.call_async(Trigger.Request())
+            future.add_done_callback(lambda f: self._reset_finished(f.result(), task))
+        else:
+            self._resetting = False  # try again on the next tick, once a reset service is up
+
+    def _reset_finished(self, result: object, task: str) -> None:
+        with self._lock:
+            self._resetting = False
+            if result is None or not getattr(result, "success", False):
+                self.get_logger().error(f"reset failed: {getattr(result, 'message', 'no response')}")
+                return
+            instruction = getattr(result, "instruction", "") or task.replace("-v3", "").replace("-", " ")
+            task = getattr(result, "task", "") or task
+            self._sim_success = False
+            self._apply(self.session.reset_done(self._now(), task, instruction))
+
+    # --- outputs --------------------------------------------------------------------------------------------------
+    def _apply(self, events: list[SessionEvent]) -> None:
+        for event in events:
+            msg = EpisodeEvent(
+                type=EVENT_CODES[event.type],
+                episode_id=event.episode_id,
+                outcome=OUTCOME_CODES[event.outcome],
+                label_source=SOURCE_CODES[event.label_source],
+                task=event.task,
+                instruction=event.instruction,
+                note=event.note,
+                source=str(self.params["source"]),
+                policy_version=self._policy_version,
+            )
+            msg.header.stamp = self.get_clock().now().to_msg()
+            self._event_pub.publish(msg)
+            if event.type in ("end", "label"):
+                self.get_logger().info(
+                    f"episode {event.episode_id} {event.type}: {event.outcome} ({event.label_source}); "
+                    f"{self.session.counters.successes}/{self.session.counters.done} successes"
+                )
+        if events:
+            self._publish_overlay_markers()
+
+    def _summary(self) -> tuple[str, str]:
+        last = self.session.last
+        outcome = last.outcome if last else ""
+        counters = self.session.counters
+        text = (
+            f"{self.session.state.name.lower()} | last: {outcome or '-'}"
+            f" | success {counters.successes}/{counters.done} ({100 * counters.success_rate:.0f}%)"
+        )
+        return text, outcome
+
+    def _publish_status(self) -> None:
+        counters = self.session.counters
+        episode = self.session.episode
+        last = self.session.last
+        msg = SessionStatus(
+            state=self.session.state.value,
+            episode_id=episode.episode_id if episode else "",
+            episode_index=counters.started,
+            episodes_done=counters.done,
+            successes=counters.successes,
+            success_rate=counters.success_rate,
+            task=episode.task if episode else "",
+            instruction=episode.instruction if episode else "",
+            last_outcome=OUTCOME_CODES[last.outcome] if last else 0,
+            message="finished" if self.session.finished else "",
+        )
+        msg.header.stamp = self.get_clock().now().to_msg()
+        self._status_pub.publish(msg)
+
+    def _publish_overlay_markers(self) -> None:
+        text, outcome = self._summary()
+        marker = Marker(ns="irevla_session", id=0, type=Marker.TEXT_VIEW_FACING, action=Marker.ADD, text=text)
+        marker.header.frame_id = "base"
+        marker.header.stamp = self.get_clock().now().to_msg()
+        marker.pose.position.z = 1.0
+        marker.pose.orientation.w = 1.0
+        marker.scale.z = 0.06
+        marker.color.r, marker.color.g, marker.color.b = OUTCOME_COLOURS.get(outcome, (1.0, 1.0, 1.0))
+        marker.color.a = 1.0
+        self._marker_pub.publish(MarkerArray(markers=[marker]))
+
+    def _on_image(self, msg: Image) -> None:
+        if self._overlay_pub.get_subscription_count() == 0:
+            return
+        try:
+            image = np.ascontiguousarray(msg_to_image(msg))
+        except ImageFormatError as exc:
+            self.get_logger().error(f"overlay: bad camera image: {exc}", throttle_duration_sec=5.0)
+            return
+        text, outcome = self._summary()
+        r, g, b = (int(255 * c) for c in OUTCOME_COLOURS.get(outcome, (1.0, 1.0, 1.0)))
+        scale = max(0.25, image.shape[1] / 900)
+        cv2.rectangle(image, (0, 0), (image.shape[1], int(28 * scale) + 4), (0, 0, 0), -1)
+        cv2.putText(
+            image, text, (3, int(22 * scale)), cv2.FONT_HERSHEY_SIMPLEX, scale, (r, g, b), 1, cv2.LINE_AA
+        )
+        self._overlay_pub.publish(image_to_msg(image, msg.header.stamp, msg.header.frame_id))
+
+
+def main(args: list[str] | None = None) -> int:
+    return run_nodes(lambda context: [EpisodeManagerNode(context=context)], args)

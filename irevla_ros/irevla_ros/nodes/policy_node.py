@@ -1,0 +1,290 @@
+"""Policy node: at the control rate, assemble the observation, run the active policy, publish the action and the
+per-step record.
+
+The observation is the newest frame of every configured camera (each no older than `max_image_age`, all within
+`max_camera_skew` of each other) plus the arm's end-effector pose and gripper. Anything missing, stale, malformed
+or non-finite turns the tick into a hold: the arm keeps still, the reason is logged, the step record says
+`hold`, and the node keeps running. Step indices are consecutive within an episode; when the episode manager
+ends an episode the node publishes STEPS_DONE with the number of records it emitted.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from geometry_msgs.msg import PoseStamped
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.node import Node
+from sensor_msgs.msg import Image, JointState
+from std_msgs.msg import Float32MultiArray
+
+from irevla_interfaces.msg import ArmCommand, EpisodeEvent, StepRecord
+from irevla_ros import topics
+from irevla_ros.nodes.common import (
+    RELIABLE_QOS,
+    SENSOR_QOS,
+    ImageFormatError,
+    declare_parameters,
+    image_to_msg,
+    msg_to_image,
+    run_nodes,
+    time_to_ns,
+)
+from irevla_ros.parameters import POLICY
+from irevla_ros.policies import make_policy
+from irevla_ros.policies.base import ACTION_DIM, Observation, PolicyError, PolicyOutput
+from irevla_ros.policies.scripted import EXPERT_ACTION_KEY
+
+PROPRIOCEPTION_NAMES = ["ee_x", "ee_y", "ee_z", "gripper_opening"]
+
+
+@dataclass
+class ActiveEpisode:
+    episode_id: str
+    instruction: str
+    steps: int = 0
+
+
+class HoldTick(Exception):
+    """This tick cannot act; the message says why."""
+
+
+def camera_name(topic: str) -> str:
+    """'/camera/camera/color/image_raw' -> 'camera'; '/wrist/wrist/color/image_raw' -> 'wrist'."""
+    parts = [p for p in topic.split("/") if p]
+    return parts[0] if parts else "camera"
+
+
+class PolicyNode(Node):
+    def __init__(self, name: str = "policy", **kwargs: object) -> None:
+        super().__init__(name, **kwargs)  # type: ignore[arg-type]
+        p = declare_parameters(self, POLICY)
+        self.params = p
+        self.policy = make_policy(str(p["policy"]), noise_std=float(p["action_noise"]), seed=int(p["seed"]))  # type: ignore[arg-type]
+        self.period = 1.0 / float(p["control_rate"])  # type: ignore[arg-type]
+        self.topics = list(p["cameras"])  # type: ignore[arg-type]
+        self.names = [camera_name(t) for t in self.topics]
+        if len(set(self.names)) != len(self.names):
+            raise ValueError(f"camera topics {self.topics} do not have distinct camera names")
+        self._lock = threading.Lock()
+        self._frames: dict[str, Image] = {}
+        self._pose: PoseStamped | None = None
+        self._gripper: float | None = None
+        self._expert: np.ndarray | None = None
+        self.episode: ActiveEpisode | None = None
+        self.missed_ticks = 0
+        self.holds = 0
+        self.steps_published = 0
+        self._last_tick: float | None = None
+        self._last_hold_reason = ""
+        inputs = MutuallyExclusiveCallbackGroup()
+        for topic, cam in zip(self.topics, self.names, strict=True):
+            self.create_subscription(
+                Image, topic, lambda m, c=cam: self._store_frame(c, m), SENSOR_QOS, callback_group=inputs
+            )
+        self.create_subscription(PoseStamped, topics.EE_POSE, self._on_pose, 10, callback_group=inputs)
+        self.create_subscription(JointState, topics.JOINT_STATES, self._on_joints, 10, callback_group=inputs)
+        self.create_subscription(
+            Float32MultiArray, topics.SIM_EXPERT_ACTION, self._on_expert, 10, callback_group=inputs
+        )
+        control = MutuallyExclusiveCallbackGroup()
+        self.create_subscription(
+            EpisodeEvent, topics.EPISODE_EVENTS, self._on_event, RELIABLE_QOS, callback_group=control
+        )
+        self._action_pub = self.create_publisher(ArmCommand, topics.ACTION, 10)
+        self._record_pub = self.create_publisher(StepRecord, topics.STEP_RECORDS, RELIABLE_QOS)
+        self._event_pub = self.create_publisher(EpisodeEvent, topics.EPISODE_EVENTS, RELIABLE_QOS)
+        self._status_pub = self.create_publisher(DiagnosticArray, topics.POLICY_STATUS, 10)
+        self.create_timer(self.period, self._on_tick, callback_group=control)
+        self.create_timer(1.0, self._publish_status, callback_group=control)
+        self.get_logger().info(
+            f"policy {self.policy.name} ({self.policy.version}) at {1 / self.period:.1f} Hz on {self.topics}"
+        )
+
+    # --- inputs ---------------------------------------------------------------------------------------------------
+    def _store_frame(self, camera: str, msg: Image) -> None:
+        with self._lock:
+            self._frames[camera] = msg
+
+    def _on_pose(self, msg: PoseStamped) -> None:
+        with self._lock:
+            self._pose = msg
+
+    def _on_joints(self, msg: JointState) -> None:
+        if "gripper_opening" in msg.name and len(msg.position) == len(msg.name):
+            with self._lock:
+                self._gripper = float(msg.position[msg.name.index("gripper_opening")])
+        else:
+            self.get_logger().error(
+                "malformed /joint_states: names and positions differ or no gripper_opening",
+                throttle_duration_sec=5.0,
+            )
+
+    def _on_expert(self, msg: Float32MultiArray) -> None:
+        with self._lock:
+            self._expert = np.asarray(msg.data, dtype=np.float32)
+
+    def _on_event(self, msg: EpisodeEvent) -> None:
+        if msg.type == EpisodeEvent.START:
+            if self.episode is not None:
+                self._finish_episode()
+            self.episode = ActiveEpisode(msg.episode_id, msg.instruction)
+            self.policy.reset(msg.instruction)
+            self._last_tick = None
+        elif (
+            msg.type == EpisodeEvent.END
+            and self.episode is not None
+            and msg.episode_id == self.episode.episode_id
+        ):
+            self._finish_episode()
+
+    def _finish_episode(self) -> None:
+        assert self.episode is not None
+        done = EpisodeEvent(
+            type=EpisodeEvent.STEPS_DONE,
+            episode_id=self.episode.episode_id,
+            num_steps=self.episode.steps,
+            policy_version=self.policy.version,
+        )
+        done.header.stamp = self.get_clock().now().to_msg()
+        self._event_pub.publish(done)
+        self.episode = None
+
+    # --- the control tick -----------------------------------------------------------------------------------------
+    def _now(self) -> float:
+        return self.get_clock().now().nanoseconds * 1e-9
+
+    def _observation(self, now: float) -> tuple[Observation, list[Image]]:
+        with self._lock:
+            frames = dict(self._frames)
+            pose, gripper, expert = self._pose, self._gripper, self._expert
+        width, height = int(self.params["image_width"]), int(self.params["image_height"])  # type: ignore[arg-type]
+        images: dict[str, np.ndarray] = {}
+        stamps: list[float] = []
+        for cam in self.names:
+            msg = frames.get(cam)
+            if msg is None:
+                raise HoldTick(f"no frame from camera {cam!r} yet")
+            stamp = time_to_ns(msg.header.stamp) * 1e-9
+            age = now - stamp
+            if age > float(self.params["max_image_age"]):  # type: ignore[arg-type]
+                raise HoldTick(f"camera {cam!r} is stale: newest frame is {age:.3f} s old")
+            try:
+                image = msg_to_image(msg)
+            except ImageFormatError as exc:
+                raise HoldTick(f"camera {cam!r}: {exc}") from exc
+            if image.ndim != 3 or image.shape[2] != 3:
+                raise HoldTick(f"camera {cam!r}: expected a colour image, got shape {image.shape}")
+            if image.shape[:2] != (height, width):
+                image = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
+            images[cam] = image
+            stamps.append(stamp)
+        if stamps and max(stamps) - min(stamps) > float(self.params["max_camera_skew"]):  # type: ignore[arg-type]
+            raise HoldTick(f"camera frames are {max(stamps) - min(stamps):.3f} s apart (max_camera_skew)")
+        if pose is None or gripper is None:
+            raise HoldTick("no arm state yet")
+        p = pose.pose.position
+        proprio = np.array([p.x, p.y, p.z, gripper], dtype=np.float32)
+        if not np.all(np.isfinite(proprio)):
+            raise HoldTick(f"non-finite arm state {proprio.tolist()}")
+        extras = {EXPERT_ACTION_KEY: expert} if expert is not None else {}
+        assert self.episode is not None
+        obs = Observation(images, proprio, self.episode.instruction, now, extras)
+        return obs, [frames[c] for c in self.names]
+
+    def _on_tick(self) -> None:
+        now = self._now()
+        if self.episode is None:
+            self._last_tick = None
+            return
+        if self._last_tick is not None and now - self._last_tick > 1.5 * self.period:
+            self.missed_ticks += round((now - self._last_tick) / self.period) - 1
+        self._last_tick = now
+        output: PolicyOutput | None = None
+        obs: Observation | None = None
+        try:
+            obs, _ = self._observation(now)
+            output = self.policy.act(obs)
+            action = np.asarray(output.action, dtype=np.float32)
+            if action.shape != (ACTION_DIM,) or not np.all(np.isfinite(action)):
+                raise HoldTick(f"policy output {action.tolist()} is not {ACTION_DIM} finite numbers")
+        except (HoldTick, PolicyError) as exc:
+            self._publish(now, obs, None, hold_reason=str(exc))
+            return
+        self._publish(now, obs, output)
+
+    def _publish(
+        self, now: float, obs: Observation | None, output: PolicyOutput | None, hold_reason: str = ""
+    ) -> None:
+        assert self.episode is not None
+        stamp = self.get_clock().now().to_msg()
+        hold = output is None
+        action = (
+            np.zeros(ACTION_DIM, dtype=np.float32)
+            if output is None
+            else np.asarray(output.action, np.float32)
+        )
+        if hold:
+            self.holds += 1
+            if hold_reason != self._last_hold_reason:
+                self.get_logger().warning(f"hold: {hold_reason}")
+        self._last_hold_reason = hold_reason
+        command = ArmCommand(
+            ee_delta=[float(x) for x in action[:3]],
+            gripper=float(action[3]),
+            hold=hold,
+            episode_id=self.episode.episode_id,
+            step_index=self.episode.steps,
+            policy_version=self.policy.version,
+        )
+        command.header.stamp = stamp
+        command.header.frame_id = "base"
+        self._action_pub.publish(command)
+        record = StepRecord(
+            episode_id=self.episode.episode_id,
+            step_index=self.episode.steps,
+            instruction=self.episode.instruction,
+            action=[float(x) for x in action],
+            policy_version=self.policy.version,
+            hold=hold,
+            proprioception_names=PROPRIOCEPTION_NAMES,
+        )
+        record.header.stamp = stamp
+        if obs is not None:
+            record.camera_names = list(obs.images)
+            record.images = [image_to_msg(img, stamp, cam) for cam, img in obs.images.items()]
+            record.image_stamps = [self._frames[cam].header.stamp for cam in obs.images]
+            record.proprioception = [float(x) for x in obs.proprioception]
+        if output is not None and output.log_prob is not None:
+            record.has_log_prob, record.log_prob = True, float(output.log_prob)
+        if output is not None and output.value is not None:
+            record.has_value, record.value = True, float(output.value)
+        self._record_pub.publish(record)
+        self.episode.steps += 1
+        self.steps_published += 1
+
+    def _publish_status(self) -> None:
+        msg = DiagnosticArray()
+        msg.header.stamp = self.get_clock().now().to_msg()
+        msg.status = [
+            DiagnosticStatus(
+                level=DiagnosticStatus.OK,
+                name="irevla: policy",
+                message=f"{self.policy.name} {self.policy.version}",
+                values=[
+                    KeyValue(key="missed_ticks", value=str(self.missed_ticks)),
+                    KeyValue(key="holds", value=str(self.holds)),
+                    KeyValue(key="steps_published", value=str(self.steps_published)),
+                    KeyValue(key="policy_version", value=self.policy.version),
+                ],
+            )
+        ]
+        self._status_pub.publish(msg)
+
+
+def main(args: list[str] | None = None) -> int:
+    return run_nodes(lambda context: [PolicyNode(context=context)], args)

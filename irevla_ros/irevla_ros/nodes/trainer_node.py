@@ -1,0 +1,208 @@
+"""Trainer node, episode-store half: step records + episode events in, durable episodes out.
+
+An episode is finalised when the episode manager has ended it (outcome) and the policy node has said how many
+records it emitted (STEPS_DONE), and either all of them arrived or a grace period passed (then it is stored as
+incomplete, never dropped). It is written by the store on a worker thread (atomic file + catalogue row), and only
+then acknowledged on /trainer/episode_stored. A restarted trainer recovers the store on open.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.node import Node
+
+from irevla_interfaces.msg import EpisodeEvent, EpisodeStored, Metric, StepRecord, TrainerStatus
+from irevla_ros import topics
+from irevla_ros.nodes.common import (
+    LATCHED_QOS,
+    RELIABLE_QOS,
+    ImageFormatError,
+    declare_parameters,
+    msg_to_image,
+    run_nodes,
+    time_to_ns,
+)
+from irevla_ros.parameters import TRAINER
+from irevla_ros.store.episode_store import EpisodeAssembler, EpisodeStore
+from irevla_ros.store.records import AssembledEpisode, EpisodeMeta, InvalidRecordError, StepData
+
+OUTCOME_NAMES = {EpisodeEvent.OUTCOME_NONE: "unknown", EpisodeEvent.OUTCOME_SUCCESS: "success",
+                 EpisodeEvent.OUTCOME_FAILURE: "failure", EpisodeEvent.OUTCOME_TIMEOUT: "timeout",
+                 EpisodeEvent.OUTCOME_ABORTED: "aborted"}
+SOURCE_NAMES = {EpisodeEvent.LABEL_SOURCE_NONE: "none", EpisodeEvent.LABEL_SOURCE_OPERATOR: "operator",
+                EpisodeEvent.LABEL_SOURCE_SIMULATOR: "simulator", EpisodeEvent.LABEL_SOURCE_CLASSIFIER: "classifier"}
+OUTCOME_CODES = {name: code for code, name in OUTCOME_NAMES.items()}
+FINALISE_GRACE_S = 3.0  # wall seconds to wait for in-flight step records after STEPS_DONE
+
+
+@dataclass
+class Closing:
+    outcome: str | None = None
+    label_source: str = "none"
+    num_steps: int | None = None
+    ended_ns: int = 0
+    since: float = field(default_factory=time.monotonic)
+
+
+def step_from_msg(msg: StepRecord) -> StepData:
+    if len(msg.images) != len(msg.camera_names) or len(msg.image_stamps) != len(msg.camera_names):
+        raise InvalidRecordError(
+            f"{len(msg.images)} images, {len(msg.camera_names)} camera names, {len(msg.image_stamps)} stamps")
+    if len(msg.proprioception) != len(msg.proprioception_names) and len(msg.proprioception) != 0:
+        raise InvalidRecordError("proprioception and its names differ in length")
+    try:
+        images = {name: msg_to_image(img) for name, img in zip(msg.camera_names, msg.images, strict=True)}
+    except ImageFormatError as exc:
+        raise InvalidRecordError(f"bad image: {exc}") from exc
+    import numpy as np
+
+    return StepData(
+        episode_id=msg.episode_id,
+        step_index=int(msg.step_index),
+        stamp_ns=time_to_ns(msg.header.stamp),
+        images=images,
+        image_stamps_ns={n: time_to_ns(s) for n, s in zip(msg.camera_names, msg.image_stamps, strict=True)},
+        proprioception=np.asarray(msg.proprioception, dtype=np.float32),
+        proprioception_names=list(msg.proprioception_names) if len(msg.proprioception) else [],
+        instruction=msg.instruction,
+        action=np.asarray(msg.action, dtype=np.float32),
+        log_prob=float(msg.log_prob) if msg.has_log_prob else None,
+        value=float(msg.value) if msg.has_value else None,
+        policy_version=msg.policy_version,
+        intervention=bool(msg.intervention),
+        hold=bool(msg.hold),
+    )
+
+
+class TrainerNode(Node):
+    def __init__(self, name: str = "trainer", **kwargs: object) -> None:
+        super().__init__(name, **kwargs)  # type: ignore[arg-type]
+        p = declare_parameters(self, TRAINER)
+        self.params = p
+        self.store_path = Path(str(p["store_path"])).expanduser().resolve()
+        self.store = EpisodeStore(self.store_path)
+        report = self.store.last_recovery
+        if report is not None and not report.clean:
+            self.get_logger().warning(f"store recovery: {report}")
+        self.assembler = EpisodeAssembler()
+        self._closing: dict[str, Closing] = {}
+        self._lock = threading.Lock()
+        self._writes: queue.Queue[AssembledEpisode | None] = queue.Queue()
+        self.rejected_steps = 0
+        self.stored = 0
+        self.incomplete = 0
+        group = MutuallyExclusiveCallbackGroup()
+        self.create_subscription(StepRecord, topics.STEP_RECORDS, self._on_step, RELIABLE_QOS, callback_group=group)
+        self.create_subscription(EpisodeEvent, topics.EPISODE_EVENTS, self._on_event, RELIABLE_QOS,
+                                 callback_group=group)
+        self._stored_pub = self.create_publisher(EpisodeStored, topics.EPISODE_STORED, RELIABLE_QOS)
+        self._status_pub = self.create_publisher(TrainerStatus, topics.TRAINER_STATUS, LATCHED_QOS)
+        self.create_timer(0.1, self._finalise_ready, callback_group=group)
+        self.create_timer(float(p["status_period"]), self._publish_status, callback_group=group)  # type: ignore[arg-type]
+        self._writer = threading.Thread(target=self._write_loop, name="episode-writer", daemon=True)
+        self._writer.start()
+        self.get_logger().info(f"episode store at {self.store_path}: {self.store.stats().total} episodes")
+
+    # --- inputs ---------------------------------------------------------------------------------------------------
+    def _on_step(self, msg: StepRecord) -> None:
+        try:
+            step = step_from_msg(msg)
+            with self._lock:
+                self.assembler.add_step(step)
+        except ValueError as exc:  # unknown/late episode, malformed record: log it, keep going
+            self.rejected_steps += 1
+            self.get_logger().error(f"step {msg.step_index} of episode {msg.episode_id!r} rejected: {exc}",
+                                    throttle_duration_sec=2.0)
+
+    def _on_event(self, msg: EpisodeEvent) -> None:
+        with self._lock:
+            try:
+                if msg.type == EpisodeEvent.START:
+                    self.assembler.start(EpisodeMeta(
+                        episode_id=msg.episode_id, task=msg.task, instruction=msg.instruction,
+                        policy_version=msg.policy_version, source=msg.source or "policy",
+                        started_ns=time.time_ns()))
+                elif msg.type == EpisodeEvent.END:
+                    closing = self._closing.setdefault(msg.episode_id, Closing())
+                    closing.outcome = OUTCOME_NAMES.get(msg.outcome, "unknown")
+                    closing.label_source = SOURCE_NAMES.get(msg.label_source, "none")
+                    closing.ended_ns = time.time_ns()
+                elif msg.type == EpisodeEvent.STEPS_DONE:
+                    self._closing.setdefault(msg.episode_id, Closing()).num_steps = int(msg.num_steps)
+                elif msg.type == EpisodeEvent.LABEL:
+                    self._label(msg)
+            except ValueError as exc:
+                self.get_logger().error(f"episode event {msg.type} for {msg.episode_id!r} rejected: {exc}")
+
+    def _label(self, msg: EpisodeEvent) -> None:
+        outcome, source = OUTCOME_NAMES.get(msg.outcome, "unknown"), SOURCE_NAMES.get(msg.label_source, "none")
+        pending = self._closing.get(msg.episode_id)
+        if pending is not None:
+            if source == "operator" or pending.label_source != "operator":
+                pending.outcome, pending.label_source = outcome, source
+            return
+        self.store.relabel(msg.episode_id, outcome, source, time.time_ns())
+
+    # --- finalising -----------------------------------------------------------------------------------------------
+    def _finalise_ready(self) -> None:
+        with self._lock:
+            open_ids = set(self.assembler.open_episode_ids())
+            for episode_id, closing in list(self._closing.items()):
+                if closing.outcome is None or closing.num_steps is None or episode_id not in open_ids:
+                    if episode_id not in open_ids and closing.outcome is not None:
+                        del self._closing[episode_id]  # END for an episode this trainer never saw start
+                        self.get_logger().error(f"END for unknown episode {episode_id!r} ignored")
+                    continue
+                received = self.assembler.received_steps(episode_id)
+                if received < closing.num_steps and time.monotonic() - closing.since < FINALISE_GRACE_S:
+                    continue
+                assembled = self.assembler.end(episode_id, closing.outcome, closing.label_source,
+                                               closing.num_steps, closing.ended_ns)
+                del self._closing[episode_id]
+                self._writes.put(assembled)
+
+    def _write_loop(self) -> None:
+        while True:
+            assembled = self._writes.get()
+            if assembled is None:
+                return
+            try:
+                stored = self.store.write(assembled)
+            except Exception as exc:  # never lose the data silently: log loudly, keep the node up
+                self.get_logger().error(f"storing episode {assembled.meta.episode_id} failed: {exc}")
+                continue
+            self.stored += 1
+            self.incomplete += 0 if stored.complete else 1
+            ack = EpisodeStored(episode_id=stored.episode_id, complete=stored.complete, num_steps=stored.num_steps,
+                                outcome=OUTCOME_CODES.get(stored.outcome, 0), path=str(self.store_path / stored.path),
+                                sha256=stored.sha256)
+            ack.header.stamp = self.get_clock().now().to_msg()
+            self._stored_pub.publish(ack)
+            note = "" if stored.complete else f" INCOMPLETE: {'; '.join(stored.reasons)}"
+            self.get_logger().info(f"stored {stored.episode_id} ({stored.num_steps} steps, {stored.outcome}){note}")
+
+    def _publish_status(self) -> None:
+        stats = self.store.stats()
+        msg = TrainerStatus(state=TrainerStatus.COLLECTING, stage="collect", episodes_stored=stats.total,
+                            episodes_incomplete=stats.incomplete,
+                            episodes_pending=len(self.assembler.open_episode_ids()) + self._writes.qsize(),
+                            store_path=str(self.store_path),
+                            metrics=[Metric(name="rejected_steps", value=float(self.rejected_steps))]
+                            + [Metric(name=f"outcome_{k}", value=float(v)) for k, v in stats.by_outcome.items()])
+        msg.header.stamp = self.get_clock().now().to_msg()
+        self._status_pub.publish(msg)
+
+    def close(self) -> None:
+        self._writes.put(None)
+        self._writer.join(timeout=30.0)
+        self.store.close()
+
+
+def main(args: list[str] | None = None) -> int:
+    return run_nodes(lambda context: [TrainerNode(context=context)], args)

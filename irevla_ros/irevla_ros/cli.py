@@ -6,7 +6,14 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from irevla_ros.bringup.graph import GRAPHS, HARDWARE_PROFILES, validate_graph
+from irevla_ros.bringup.graph import (
+    DEFAULT_CAMERAS,
+    GRAPHS,
+    HARDWARE_PROFILES,
+    KNOWN_CAMERAS,
+    GraphSpec,
+    validate_graph,
+)
 from irevla_ros.params import ConfigError
 
 Verb = Callable[[argparse.Namespace], int]
@@ -20,6 +27,11 @@ def _add_graph_args(parser: argparse.ArgumentParser) -> None:
         "--hardware", default="sim", choices=HARDWARE_PROFILES, help="hardware profile (default: sim)"
     )
     parser.add_argument(
+        "--cameras",
+        default=",".join(DEFAULT_CAMERAS),
+        help=f"camera nodes, comma-separated, from {', '.join(KNOWN_CAMERAS)} (default: {','.join(DEFAULT_CAMERAS)})",
+    )
+    parser.add_argument(
         "--set",
         dest="overrides",
         action="append",
@@ -29,8 +41,12 @@ def _add_graph_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _graph(args: argparse.Namespace) -> GraphSpec:
+    return GRAPHS[args.graph](args.hardware, tuple(c for c in args.cameras.split(",") if c))
+
+
 def cmd_graph(args: argparse.Namespace) -> int:
-    graph = GRAPHS[args.graph](args.hardware)
+    graph = _graph(args)
     print(f"graph {graph.name} ({graph.hardware}): {graph.description}")
     print(f"{'process (executable)':<24} {'node':<22} {'parameter files'}")
     for process in graph.processes:
@@ -42,16 +58,13 @@ def cmd_graph(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from dataclasses import replace
     from pathlib import Path
     from tempfile import TemporaryDirectory
 
-    from irevla_ros.bringup.launcher import overrides_file
+    from irevla_ros.bringup.graph import with_overrides
 
-    graph = GRAPHS[args.graph](args.hardware)
     with TemporaryDirectory() as tmp:
-        if args.overrides:
-            graph = replace(graph, extra_parameter_files=(overrides_file(args.overrides, Path(tmp)),))
+        graph = with_overrides(_graph(args), args.overrides, Path(tmp))
         effective = validate_graph(graph)
     for node, values in effective.items():
         print(node)
@@ -64,7 +77,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_bringup(args: argparse.Namespace) -> int:
     from irevla_ros.bringup.launcher import run_graph
 
-    return run_graph(GRAPHS[args.graph](args.hardware), args.overrides, duration=args.duration)
+    return run_graph(_graph(args), args.overrides, duration=args.duration)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -79,6 +92,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         noise=args.noise,
         timeout=args.timeout,
         overrides=args.overrides,
+        cameras=tuple(c for c in args.cameras.split(",") if c),
     )
     print(json.dumps(summary), flush=True)
     return 0 if summary["lost_steps"] == 0 and summary["episodes"] == args.episodes else 1
@@ -104,6 +118,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Verb]]:
     p.add_argument("--store", default="", help="episode store folder (default: runs/demo-<time>/store)")
     p.add_argument("--noise", type=float, default=0.1, help="std of the scripted expert's action noise")
     p.add_argument("--timeout", type=float, default=1200.0, help="give up after this many wall seconds")
+    p.add_argument("--cameras", default=",".join(DEFAULT_CAMERAS), help="camera nodes, e.g. camera,wrist_camera")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="NODE.PARAM=VALUE",
                    help="override a parameter of the graph (repeatable)")
     verbs["demo"] = cmd_demo

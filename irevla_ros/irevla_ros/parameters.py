@@ -12,13 +12,14 @@ SIM_CELL = (
     ParamSpec("seed", 0, "seed of the per-episode scene randomisation", min=0),
     ParamSpec("image_width", 128, "rendered image width (pixels)", min=16, max=1920),
     ParamSpec("image_height", 128, "rendered image height (pixels)", min=16, max=1080),
-    ParamSpec("cameras", ["corner"], "MuJoCo cameras rendered after every control period"),
+    ParamSpec("cameras", ["corner", "gripperPOV"], "MuJoCo cameras the cell may render (validated at start)"),
+    ParamSpec("camera_nodes", ["camera"], "camera nodes hosted in this process (set by the graph description)"),
     ParamSpec(
         "control_period", 0.1, "simulated seconds per control period (one arm command)", min=0.0125, max=1.0
     ),
     ParamSpec(
         "max_wall_wait",
-        1.0,
+        2.0,
         "wall seconds the cell waits for the controller's command before advancing with the arm held",
         min=0.01,
         max=60.0,

@@ -408,19 +408,22 @@ class SafetyLayer:
             if now < s.last_accept_time:
                 reasons.append(f"time went backwards by {s.last_accept_time - now:.3g} s: no motion")
 
-        desired = np.asarray(desired_from(ref), dtype=np.float64)
+        raw = np.asarray(desired_from(ref), dtype=np.float64)
+        desired = np.clip(raw, self._low, self._high)
+        if np.any(desired != raw):
+            axes = [a for a in range(3) if desired[a] != raw[a]]
+            reasons.append(f"target clipped to the workspace box on axes {axes}")
+        # Anti-windup: never move the target further than the lead radius from the measured arm. Both
+        # projections (ball, then box) contain `ref`, so neither can lengthen the step from it.
+        with np.errstate(over="ignore"):  # an absurd but finite measured position only widens the radius
+            radius = max(lim.lead_limit, float(np.linalg.norm(ref - ee)))
+            offset = desired - ee
+            dist = float(np.linalg.norm(offset))
         candidate = desired
-        # Anti-windup: never move the target further than the lead radius from the measured arm.
-        radius = max(lim.lead_limit, float(np.linalg.norm(ref - ee)))
-        offset = candidate - ee
-        dist = float(np.linalg.norm(offset))
         if dist > radius:
             candidate = ee + offset * (radius / dist)
             reasons.append(f"target held within {radius:.3f} m of the measured arm (arm lagging)")
         boxed = np.clip(candidate, self._low, self._high)
-        if np.any(boxed != candidate):
-            axes = [a for a in range(3) if boxed[a] != candidate[a]]
-            reasons.append(f"target clipped to the workspace box on axes {axes}")
         step_vec = boxed - ref
         step = float(np.linalg.norm(step_vec))
         if step > allowed:

@@ -123,3 +123,29 @@ def child(tmp_path: Path, ros_domain: int) -> Iterator[Callable[..., ChildProces
     yield start
     for proc in started:
         proc.stop()
+
+
+@pytest.fixture
+def sim_graph(tmp_path: Path, ros_domain: int) -> Iterator[Callable[..., object]]:
+    """Start the real `collect` graph (sim profile) as child processes, with its store under tmp_path.
+
+    `start(*overrides)` returns the running GraphRunner (logs in tmp_path/logs); it is stopped at teardown.
+    """
+    from irevla_ros.bringup.graph import collect_graph
+    from irevla_ros.bringup.launcher import GraphRunner
+
+    runners: list[GraphRunner] = []
+
+    def start(*overrides: str) -> GraphRunner:
+        runner = GraphRunner(
+            collect_graph("sim"),
+            [f"/trainer.store_path={tmp_path / 'store'}", *overrides],
+            log_dir=tmp_path / "logs",
+        )
+        runner.start()
+        runners.append(runner)
+        return runner
+
+    yield start
+    for runner in runners:
+        runner.stop()

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from irevla_ros.bringup.graph import collect_graph
+from irevla_ros.bringup.graph import DEFAULT_CAMERAS, collect_graph
 from irevla_ros.bringup.launcher import GraphRunner
 
 
@@ -86,6 +86,7 @@ def run_demo(
     noise: float = 0.1,
     timeout: float = 1200.0,
     overrides: Sequence[str] = (),
+    cameras: Sequence[str] = DEFAULT_CAMERAS,
 ) -> dict[str, object]:
     run_dir = Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
     store = (store or run_dir / "store").resolve()
@@ -107,7 +108,7 @@ def run_demo(
     context, node, thread = start_monitor(monitor, progress)
     print(f"[demo] {episodes} episodes of the scripted expert (noise {noise}) in the simulated cell; "
           f"store {store}; logs {run_dir / 'logs'}", file=sys.stderr, flush=True)
-    runner = GraphRunner(collect_graph("sim"), settings, log_dir=run_dir / "logs")
+    runner = GraphRunner(collect_graph("sim", cameras), settings, log_dir=run_dir / "logs")
     failed = None
     try:
         runner.start()

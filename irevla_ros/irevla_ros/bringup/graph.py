@@ -9,9 +9,11 @@ driver processes, exactly like realsense2_camera and a Franka/UR driver.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+import yaml
 
 from irevla_ros.entry_points import NODE_EXECUTABLES
 from irevla_ros.parameters import SCHEMAS
@@ -25,6 +27,9 @@ from irevla_ros.params import (
 from irevla_ros.paths import config_dir
 
 HARDWARE_PROFILES = ("sim", "robot")
+# Camera nodes the graph can run (camera.yaml configures each); "camera" alone by default.
+KNOWN_CAMERAS = ("camera", "wrist_camera")
+DEFAULT_CAMERAS = ("camera",)
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,9 @@ class GraphSpec:
     hardware: str
     processes: tuple[ProcessSpec, ...]
     description: str = ""
+    # Parameter values the graph itself implies ("NODE.PARAM=VALUE", the syntax of `--set`), e.g. which camera
+    # nodes the simulated cell hosts and which image topics the policy reads.
+    settings: tuple[str, ...] = ()
     extra_parameter_files: tuple[Path, ...] = field(default=())
 
     def nodes(self) -> Iterator[NodeSpec]:
@@ -77,19 +85,34 @@ def _node(name: str, kind: str, hardware: str, namespace: str = "") -> NodeSpec:
     return NodeSpec(name, kind, namespace, (f"{kind}.yaml", f"{hardware}.yaml"))
 
 
-def collect_graph(hardware: str = "sim") -> GraphSpec:
-    """The collection graph of `ros2 launch irevla_ros collect.launch.py` / `irevla bringup`."""
+def collect_graph(hardware: str = "sim", cameras: Sequence[str] = DEFAULT_CAMERAS) -> GraphSpec:
+    """The collection graph of `ros2 launch irevla_ros collect.launch.py` / `irevla bringup`.
+
+    `cameras` names the camera nodes (each `/<name>/<name>`, realsense-ros style); their parameters are in
+    camera.yaml and the hardware profile. The policy reads the colour image of every one of them.
+    """
     if hardware not in HARDWARE_PROFILES:
         raise ConfigError(f"hardware: {hardware!r} is not one of {', '.join(HARDWARE_PROFILES)}")
-    camera = _node("camera", "camera", hardware, namespace="camera")
+    unknown = [c for c in cameras if c not in KNOWN_CAMERAS]
+    if unknown or not cameras or len(set(cameras)) != len(cameras):
+        raise ConfigError(f"cameras: {list(cameras)} must be distinct names from {', '.join(KNOWN_CAMERAS)}")
+    camera_nodes = tuple(_node(c, "camera", hardware, namespace=c) for c in cameras)
     arm = _node("arm_controller", "arm_controller", hardware)
     if hardware == "sim":
         drivers: tuple[ProcessSpec, ...] = (
-            ProcessSpec("sim_cell_node", (_node("sim_cell", "sim_cell", hardware), camera, arm)),
+            ProcessSpec("sim_cell_node", (_node("sim_cell", "sim_cell", hardware), *camera_nodes, arm)),
         )
     else:
-        drivers = (ProcessSpec("camera_node", (camera,)), ProcessSpec("arm_controller_node", (arm,)))
+        drivers = (
+            *(ProcessSpec("camera_node", (c,)) for c in camera_nodes),
+            ProcessSpec("arm_controller_node", (arm,)),
+        )
+    image_topics = ",".join(f"/{c}/{c}/color/image_raw" for c in cameras)
+    settings = [f"/policy.cameras=[{image_topics}]"]
+    if hardware == "sim":
+        settings.append(f"/sim_cell.camera_nodes=[{','.join(cameras)}]")
     return GraphSpec(
+        settings=tuple(settings),
         name="collect",
         hardware=hardware,
         description="cameras, policy, arm controller, episode manager and the trainer's episode store",
@@ -128,6 +151,34 @@ def process_parameter_paths(graph: GraphSpec, process: ProcessSpec, config: Path
     return [directory / f for f in process.parameter_files] + list(graph.extra_parameter_files)
 
 
+def _every_node(graph: GraphSpec) -> list[NodeSpec]:
+    """Every node of this graph's kind with all optional cameras, in this hardware profile."""
+    return list(GRAPHS[graph.name](graph.hardware, KNOWN_CAMERAS).nodes())
+
+
+def with_overrides(graph: GraphSpec, overrides: Sequence[str], directory: Path) -> GraphSpec:
+    """The graph with its own settings and `overrides` (NODE.PARAM=VALUE, later wins) as a parameter file."""
+    items = [*graph.settings, *overrides]
+    if not items:
+        return graph
+    return replace(graph, extra_parameter_files=(overrides_file(items, directory),))
+
+
+def overrides_file(overrides: Sequence[str], directory: Path) -> Path:
+    """Turn `NODE.PARAM=VALUE` strings into a ROS parameter file (values parsed as YAML scalars/lists)."""
+    tree: dict[str, dict[str, dict[str, object]]] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        node, dot, param = key.rpartition(".")
+        if not sep or not dot or not node or not param:
+            raise ConfigError(f"--set {item!r}: expected NODE.PARAM=VALUE, e.g. /policy.action_noise=0.2")
+        node = node if node.startswith("/") else "/" + node
+        tree.setdefault(node, {"ros__parameters": {}})["ros__parameters"][param] = yaml.safe_load(raw)
+    path = directory / "overrides.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
 def validate_graph(graph: GraphSpec, config: Path | None = None) -> dict[str, dict[str, object]]:
     """Check every parameter file of the graph against the schema of the nodes it addresses.
 
@@ -143,10 +194,15 @@ def validate_graph(graph: GraphSpec, config: Path | None = None) -> dict[str, di
             for node_key, values in load_parameter_file(path).items():
                 targets = [n for n in graph.nodes() if node_key_matches(node_key, n.fully_qualified_name)]
                 if not targets:
-                    known = ", ".join(n.fully_qualified_name for n in graph.nodes())
-                    raise ConfigError(
-                        f"{path}: {node_key}: no node of graph {graph.name!r} has this name ({known})"
-                    )
+                    everyone = _every_node(graph)
+                    inactive = [n for n in everyone if node_key_matches(node_key, n.fully_qualified_name)]
+                    if not inactive:
+                        known = ", ".join(n.fully_qualified_name for n in everyone)
+                        raise ConfigError(
+                            f"{path}: {node_key}: no node of graph {graph.name!r} has this name ({known})"
+                        )
+                    for node in inactive:  # configured but not started now: still checked
+                        validate_parameters(path, node_key, values, node.schema)
                 for node in targets:
                     if node not in process.nodes:
                         continue

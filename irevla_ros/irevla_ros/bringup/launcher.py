@@ -16,13 +16,16 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
-from irevla_ros.bringup.graph import GraphSpec, process_parameter_paths, validate_graph
-from irevla_ros.params import ConfigError
+from irevla_ros.bringup.graph import (
+    GraphSpec,
+    ProcessSpec,
+    process_parameter_paths,
+    validate_graph,
+    with_overrides,
+)
 
 _PR_SET_PDEATHSIG = 1
 
@@ -33,21 +36,6 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     except OSError:
         pass
-
-
-def overrides_file(overrides: Sequence[str], directory: Path) -> Path:
-    """Turn `--set /node.param=value` strings into a ROS parameter file (values parsed as YAML scalars)."""
-    tree: dict[str, dict[str, dict[str, object]]] = {}
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        node, dot, param = key.rpartition(".")
-        if not sep or not dot or not node or not param:
-            raise ConfigError(f"--set {item!r}: expected NODE.PARAM=VALUE, e.g. /policy.action_noise=0.2")
-        node = node if node.startswith("/") else "/" + node
-        tree.setdefault(node, {"ros__parameters": {}})["ros__parameters"][param] = yaml.safe_load(raw)
-    path = directory / "overrides.yaml"
-    path.write_text(yaml.safe_dump(tree))
-    return path
 
 
 @dataclass
@@ -68,19 +56,25 @@ class GraphRunner:
         log_dir: Path | None = None,
     ) -> None:
         self._tmp = Path(tempfile.mkdtemp(prefix="irevla-bringup-"))
-        if overrides:
-            graph = replace(graph, extra_parameter_files=(overrides_file(overrides, self._tmp),))
-        self.graph = graph
+        self.graph = with_overrides(graph, overrides, self._tmp)
         self.config = config
         self.effective_parameters = validate_graph(graph, config)
         self.env = dict(os.environ if env is None else env)
         self.log_dir = log_dir
         self.children: list[Child] = []
 
-    def command(self, executable: str) -> list[str]:
-        process = next(p for p in self.graph.processes if p.executable == executable)
-        exe = shutil.which(executable) or str(Path(sys.executable).parent / executable)
+    def command(self, process: ProcessSpec | str) -> list[str]:
+        """The command line of a process (or of the only process running executable `process`)."""
+        if isinstance(process, str):
+            matches = [p for p in self.graph.processes if p.executable == process]
+            if len(matches) != 1:
+                raise ValueError(f"{len(matches)} processes run {process!r}: pass the ProcessSpec")
+            process = matches[0]
+        exe = shutil.which(process.executable) or str(Path(sys.executable).parent / process.executable)
         cmd = [exe, "--ros-args"]
+        if len(process.nodes) == 1:  # one executable may serve several nodes (two cameras): name each
+            node = process.nodes[0]
+            cmd += ["-r", f"__node:={node.name}", "-r", f"__ns:=/{node.namespace.strip('/')}"]
         for path in process_parameter_paths(self.graph, process, self.config):
             cmd += ["--params-file", str(path)]
         return cmd
@@ -92,7 +86,7 @@ class GraphRunner:
                 self.log_dir.mkdir(parents=True, exist_ok=True)
                 out = open(self.log_dir / f"{process.executable}.log", "ab")  # noqa: SIM115 (lives with child)
             popen = subprocess.Popen(
-                self.command(process.executable),
+                self.command(process),
                 env=self.env,
                 stdout=out,
                 stderr=subprocess.STDOUT if out else None,

@@ -202,7 +202,13 @@ class PolicyNode(Node):
             self._last_tick = None
             return
         if self._last_tick is not None and now - self._last_tick > 1.5 * self.period:
-            self.missed_ticks += round((now - self._last_tick) / self.period) - 1
+            missed = round((now - self._last_tick) / self.period) - 1
+            self.missed_ticks += missed
+            self.get_logger().warning(
+                f"missed {missed} control tick(s): {now - self._last_tick:.3f} s since the previous tick "
+                f"(step {self.episode.steps})",
+                throttle_duration_sec=1.0,
+            )
         self._last_tick = now
         output: PolicyOutput | None = None
         obs: Observation | None = None

@@ -16,6 +16,8 @@ graph can keep up, and rates, timeouts and the watchdog mean the same as on a ro
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import threading
 import time
 
@@ -82,13 +84,14 @@ class SimCellNode(Node):
             seed=int(p["seed"]),  # type: ignore[arg-type]
         )
         self.period = float(p["control_period"])  # type: ignore[arg-type]
+        # /clock advances on an exact grid of control periods (integer nanoseconds), so every node's timers
+        # at the control rate fire once per period; float drift of the physics time never skips a tick.
+        self.period_ns = round(self.period * 1e9)
+        self.clock_ns = 0
         self.substeps = max(1, round(self.period / self.cell.control_dt))
-        self._renderers = {
-            name: SimCamera(self.cell, name, skip_unchanged=False) for name in self.cell.cameras
-        }
-        for renderer in self._renderers.values():
-            renderer.open()
-        self.cameras = {name: RenderedCamera(r) for name, r in self._renderers.items()}
+        # Rendered only once a camera node asks for them (camera_backend), on the cell's thread.
+        self._renderers: dict[str, SimCamera] = {}
+        self.cameras: dict[str, RenderedCamera] = {}
         self._clock_pub = self.create_publisher(Clock, "/clock", 10)
         self._success_pub = self.create_publisher(Bool, topics.SIM_SUCCESS, 10)
         self._expert_pub = self.create_publisher(Float32MultiArray, topics.SIM_EXPERT_ACTION, 10)
@@ -103,21 +106,31 @@ class SimCellNode(Node):
         self._thread.start()
 
     def camera_backend(self, camera: str) -> RenderedCamera:
-        if camera not in self.cameras:
-            raise ValueError(
-                f"sim camera {camera!r} is not rendered by the cell (cameras: {sorted(self.cameras)})"
-            )
-        return self.cameras[camera]
+        """The `sim` camera backend for MuJoCo camera `camera`; it is rendered after every period from now on."""
+        if camera not in self.cell.cameras:
+            raise ValueError(f"sim camera {camera!r} is not one of the cell's cameras {list(self.cell.cameras)}")
+        with self.cell.lock:
+            if camera not in self.cameras:
+                renderer = SimCamera(self.cell, camera, skip_unchanged=False)
+                renderer.open()
+                self._renderers[camera] = renderer
+                self.cameras[camera] = RenderedCamera(renderer)
+            return self.cameras[camera]
 
     def _on_reset(
         self, request: ResetEpisode.Request, response: ResetEpisode.Response
     ) -> ResetEpisode.Response:
         try:
             with self.cell.lock:
+                before = self.cell.sim_time
                 self.cell.reset(
                     task=request.task or None, seed=None if request.seed < 0 else int(request.seed)
                 )
                 response.task, response.instruction = self.cell.task, self.cell.instruction
+                # The reset's own physics time (Meta-World homes the hand) passes on the clock too, in whole
+                # periods; the new scene is rendered and published at once, so no node acts on a pre-reset frame.
+                self.clock_ns += self.period_ns * math.ceil((self.cell.sim_time - before) / self.period - 1e-6)
+                self._publish_period()
         except ValueError as exc:
             response.success, response.message = False, str(exc)
             return response
@@ -127,7 +140,7 @@ class SimCellNode(Node):
     def _run(self) -> None:
         max_wait = float(self.params["max_wall_wait"])  # type: ignore[arg-type]
         rtf = float(self.params["real_time_factor"])  # type: ignore[arg-type]
-        wall_start, sim_start = time.monotonic(), self.cell.sim_time
+        wall_start, sim_start = time.monotonic(), self.clock_ns * 1e-9
         while not self._stop.is_set():
             t0 = self.cell.sim_time
             deadline = time.monotonic() + max_wait
@@ -137,26 +150,33 @@ class SimCellNode(Node):
                 return
             with self.cell.lock:
                 commanded = self.cell.sim_time != t0
-                self.periods_without_command += 0 if commanded else 1
+                if not commanded:
+                    self.periods_without_command += 1
+                    self.get_logger().warning(
+                        f"no arm command within {max_wait} s (wall): period advanced with the arm held",
+                        throttle_duration_sec=5.0,
+                    )
                 gripper = float(self.cell.data.ctrl[0]) if self.cell.data.ctrl.size else 0.0
                 while self.cell.sim_time < t0 + self.period - 1e-9:
                     self.cell.apply_action(np.array([0.0, 0.0, 0.0, np.clip(gripper, -1, 1)]))
-            self.periods += 1
             if rtf > 0:
-                ahead = (self.cell.sim_time - sim_start) / rtf - (time.monotonic() - wall_start)
+                ahead = (self.clock_ns * 1e-9 + self.period - sim_start) / rtf - (time.monotonic() - wall_start)
                 if ahead > 0:
                     time.sleep(ahead)
-            self._publish_period()
+            with self.cell.lock:  # one clock: a concurrent reset also advances and publishes it
+                self.periods += 1
+                self.clock_ns += self.period_ns
+                self._publish_period()
 
     def _publish_period(self) -> None:
         with self.cell.lock:
             frames = {name: r.read() for name, r in self._renderers.items()}
-            now = self.cell.sim_time
+            now = self.clock_ns * 1e-9
             success = self.cell.success()
             expert = self.cell.expert_action()
         for name, frame in frames.items():
             if frame is not None:
-                self.cameras[name].offer(frame)
+                self.cameras[name].offer(dataclasses.replace(frame, stamp=now))
         self._success_pub.publish(Bool(data=bool(success)))
         self._expert_pub.publish(Float32MultiArray(data=[float(x) for x in expert]))
         self._clock_pub.publish(Clock(clock=to_time_msg(now)))
@@ -170,15 +190,19 @@ class SimCellNode(Node):
 
 def make_sim_nodes(context: object) -> list[Node]:
     cell_node = SimCellNode(context=context)
-    camera = CameraNode(
-        backend_factory=lambda params: cell_node.camera_backend(str(params["sim_camera"])), context=context
-    )
-    arm = ArmControllerNode(
-        backend_factory=lambda params: make_arm("sim", cell=cell_node.cell), context=context
-    )
+    cameras = [
+        CameraNode(
+            backend_factory=lambda params: cell_node.camera_backend(str(params["sim_camera"])),
+            name=name,
+            namespace=name,
+            context=context,
+        )
+        for name in cell_node.params["camera_nodes"]  # type: ignore[union-attr]
+    ]
+    arm = ArmControllerNode(backend_factory=lambda params: make_arm("sim", cell=cell_node.cell), context=context)
     cell_node.start()
-    # Closed in reverse: the arm and camera stop touching the cell before it shuts down.
-    return [arm, camera, cell_node]
+    # Closed in this order: the arm and the cameras stop touching the cell before it shuts down.
+    return [arm, *cameras, cell_node]
 
 
 def main(args: list[str] | None = None) -> int:

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.clock import Clock as RosClock
+from rclpy.clock import ClockType
 from rclpy.node import Node
 
 from irevla_interfaces.msg import EpisodeEvent, EpisodeStored, Metric, StepRecord, TrainerStatus
@@ -95,6 +97,8 @@ class TrainerNode(Node):
         self._lock = threading.Lock()
         self._writes: queue.Queue[AssembledEpisode | None] = queue.Queue()
         self.rejected_steps = 0
+        # Steps may overtake their episode's START (different topics have no common order): held briefly.
+        self._early: dict[str, list[tuple[float, StepData]]] = {}
         self.stored = 0
         self.incomplete = 0
         group = MutuallyExclusiveCallbackGroup()
@@ -103,8 +107,10 @@ class TrainerNode(Node):
                                  callback_group=group)
         self._stored_pub = self.create_publisher(EpisodeStored, topics.EPISODE_STORED, RELIABLE_QOS)
         self._status_pub = self.create_publisher(TrainerStatus, topics.TRAINER_STATUS, LATCHED_QOS)
-        self.create_timer(0.1, self._finalise_ready, callback_group=group)
-        self.create_timer(float(p["status_period"]), self._publish_status, callback_group=group)  # type: ignore[arg-type]
+        # Wall-clock timers: storing must go on while the simulated clock is paused.
+        steady = RosClock(clock_type=ClockType.STEADY_TIME)
+        self.create_timer(0.1, self._finalise_ready, callback_group=group, clock=steady)
+        self.create_timer(float(p["status_period"]), self._publish_status, callback_group=group, clock=steady)  # type: ignore[arg-type]
         self._writer = threading.Thread(target=self._write_loop, name="episode-writer", daemon=True)
         self._writer.start()
         self.get_logger().info(f"episode store at {self.store_path}: {self.store.stats().total} episodes")
@@ -114,6 +120,9 @@ class TrainerNode(Node):
         try:
             step = step_from_msg(msg)
             with self._lock:
+                if step.episode_id not in self.assembler.open_episode_ids() and not self._closing.get(step.episode_id):
+                    self._early.setdefault(step.episode_id, []).append((time.monotonic(), step))
+                    return
                 self.assembler.add_step(step)
         except ValueError as exc:  # unknown/late episode, malformed record: log it, keep going
             self.rejected_steps += 1
@@ -128,6 +137,8 @@ class TrainerNode(Node):
                         episode_id=msg.episode_id, task=msg.task, instruction=msg.instruction,
                         policy_version=msg.policy_version, source=msg.source or "policy",
                         started_ns=time.time_ns()))
+                    for _, step in self._early.pop(msg.episode_id, []):
+                        self.assembler.add_step(step)
                 elif msg.type == EpisodeEvent.END:
                     closing = self._closing.setdefault(msg.episode_id, Closing())
                     closing.outcome = OUTCOME_NAMES.get(msg.outcome, "unknown")
@@ -152,6 +163,12 @@ class TrainerNode(Node):
     # --- finalising -----------------------------------------------------------------------------------------------
     def _finalise_ready(self) -> None:
         with self._lock:
+            for episode_id, early in list(self._early.items()):
+                if time.monotonic() - early[0][0] > FINALISE_GRACE_S:
+                    del self._early[episode_id]
+                    self.rejected_steps += len(early)
+                    self.get_logger().error(
+                        f"{len(early)} step(s) for episode {episode_id!r} rejected: it was never started")
             open_ids = set(self.assembler.open_episode_ids())
             for episode_id, closing in list(self._closing.items()):
                 if closing.outcome is None or closing.num_steps is None or episode_id not in open_ids:

@@ -138,8 +138,7 @@ class FrankyArm(ArmBackend):
             if was_connected and robot is not None:
                 # Closing: the arm is stopping or already gone either way, so errors here change nothing.
                 with contextlib.suppress(Exception):
-                    if robot.poll_motion():
-                        robot.move(franky.CartesianStopMotion(), asynchronous=True)
+                    robot.move(franky.CartesianStopMotion(), asynchronous=True)
                     robot.join_motion(2.0)
             if was_connected and future is not None:
                 # Releasing the gripper while libfranka still waits for a reply would block its destructor.
@@ -220,21 +219,25 @@ class FrankyArm(ArmBackend):
             self._service_gripper(gripper)
 
     def hold(self) -> None:
-        """Decelerate to a stop along the current path (franky's CartesianStopMotion) and stay there."""
+        """Decelerate to a stop along the current path (franky's CartesianStopMotion) and stay there.
+
+        Sent unconditionally: `poll_motion()`'s return value does not tell whether a motion is running (it
+        read False throughout running motions against franky-sim), and a stop while idle finishes at once."""
         with self._lock:
             robot = self._require()
             self._check_motion(robot)
-            if self._call(robot.poll_motion):
-                self._call(robot.move, franky.CartesianStopMotion(), asynchronous=True)
+            self._call(robot.move, franky.CartesianStopMotion(), asynchronous=True)
 
     def move_home(self, ee_position: np.ndarray, gripper: float, timeout: float = 30.0) -> None:
-        """Blocking; at `home_dynamics_factor` of the robot's limits, orientation held."""
+        """Blocking; at min(home_dynamics_factor, dynamics_factor) of the robot's limits, orientation held."""
         with self._lock:
             robot = self._require()
             affine = self._target_affine(ee_position)
             self._check_motion(robot)
+            # A motion's factor multiplies the robot's global one, while home_dynamics_factor is absolute.
+            factor = min(1.0, self._home_factor / self._dynamics_factor)
             motion = franky.CartesianMotion(
-                affine, franky.ReferenceType.Absolute, relative_dynamics_factor=self._home_factor
+                affine, franky.ReferenceType.Absolute, relative_dynamics_factor=factor
             )
             self._call(robot.move, motion, asynchronous=True)
             if not self._call(robot.join_motion, timeout):

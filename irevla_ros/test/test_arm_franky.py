@@ -1,0 +1,240 @@
+"""FrankyArm against franky-sim: libfranka's real network protocol on loopback, a MuJoCo FR3 behind it.
+
+Every test starts its own simulator on a free 127.x.y.z address (franky-sim binds fixed ports 1337/1338, so a
+private address keeps parallel runs apart) and kills it at teardown.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("franky")
+pytest.importorskip("franky_sim")
+
+from irevla_ros.hardware.arm import ArmConnectionError, make_arm
+from irevla_ros.hardware.arm.franky_arm import FrankyArm
+from irevla_ros.safety import CommandStatus, SafetyLayer, SafetyLimits
+
+TICK = 0.1  # the arm controller's 10 Hz
+
+
+def _free_loopback_address() -> str:
+    for _ in range(200):
+        host = f"127.{random.randint(1, 254)}.{random.randint(1, 254)}.{random.randint(1, 254)}"
+        try:
+            for port in (1337, 1338):
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                    s.bind((host, port))
+        except OSError:
+            continue
+        return host
+    raise RuntimeError("no free loopback address for franky-sim")
+
+
+class FrankySim:
+    def __init__(self, log: Path) -> None:
+        exe = Path(sys.executable).with_name("franky-sim")
+        self.host = _free_loopback_address()
+        env = dict(os.environ, MUJOCO_GL="osmesa", PYOPENGL_PLATFORM="osmesa", PYTHONUNBUFFERED="1")
+        self.log = log
+        self._out = open(log, "wb")  # noqa: SIM115 (closed in stop)
+        self.proc = subprocess.Popen(
+            [str(exe), "-s", "mujoco", "--hostname", self.host],
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if "Connect to the server using" in self.log.read_text(errors="replace"):
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        raise RuntimeError(f"franky-sim did not start:\n{self.log.read_text(errors='replace')}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._out.close()
+
+
+@pytest.fixture
+def sim(tmp_path: Path) -> Iterator[FrankySim]:
+    server = FrankySim(tmp_path / "franky-sim.log")
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def arm(sim: FrankySim) -> Iterator[FrankyArm]:
+    backend = make_arm("franky", host=sim.host, dynamics_factor=0.1)
+    backend.connect()
+    yield backend
+    backend.close()
+
+
+def limits_around(start: np.ndarray) -> SafetyLimits:
+    # A box around the start pose with its top only 3 cm above it, so that moving up hits the wall.
+    return SafetyLimits(
+        workspace_low=tuple(start - np.array([0.1, 0.1, 0.1])),
+        workspace_high=tuple(start + np.array([0.1, 0.1, 0.03])),
+        home=tuple(start),
+        max_step=0.01,
+        max_speed=0.1,
+        action_scale=0.01,
+        watchdog_timeout=0.5,
+    )
+
+
+class Controller:
+    """A 10 Hz wall-clock loop: read state, SafetyLayer, send (what the arm controller node does)."""
+
+    def __init__(self, arm: FrankyArm, layer: SafetyLayer) -> None:
+        self.arm, self.layer = arm, layer
+        self.samples: list[np.ndarray] = []
+        self.commands = []
+
+    def _send(self, cmd) -> None:
+        self.commands.append(cmd)
+        if cmd.target is None:
+            self.arm.hold()
+        else:
+            self.arm.send_target(cmd.target, cmd.gripper)
+
+    def run(self, action: np.ndarray | None, ticks: int) -> None:
+        for _ in range(ticks):
+            start = time.monotonic()
+            state = self.arm.read_state()
+            self.samples.append(state.ee_position)
+            if action is None:
+                self._send(self.layer.command_home(start, state.ee_position))
+            else:
+                self._send(self.layer.command(action, start, state.ee_position))
+            time.sleep(max(0.0, TICK - (time.monotonic() - start)))
+
+    def settle(self, target: np.ndarray, tolerance: float = 2e-3, timeout: float = 5.0) -> float:
+        """Seconds until the arm is within `tolerance` of `target` (sampling its state); raises on timeout."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            ee = self.arm.read_state().ee_position
+            self.samples.append(ee)
+            if np.linalg.norm(ee - target) < tolerance:
+                return time.monotonic() - t0
+            time.sleep(0.02)
+        raise AssertionError(f"arm at {ee.tolist()} did not reach {target.tolist()} within {timeout} s")
+
+
+def test_stream_through_the_safety_layer_box_home_and_close(arm, sim):
+    state = arm.read_state()
+    assert arm.is_connected
+    assert state.joint_positions.shape == (7,) and state.joint_names[0] == "fr3_joint1"
+    assert np.linalg.norm(state.ee_orientation) == pytest.approx(1.0, abs=1e-6)
+    assert 0.0 <= state.gripper <= 1.0
+    start = state.ee_position
+    limits = limits_around(start)
+    layer = SafetyLayer(limits)
+    ctl = Controller(arm, layer)
+
+    # 1. A 4 cm move down inside the box, closing the gripper (policy gripper +1 = close).
+    t0 = time.monotonic()
+    ctl.run(np.array([0.0, 0.0, -1.0, 1.0]), ticks=4)
+    target = ctl.commands[-1].target
+    np.testing.assert_allclose(target, start + np.array([0.0, 0.0, -0.04]), atol=1e-3)
+    ctl.settle(target)
+    move_time = time.monotonic() - t0
+    assert move_time < 2.0, move_time
+    # 2. Garbage in: the layer holds, the arm stays.
+    ctl.run(np.array([np.nan, 0.0, 0.0, 0.0]), ticks=3)
+    assert all(c.status is CommandStatus.REJECTED_NONFINITE for c in ctl.commands[-3:])
+    assert np.linalg.norm(arm.read_state().ee_position - target) < 2e-3
+    closed = arm.read_state().gripper
+    # 3. Push 15 cm up, opening the gripper: the target stops at the box's top (3 cm above the start).
+    ctl.run(np.array([0.0, 0.0, 1.0, -1.0]), ticks=15)
+    z_high = limits.workspace_high[2]
+    assert all(c.target[2] <= z_high for c in ctl.commands)
+    assert ctl.commands[-1].target[2] == pytest.approx(z_high)
+    assert "workspace box" in ctl.commands[-1].reason
+    ctl.settle(ctl.commands[-1].target)
+    time.sleep(0.5)
+    ctl.samples.append(arm.read_state().ee_position)
+    highest = max(s[2] for s in ctl.samples)
+    assert highest <= z_high + 1e-3, highest - z_high  # the arm never went above the box either
+    assert arm.read_state().gripper > closed + 0.3  # opened
+    # 4. Home, rate-limited by the same layer (max_step per tick), then a blocking move_home.
+    ctl.run(None, ticks=8)
+    steps = [
+        np.linalg.norm(b.target - a.target) for a, b in zip(ctl.commands[-9:], ctl.commands[-8:], strict=True)
+    ]
+    assert max(steps) <= limits.max_step + 1e-9
+    ctl.settle(np.array(limits.home))
+    aside = start + np.array([0.02, 0.02, -0.02])
+    t0 = time.monotonic()
+    arm.move_home(aside, 1.0, timeout=10.0)
+    home_time = time.monotonic() - t0
+    assert np.linalg.norm(arm.read_state().ee_position - aside) < 2e-3, home_time
+    # 5. Close: disconnected, refuses commands.
+    arm.close()
+    assert not arm.is_connected
+    with pytest.raises(ArmConnectionError):
+        arm.send_target(start, 1.0)
+    print(f"franky-sim: 4 cm streamed move settled in {move_time:.2f} s; move_home 3.5 cm {home_time:.2f} s")
+
+
+def test_hold_stops_a_running_motion(arm):
+    start = arm.read_state().ee_position
+    far = start + np.array([0.0, 0.0, -0.15])
+    arm.send_target(far, 1.0)
+    time.sleep(0.4)
+    arm.hold()
+    time.sleep(0.8)
+    stopped = arm.read_state()
+    time.sleep(0.3)
+    later = arm.read_state()
+    assert np.linalg.norm(later.ee_position - stopped.ee_position) < 1e-3  # at rest
+    travelled = start[2] - stopped.ee_position[2]
+    assert 0.005 < travelled < 0.14, travelled  # it moved, and stopped short of the 15 cm target
+
+
+def test_a_dropped_connection_raises_and_clears_is_connected(arm, sim):
+    arm.send_target(arm.read_state().ee_position, 1.0)
+    sim.proc.kill()
+    sim.proc.wait()
+    t0 = time.monotonic()
+    with pytest.raises(ArmConnectionError, match="lost the connection"):
+        for _ in range(30):  # the first failure may surface on a read or on the next motion
+            arm.read_state()
+            arm.send_target(arm.read_state().ee_position, 1.0)
+    assert time.monotonic() - t0 < 5.0
+    assert not arm.is_connected
+    with pytest.raises(ArmConnectionError):
+        arm.read_state()
+    arm.close()  # still safe
+
+
+def test_connecting_to_nothing_is_a_clear_error():
+    arm = FrankyArm(_free_loopback_address())
+    with pytest.raises(ArmConnectionError, match="cannot connect"):
+        arm.connect()
+    assert not arm.is_connected

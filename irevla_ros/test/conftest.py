@@ -96,7 +96,8 @@ class ChildProcess:
         self.popen = subprocess.Popen(cmd, stdout=self._out, stderr=subprocess.STDOUT, env=env or dict(os.environ))
 
     def output(self) -> str:
-        self._out.flush()
+        if not self._out.closed:
+            self._out.flush()
         return self.log.read_text(errors="replace")
 
     def stop(self, sig: int = 2, timeout: float = 15.0) -> int:

@@ -27,6 +27,7 @@ from irevla_ros.hardware.arm.franky_arm import FrankyArm
 from irevla_ros.safety import CommandStatus, SafetyLayer, SafetyLimits
 
 TICK = 0.1  # the arm controller's 10 Hz
+MAX_SPEED = 0.1  # m/s, for the SafetyLayer and the arm alike
 
 
 def _free_loopback_address() -> str:
@@ -89,7 +90,7 @@ def sim(tmp_path: Path) -> Iterator[FrankySim]:
 
 @pytest.fixture
 def arm(sim: FrankySim) -> Iterator[FrankyArm]:
-    backend = make_arm("franky", host=sim.host, dynamics_factor=0.1)
+    backend = make_arm("franky", host=sim.host, dynamics_factor=0.1, max_speed=MAX_SPEED)
     backend.connect()
     yield backend
     backend.close()
@@ -102,7 +103,7 @@ def limits_around(start: np.ndarray) -> SafetyLimits:
         workspace_high=tuple(start + np.array([0.1, 0.1, 0.03])),
         home=tuple(start),
         max_step=0.01,
-        max_speed=0.1,
+        max_speed=MAX_SPEED,
         action_scale=0.01,
         watchdog_timeout=0.5,
     )
@@ -114,6 +115,7 @@ class Controller:
     def __init__(self, arm: FrankyArm, layer: SafetyLayer) -> None:
         self.arm, self.layer = arm, layer
         self.samples: list[np.ndarray] = []
+        self.stamps: list[float] = []
         self.commands = []
 
     def _send(self, cmd) -> None:
@@ -128,6 +130,7 @@ class Controller:
             start = time.monotonic()
             state = self.arm.read_state()
             self.samples.append(state.ee_position)
+            self.stamps.append(state.stamp)
             if action is None:
                 self._send(self.layer.command_home(start, state.ee_position))
             else:
@@ -138,8 +141,10 @@ class Controller:
         """Seconds until the arm is within `tolerance` of `target` (sampling its state); raises on timeout."""
         t0 = time.monotonic()
         while time.monotonic() - t0 < timeout:
-            ee = self.arm.read_state().ee_position
+            state = self.arm.read_state()
+            ee = state.ee_position
             self.samples.append(ee)
+            self.stamps.append(state.stamp)
             if np.linalg.norm(ee - target) < tolerance:
                 return time.monotonic() - t0
             time.sleep(0.02)
@@ -181,12 +186,15 @@ def test_stream_through_the_safety_layer_box_home_and_close(arm, sim):
     ctl.samples.append(arm.read_state().ee_position)
     highest = max(s[2] for s in ctl.samples)
     assert highest <= z_high + 1e-3, highest - z_high  # the arm never went above the box either
+    # Nor faster than max_speed (averaged over each controller tick; the arm caps its own speed too).
+    pos, stamps = np.array(ctl.samples[: len(ctl.stamps)]), np.array(ctl.stamps)
+    speeds = np.linalg.norm(np.diff(pos, axis=0), axis=1) / np.maximum(np.diff(stamps), 1e-3)
+    assert speeds.max() <= 1.1 * MAX_SPEED, speeds.max()
     assert arm.read_state().gripper > closed + 0.3  # opened
     # 4. Home, rate-limited by the same layer (max_step per tick), then a blocking move_home.
     ctl.run(None, ticks=8)
-    steps = [
-        np.linalg.norm(b.target - a.target) for a, b in zip(ctl.commands[-9:], ctl.commands[-8:], strict=True)
-    ]
+    homing = [c.target for c in ctl.commands[-9:]]
+    steps = np.linalg.norm(np.diff(np.array(homing), axis=0), axis=1)
     assert max(steps) <= limits.max_step + 1e-9
     ctl.settle(np.array(limits.home))
     aside = start + np.array([0.02, 0.02, -0.02])
@@ -215,6 +223,25 @@ def test_hold_stops_a_running_motion(arm):
     assert np.linalg.norm(later.ee_position - stopped.ee_position) < 1e-3  # at rest
     travelled = start[2] - stopped.ee_position[2]
     assert 0.005 < travelled < 0.14, travelled  # it moved, and stopped short of the 15 cm target
+
+
+def test_gripper_commands_never_overlap_and_the_latest_wins(arm):
+    # franky-sim drops the reply to a gripper command preempted by another one and libfranka then waits for
+    # it forever; the backend keeps one command in flight, so flipping every tick must neither block nor hang.
+    here = arm.read_state().ee_position
+    slowest = 0.0
+    for i in range(12):
+        t0 = time.monotonic()
+        arm.send_target(here, float(i % 2))
+        slowest = max(slowest, time.monotonic() - t0)
+        time.sleep(TICK)
+    for _ in range(30):  # then a steady "open": it goes out once the command in flight has finished
+        arm.send_target(here, 1.0)
+        time.sleep(TICK)
+        if arm.read_state().gripper > 0.95:
+            break
+    assert arm.read_state().gripper > 0.95
+    assert slowest < 0.05, slowest
 
 
 def test_a_dropped_connection_raises_and_clears_is_connected(arm, sim):

@@ -58,7 +58,7 @@ class GraphRunner:
         self._tmp = Path(tempfile.mkdtemp(prefix="irevla-bringup-"))
         self.graph = with_overrides(graph, overrides, self._tmp)
         self.config = config
-        self.effective_parameters = validate_graph(graph, config)
+        self.effective_parameters = validate_graph(self.graph, config)
         self.env = dict(os.environ if env is None else env)
         self.log_dir = log_dir
         self.children: list[Child] = []

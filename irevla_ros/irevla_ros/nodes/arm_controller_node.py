@@ -60,7 +60,11 @@ class ArmControllerNode(Node):
                 raise ValueError(
                     "arm backend 'sim' runs inside sim_cell_node (it steps the shared simulated cell)"
                 )
-            self.backend = make_arm(kind, host=p["franky_host"], dynamics_factor=p["franky_dynamics_factor"])
+            # The backend's own speed cap equals the safety layer's: franky's motion generator must not overshoot
+            # a streamed target faster than the layer allowed.
+            self.backend = make_arm(
+                kind, host=p["franky_host"], dynamics_factor=p["franky_dynamics_factor"], max_speed=p["max_speed"]
+            )
         else:
             self.backend = backend_factory(p)
         self.backend.connect()

@@ -3,7 +3,6 @@ QoS profiles, and a `run_nodes` main loop that shuts down cleanly on Ctrl-C and 
 
 from __future__ import annotations
 
-import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -131,18 +130,14 @@ def run_nodes(
 ) -> int:
     """Init rclpy, create the nodes, spin them on one MultiThreadedExecutor, shut down cleanly.
 
-    rclpy's own handlers turn SIGINT into a context shutdown; SIGTERM is mapped onto the same path so
-    `kill`, systemd and `ros2 launch` all stop the nodes the same way (destroying them, flushing state).
+    The process's default context is used, so rclpy's own signal handlers turn SIGINT and SIGTERM into a
+    context shutdown that wakes the executor: `kill`, systemd and `ros2 launch` all stop the nodes the same way
+    (their `close()` runs: the arm holds, the episode writer drains, the cell stops).
     """
-    context = Context()
-    rclpy.init(args=args if args is not None else sys.argv, context=context)
+    rclpy.init(args=args if args is not None else sys.argv)
+    context = rclpy.get_default_context()
     nodes: list[Node] = []
     executor = MultiThreadedExecutor(context=context)
-
-    def _terminate(_signum: int, _frame: object) -> None:
-        context.try_shutdown()
-
-    previous = signal.signal(signal.SIGTERM, _terminate)
     code = 0
     try:
         nodes = list(make_nodes(context))
@@ -155,7 +150,6 @@ def run_nodes(
         print(f"configuration error: {exc}", file=sys.stderr)
         code = 2
     finally:
-        signal.signal(signal.SIGTERM, previous)
         if on_shutdown is not None:
             on_shutdown()
         for node in nodes:
@@ -165,5 +159,5 @@ def run_nodes(
         executor.shutdown(timeout_sec=2.0)
         for node in nodes:
             node.destroy_node()
-        context.try_shutdown()
+        rclpy.try_shutdown()
     return code

@@ -55,6 +55,7 @@ EVENT_CODES = {
     "reset_requested": EpisodeEvent.RESET_REQUESTED,
     "reset_done": EpisodeEvent.RESET_DONE,
 }
+JOY_BUTTON_PARAMS = ("joy_success_button", "joy_failure_button", "joy_reset_button", "joy_pause_button")
 OUTCOME_COLOURS = {
     "success": (0.1, 0.8, 0.1),
     "failure": (0.9, 0.1, 0.1),
@@ -140,6 +141,14 @@ class EpisodeManagerNode(Node):
 
     def _on_joy(self, msg: Joy) -> None:
         buttons = list(msg.buttons)
+        needed = 1 + max(int(self.params[k]) for k in JOY_BUTTON_PARAMS)  # type: ignore[arg-type]
+        if len(buttons) < needed:
+            # Ignored whole, keeping the previous button state, so a held button is not pressed twice.
+            self.get_logger().error(
+                f"malformed /joy: {len(buttons)} buttons, the configured buttons need {needed}; ignored",
+                throttle_duration_sec=5.0,
+            )
+            return
         pressed = [
             i
             for i, b in enumerate(buttons)
@@ -270,6 +279,12 @@ class EpisodeManagerNode(Node):
             image = np.ascontiguousarray(msg_to_image(msg))
         except ImageFormatError as exc:
             self.get_logger().error(f"overlay: bad camera image: {exc}", throttle_duration_sec=5.0)
+            return
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            self.get_logger().error(
+                f"overlay: bad camera image: expected 8-bit colour, got {msg.encoding} {image.shape}",
+                throttle_duration_sec=5.0,
+            )
             return
         text, outcome = self._summary()
         r, g, b = (int(255 * c) for c in OUTCOME_COLOURS.get(outcome, (1.0, 1.0, 1.0)))

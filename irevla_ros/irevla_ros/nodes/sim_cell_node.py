@@ -22,6 +22,7 @@ import threading
 import time
 
 import numpy as np
+from rclpy._rclpy_pybind11 import RCLError
 from rclpy.node import Node
 from rosgraph_msgs.msg import Clock
 from std_msgs.msg import Bool, Float32MultiArray
@@ -141,7 +142,7 @@ class SimCellNode(Node):
         max_wait = float(self.params["max_wall_wait"])  # type: ignore[arg-type]
         rtf = float(self.params["real_time_factor"])  # type: ignore[arg-type]
         wall_start, sim_start = time.monotonic(), self.clock_ns * 1e-9
-        while not self._stop.is_set():
+        while not self._stop.is_set() and self.context.ok():
             t0 = self.cell.sim_time
             deadline = time.monotonic() + max_wait
             while self.cell.sim_time == t0 and time.monotonic() < deadline and not self._stop.is_set():
@@ -166,7 +167,12 @@ class SimCellNode(Node):
             with self.cell.lock:  # one clock: a concurrent reset also advances and publishes it
                 self.periods += 1
                 self.clock_ns += self.period_ns
-                self._publish_period()
+                try:
+                    self._publish_period()
+                except RCLError:
+                    if self.context.ok():
+                        raise
+                    return  # shutting down (Ctrl-C, SIGTERM): the context went away under this thread
 
     def _publish_period(self) -> None:
         with self.cell.lock:

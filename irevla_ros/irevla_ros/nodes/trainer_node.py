@@ -175,6 +175,10 @@ class TrainerNode(Node):
                     if episode_id not in open_ids and closing.outcome is not None:
                         del self._closing[episode_id]  # END for an episode this trainer never saw start
                         self.get_logger().error(f"END for unknown episode {episode_id!r} ignored")
+                    elif episode_id not in open_ids and time.monotonic() - closing.since > FINALISE_GRACE_S:
+                        del self._closing[episode_id]  # no END will ever finalise it: do not keep it forever
+                        self.get_logger().error(
+                            f"STEPS_DONE for unknown or already stored episode {episode_id!r} ignored")
                     continue
                 received = self.assembler.received_steps(episode_id)
                 if received < closing.num_steps and time.monotonic() - closing.since < FINALISE_GRACE_S:
@@ -199,6 +203,8 @@ class TrainerNode(Node):
             ack = EpisodeStored(episode_id=stored.episode_id, complete=stored.complete, num_steps=stored.num_steps,
                                 outcome=OUTCOME_CODES.get(stored.outcome, 0), path=str(self.store_path / stored.path),
                                 sha256=stored.sha256)
+            if not self.context.ok():  # stored during shutdown: durable, but nobody left to tell
+                continue
             ack.header.stamp = self.get_clock().now().to_msg()
             self._stored_pub.publish(ack)
             note = "" if stored.complete else f" INCOMPLETE: {'; '.join(stored.reasons)}"

@@ -121,3 +121,15 @@ def test_package_xml_is_valid(package):
     pkg.validate()
     assert pkg.name == package
     assert pkg.version == "0.1.0"
+
+
+def test_rviz_config_shows_the_overlay_topics_the_graph_publishes():
+    import yaml
+
+    from irevla_ros import topics
+
+    rviz = yaml.safe_load((config_dir() / "irevla.rviz").read_text())
+    shown = {d["Topic"]["Value"] for d in rviz["Visualization Manager"]["Displays"] if "Topic" in d}
+    assert {topics.OVERLAY_MARKERS, topics.OVERLAY_IMAGE} <= shown
+    published = {v for k, v in vars(topics).items() if k.isupper()}
+    assert shown <= published

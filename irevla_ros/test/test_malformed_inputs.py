@@ -1,6 +1,6 @@
-"""Malformed input on every topic the `collect` graph subscribes to: each node logs a clear error, keeps running
-(episodes are still stored afterwards), and the arm never leaves its workspace box (real graph, real DDS, real
-MuJoCo, real files)."""
+"""Malformed input on every topic the `collect` graph subscribes to: each node logs a clear error, keeps
+running (episodes are still stored afterwards), and the arm never leaves its workspace box (real graph, real
+DDS, real MuJoCo, real files)."""
 
 from __future__ import annotations
 
@@ -15,14 +15,6 @@ from pathlib import Path
 import numpy as np
 from builtin_interfaces.msg import Time
 from geometry_msgs.msg import PoseStamped
-from rclpy.executors import SingleThreadedExecutor
-from rclpy.node import Node
-from rosgraph_msgs.msg import Clock
-from sensor_msgs.msg import Image, JointState, Joy
-from std_msgs.msg import Float32MultiArray
-
-from irevla_interfaces.msg import ArmCommand, EpisodeEvent, EpisodeStored, StepRecord, TrainerStatus
-from irevla_ros import topics
 from irevla_ros.nodes.common import (
     LATCHED_QOS,
     RELIABLE_QOS,
@@ -33,6 +25,14 @@ from irevla_ros.nodes.common import (
     time_to_ns,
 )
 from irevla_ros.store.episode_store import EpisodeStore
+from rclpy.executors import SingleThreadedExecutor
+from rclpy.node import Node
+from rosgraph_msgs.msg import Clock
+from sensor_msgs.msg import Image, JointState, Joy
+from std_msgs.msg import Float32MultiArray
+
+from irevla_interfaces.msg import ArmCommand, EpisodeEvent, EpisodeStored, StepRecord, TrainerStatus
+from irevla_ros import topics
 
 EPISODE_TIMEOUT = 4.0  # simulated seconds: short episodes, so several are stored within the test
 HAND_LAG = 0.02  # m: the hand may trail a target on the box boundary by this much
@@ -70,15 +70,22 @@ def read_log(log_dir: Path, executable: str) -> str:
 
 
 def all_logs(log_dir: Path) -> str:
-    return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-4000:]}" for p in sorted(log_dir.glob("*.log")))
+    return "\n".join(
+        f"--- {p.name}\n{p.read_text(errors='replace')[-4000:]}" for p in sorted(log_dir.glob("*.log"))
+    )
 
 
 def step_record(episode_id: str, index: int, **fields: object) -> StepRecord:
     """A well-formed record without images (a hold step), changed by `fields`."""
     msg = StepRecord(
-        episode_id=episode_id, step_index=index, instruction="press the button",
-        proprioception=[0.0, 0.6, 0.2, 1.0], proprioception_names=["ee_x", "ee_y", "ee_z", "gripper_opening"],
-        action=[0.1, 0.0, -0.1, 1.0], policy_version="test", hold=False,
+        episode_id=episode_id,
+        step_index=index,
+        instruction="press the button",
+        proprioception=[0.0, 0.6, 0.2, 1.0],
+        proprioception_names=["ee_x", "ee_y", "ee_z", "gripper_opening"],
+        action=[0.1, 0.0, -0.1, 1.0],
+        policy_version="test",
+        hold=False,
     )
     msg.header.stamp.sec = 1 + index
     for key, value in fields.items():
@@ -115,13 +122,15 @@ def test_malformed_inputs_are_logged_and_the_graph_keeps_working(ros_context, si
 
     node.create_subscription(Clock, "/clock", lambda m: setattr(w, "clock_ns", time_to_ns(m.clock)), 10)
     node.create_subscription(PoseStamped, topics.EE_POSE, on_pose, 100)
-    node.create_subscription(EpisodeStored, topics.EPISODE_STORED, lambda m: w.acks.__setitem__(m.episode_id, m),
-                             RELIABLE_QOS)
+    node.create_subscription(
+        EpisodeStored, topics.EPISODE_STORED, lambda m: w.acks.__setitem__(m.episode_id, m), RELIABLE_QOS
+    )
     node.create_subscription(EpisodeEvent, topics.EPISODE_EVENTS, on_event, RELIABLE_QOS)
     # Subscribing to the overlay makes the episode manager decode camera frames too.
     node.create_subscription(Image, topics.OVERLAY_IMAGE, w.overlays.append, SENSOR_QOS)
-    node.create_subscription(TrainerStatus, topics.TRAINER_STATUS, lambda m: setattr(w, "trainer_status", m),
-                             LATCHED_QOS)
+    node.create_subscription(
+        TrainerStatus, topics.TRAINER_STATUS, lambda m: setattr(w, "trainer_status", m), LATCHED_QOS
+    )
     pubs = {
         "camera": node.create_publisher(Image, topics.CAMERA_IMAGE, SENSOR_QOS),
         "steps": node.create_publisher(StepRecord, topics.STEP_RECORDS, RELIABLE_QOS),
@@ -135,7 +144,8 @@ def test_malformed_inputs_are_logged_and_the_graph_keeps_working(ros_context, si
     # The graph is up and storing before anything malformed arrives.
     assert spin(executor, lambda: len(w.acks) >= 1, timeout=60), all_logs(log_dir)
     assert all(p.get_subscription_count() > 0 for p in pubs.values()), {
-        k: p.get_subscription_count() for k, p in pubs.items()}
+        k: p.get_subscription_count() for k, p in pubs.items()
+    }
 
     def now_stamp() -> Time:
         sec, nanosec = divmod(w.clock_ns, 1_000_000_000)
@@ -149,6 +159,7 @@ def test_malformed_inputs_are_logged_and_the_graph_keeps_working(ros_context, si
             msg.header.stamp = now_stamp()  # current, so the policy decodes it instead of calling it stale
             msg.header.frame_id = "camera_color_optical_frame"
             pubs["camera"].publish(msg)
+
         return send
 
     def command(delta: list[float], gripper: float = 0.0) -> Callable[[], None]:
@@ -161,46 +172,129 @@ def test_malformed_inputs_are_logged_and_the_graph_keeps_working(ros_context, si
     probes = [
         # Camera frames: the policy holds the tick and says why; the overlay says it cannot draw on them.
         Probe("image data length", camera(data=bytes(100)), "policy_node", "data has 100 bytes, expected"),
-        Probe("empty image", camera(height=0, width=0, step=0, data=b""), "policy_node", "empty image (0 pixels)"),
-        Probe("unknown encoding", camera(encoding="yuv_mystery"), "policy_node", "unsupported encoding 'yuv_mystery'"),
-        Probe("mono image", camera(encoding="mono8", step=128, data=bytes(128 * 128)), "policy_node",
-              "expected a colour image"),
+        Probe(
+            "empty image",
+            camera(height=0, width=0, step=0, data=b""),
+            "policy_node",
+            "empty image (0 pixels)",
+        ),
+        Probe(
+            "unknown encoding",
+            camera(encoding="yuv_mystery"),
+            "policy_node",
+            "unsupported encoding 'yuv_mystery'",
+        ),
+        Probe(
+            "mono image",
+            camera(encoding="mono8", step=128, data=bytes(128 * 128)),
+            "policy_node",
+            "expected a colour image",
+        ),
         Probe("overlay", camera(data=bytes(7)), "episode_manager_node", "overlay: bad camera image"),
         # Arm commands: rejected by the safety layer, the arm holds.
         Probe("NaN action", command([math.nan, 0.0, 0.0]), "sim_cell_node", "action is not finite: [nan"),
-        Probe("inf action", command([0.0, math.inf, 0.0]), "sim_cell_node", "action is not finite: [0.0, inf"),
+        Probe(
+            "inf action", command([0.0, math.inf, 0.0]), "sim_cell_node", "action is not finite: [0.0, inf"
+        ),
         Probe("NaN gripper", command([0.0, 0.0, 0.0], math.nan), "sim_cell_node", "0.0, 0.0, nan]"),
         Probe("huge action", command([1e30, 0.0, -1e30]), "sim_cell_node", "> max_abs_action"),
         # Robot state and the simulator's expert.
-        Probe("joint state lengths", lambda: pubs["joints"].publish(
-            JointState(name=["j0", "gripper_opening"], position=[0.1])), "policy_node", "malformed /joint_states"),
-        Probe("expert action length", lambda: pubs["expert"].publish(Float32MultiArray(data=[0.5, 0.5])),
-              "policy_node", "malformed expert action"),
-        Probe("joy without buttons", lambda: pubs["joy"].publish(Joy()), "episode_manager_node",
-              "malformed /joy: 0 buttons"),
+        Probe(
+            "joint state lengths",
+            lambda: pubs["joints"].publish(JointState(name=["j0", "gripper_opening"], position=[0.1])),
+            "policy_node",
+            "malformed /joint_states",
+        ),
+        Probe(
+            "expert action length",
+            lambda: pubs["expert"].publish(Float32MultiArray(data=[0.5, 0.5])),
+            "policy_node",
+            "malformed expert action",
+        ),
+        Probe(
+            "joy without buttons",
+            lambda: pubs["joy"].publish(Joy()),
+            "episode_manager_node",
+            "malformed /joy: 0 buttons",
+        ),
         # Step records: the trainer rejects them (it throttles that log line: one kind at a time).
-        Probe("images vs camera names", lambda: steps_pub(step_record(
-            unknown, 0, images=[good_image], camera_names=["a", "b"], image_stamps=[good_image.header.stamp])),
-            "trainer_node", "1 images, 2 camera names, 1 stamps", channel="steps", every=0.5),
-        Probe("proprioception vs names", lambda: steps_pub(step_record(unknown, 0, proprioception_names=["x"])),
-              "trainer_node", "proprioception and its names differ in length", channel="steps", every=0.5),
-        Probe("bad image in record", lambda: steps_pub(step_record(
-            unknown, 0, images=[Image(height=4, width=4, encoding="rgb8", step=12, data=bytes(5))],
-            camera_names=["camera"], image_stamps=[good_image.header.stamp])),
-            "trainer_node", "bad image: data has 5 bytes", channel="steps", every=0.5),
-        Probe("invalid episode id", lambda: steps_pub(step_record("../../etc/passwd", 0)), "trainer_node",
-              "episode_id '../../etc/passwd' is not valid", channel="steps", every=0.5),
-        Probe("never started episode", lambda: steps_pub(step_record(unknown, 5)), "trainer_node",
-              f"step(s) for episode {unknown!r} rejected: it was never started", every=5.0),
+        Probe(
+            "images vs camera names",
+            lambda: steps_pub(
+                step_record(
+                    unknown,
+                    0,
+                    images=[good_image],
+                    camera_names=["a", "b"],
+                    image_stamps=[good_image.header.stamp],
+                )
+            ),
+            "trainer_node",
+            "1 images, 2 camera names, 1 stamps",
+            channel="steps",
+            every=0.5,
+        ),
+        Probe(
+            "proprioception vs names",
+            lambda: steps_pub(step_record(unknown, 0, proprioception_names=["x"])),
+            "trainer_node",
+            "proprioception and its names differ in length",
+            channel="steps",
+            every=0.5,
+        ),
+        Probe(
+            "bad image in record",
+            lambda: steps_pub(
+                step_record(
+                    unknown,
+                    0,
+                    images=[Image(height=4, width=4, encoding="rgb8", step=12, data=bytes(5))],
+                    camera_names=["camera"],
+                    image_stamps=[good_image.header.stamp],
+                )
+            ),
+            "trainer_node",
+            "bad image: data has 5 bytes",
+            channel="steps",
+            every=0.5,
+        ),
+        Probe(
+            "invalid episode id",
+            lambda: steps_pub(step_record("../../etc/passwd", 0)),
+            "trainer_node",
+            "episode_id '../../etc/passwd' is not valid",
+            channel="steps",
+            every=0.5,
+        ),
+        Probe(
+            "never started episode",
+            lambda: steps_pub(step_record(unknown, 5)),
+            "trainer_node",
+            f"step(s) for episode {unknown!r} rejected: it was never started",
+            every=5.0,
+        ),
         # Episode events for episodes nobody started.
-        Probe("END unknown", lambda: events_pub(event(EpisodeEvent.END, f"{unknown}-end", outcome=1)),
-              "trainer_node", f"END for unknown episode '{unknown}-end' ignored", every=2.0),
-        Probe("LABEL unknown", lambda: events_pub(event(EpisodeEvent.LABEL, f"{unknown}-label", outcome=1,
-                                                        label_source=1)),
-              "trainer_node", f"episode event 2 for '{unknown}-label' rejected", every=2.0),
-        Probe("STEPS_DONE unknown", lambda: events_pub(event(EpisodeEvent.STEPS_DONE, f"{unknown}-done",
-                                                             num_steps=3)),
-              "trainer_node", f"STEPS_DONE for unknown or already stored episode '{unknown}-done'", every=5.0),
+        Probe(
+            "END unknown",
+            lambda: events_pub(event(EpisodeEvent.END, f"{unknown}-end", outcome=1)),
+            "trainer_node",
+            f"END for unknown episode '{unknown}-end' ignored",
+            every=2.0,
+        ),
+        Probe(
+            "LABEL unknown",
+            lambda: events_pub(event(EpisodeEvent.LABEL, f"{unknown}-label", outcome=1, label_source=1)),
+            "trainer_node",
+            f"episode event 2 for '{unknown}-label' rejected",
+            every=2.0,
+        ),
+        Probe(
+            "STEPS_DONE unknown",
+            lambda: events_pub(event(EpisodeEvent.STEPS_DONE, f"{unknown}-done", num_steps=3)),
+            "trainer_node",
+            f"STEPS_DONE for unknown or already stored episode '{unknown}-done'",
+            every=5.0,
+        ),
     ]
 
     def drive() -> bool:
@@ -219,15 +313,17 @@ def test_malformed_inputs_are_logged_and_the_graph_keeps_working(ros_context, si
         return all(p.seen for p in probes)
 
     assert spin(executor, drive, timeout=40, period=0.03), (
-        [p.name for p in probes if not p.seen], all_logs(log_dir))
+        [p.name for p in probes if not p.seen],
+        all_logs(log_dir),
+    )
 
-    # Out-of-range but finite actions are clipped to the box: push the hand hard toward a corner of it.
-    push_until = time.monotonic() + 1.5
+    # A flood of out-of-range but finite actions toward a corner: clipped, rate-limited, never out of the box.
+    push_until = time.monotonic() + 1.0
     push = command([9.5, 9.5, 9.5], -1.0)
     spin(executor, lambda: push() or time.monotonic() > push_until, timeout=5, period=0.03)
 
-    # Out-of-order and duplicate steps of a started episode. The policy node follows every START it hears, so it
-    # is paused (SIGSTOP) while the test plays episode manager, and these episodes stay the test's own.
+    # Out-of-order and duplicate steps of a started episode. The policy node follows every START it hears, so
+    # it is paused (SIGSTOP) while the test plays episode manager, and these episodes stay the test's own.
     dup, conflict, invalid = f"test-dup-{tag}", f"test-conflict-{tag}", f"bad id/{tag}"
     policy = next(c for c in runner.children if c.executable == "policy_node")
     policy.popen.send_signal(signal.SIGSTOP)
@@ -239,15 +335,31 @@ def test_malformed_inputs_are_logged_and_the_graph_keeps_working(ros_context, si
         for record in (step_record(dup, 0), step_record(dup, 2), repeated, repeated):
             steps_pub(record)
         events_pub(event(EpisodeEvent.STEPS_DONE, dup, num_steps=3))
-        events_pub(event(EpisodeEvent.END, dup, outcome=EpisodeEvent.OUTCOME_FAILURE,
-                         label_source=EpisodeEvent.LABEL_SOURCE_OPERATOR))
+        events_pub(
+            event(
+                EpisodeEvent.END,
+                dup,
+                outcome=EpisodeEvent.OUTCOME_FAILURE,
+                label_source=EpisodeEvent.LABEL_SOURCE_OPERATOR,
+            )
+        )
         events_pub(event(EpisodeEvent.START, conflict, **start))
-        for record in (step_record(conflict, 0), step_record(conflict, 1),
-                       step_record(conflict, 1, action=[0.9, 0.9, 0.9, 0.9]), step_record(conflict, 2)):
+        for record in (
+            step_record(conflict, 0),
+            step_record(conflict, 1),
+            step_record(conflict, 1, action=[0.9, 0.9, 0.9, 0.9]),
+            step_record(conflict, 2),
+        ):
             steps_pub(record)
         events_pub(event(EpisodeEvent.STEPS_DONE, conflict, num_steps=3))
-        events_pub(event(EpisodeEvent.END, conflict, outcome=EpisodeEvent.OUTCOME_FAILURE,
-                         label_source=EpisodeEvent.LABEL_SOURCE_OPERATOR))
+        events_pub(
+            event(
+                EpisodeEvent.END,
+                conflict,
+                outcome=EpisodeEvent.OUTCOME_FAILURE,
+                label_source=EpisodeEvent.LABEL_SOURCE_OPERATOR,
+            )
+        )
         assert spin(executor, lambda: dup in w.acks and conflict in w.acks, timeout=15), all_logs(log_dir)
     finally:
         policy.popen.send_signal(signal.SIGCONT)
@@ -289,9 +401,12 @@ def test_malformed_inputs_are_logged_and_the_graph_keeps_working(ros_context, si
         assert record.complete and [s.step_index for s in record.steps] == [0, 1, 2]
         assert store.get(dup).complete and store.get(dup).num_steps == 3
         clash = store.read(conflict)
-        assert not clash.complete and any("conflicting duplicates at step indices 1" in r for r in clash.reasons)
+        assert not clash.complete and any(
+            "conflicting duplicates at step indices 1" in r for r in clash.reasons
+        )
         assert [s.step_index for s in clash.steps] == [0, 1, 2]
-        assert clash.steps[1].action.tolist() == step_record(conflict, 1).action.tolist()  # first arrival kept
+        first_arrival = step_record(conflict, 1).action.tolist()
+        assert clash.steps[1].action.tolist() == first_arrival
         for ack in fresh_acks():
             fresh = store.read(ack.episode_id)
             assert fresh.complete and len(fresh.steps) == ack.num_steps > 0, fresh.reasons

@@ -1,5 +1,6 @@
-"""The trainer is SIGKILLed in the middle of an episode and restarted: nothing it acknowledged is lost or damaged,
-and nothing it had not finished is passed off as complete (real graph, real DDS, real MuJoCo, real files)."""
+"""The trainer is SIGKILLed in the middle of an episode and restarted: nothing it acknowledged is lost or
+damaged, and nothing it had not finished is passed off as complete (real graph, real DDS, real MuJoCo, real
+files)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,13 @@ import signal
 import time
 from pathlib import Path
 
+from irevla_ros.nodes.common import RELIABLE_QOS
+from irevla_ros.store.episode_store import EpisodeStore
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 
 from irevla_interfaces.msg import EpisodeEvent, EpisodeStored, StepRecord
 from irevla_ros import topics
-from irevla_ros.nodes.common import RELIABLE_QOS
-from irevla_ros.store.episode_store import EpisodeStore
 
 # Short episodes (simulated seconds at 10 Hz) so a few fit in the test's budget on 2 cores.
 EPISODE_TIMEOUT = 4.0
@@ -80,7 +81,8 @@ def test_acknowledged_episodes_survive_a_sigkilled_trainer(ros_context, sim_grap
     acked_before_kill = set(watch.acks)
 
     # 2. SIGKILL the trainer in the middle of the next episode: steps are flowing, its END has not come.
-    assert spin(executor, lambda: watch.running_episode(MID_EPISODE_STEPS) is not None, timeout=30), logs(runner, [])
+    mid_episode = spin(executor, lambda: watch.running_episode(MID_EPISODE_STEPS) is not None, timeout=30)
+    assert mid_episode, logs(runner, [])
     in_progress = watch.running_episode(MID_EPISODE_STEPS)
     assert in_progress is not None
     trainer.popen.send_signal(signal.SIGKILL)

@@ -1,0 +1,66 @@
+"""`control_loop.png`: histograms of control tick periods and camera-frame-to-record latency, one row per
+real-time factor, drawn from the samples in `control_loop.json`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from irevla_ros.bench.harness import RESULTS_DIR, log
+
+
+def plot_control_loop(result: Path, image: Path | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    document = json.loads(result.read_text())
+    entries = document["entries"]
+    image = image or result.with_suffix(".png")
+    fig, axes = plt.subplots(len(entries), 2, figsize=(11, 3.2 * len(entries)), squeeze=False)
+    for row, entry in zip(axes, entries, strict=True):
+        rtf = entry["real_time_factor"]
+        label = f"rtf {rtf:g}" + (" (as fast as possible)" if rtf == 0 else "")
+        for ax, key, title, nominal in (
+            (row[0], "period_ms", "control tick period", entry.get("jitter_nominal_ms")),
+            (row[1], "latency_frame_to_record_ms", "camera frame -> step record latency", None),
+        ):
+            samples = entry["samples"][key]
+            stats = entry[key]
+            if samples:
+                ax.hist(samples, bins=60, color="tab:blue", alpha=0.8, log=True)
+            if nominal:
+                ax.axvline(nominal, color="tab:green", linestyle=":", label=f"nominal {nominal:g} ms")
+            for q, style in (("p50", "--"), ("p99", "-")):
+                if stats[q] is not None:
+                    ax.axvline(stats[q], color="tab:red", linestyle=style, label=f"{q} {stats[q]:.1f} ms")
+            ax.set_title(f"{title}, {label}", fontsize=10)
+            ax.set_xlabel("ms (wall, observer reception)")
+            ax.set_ylabel("count (log)")
+            ax.legend(fontsize=8)
+    machine = document.get("machine", {})
+    fig.suptitle(
+        f"control loop, {machine.get('cpu_count', '?')} CPUs, "
+        f"load {machine.get('load_average_1_5_15', '?')}, "
+        f"{document.get('created_utc', '')}",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(image, dpi=100)
+    plt.close(fig)
+    log(f"wrote {image}")
+    return image
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--results", type=Path, default=RESULTS_DIR)
+    args = parser.parse_args(argv)
+    plot_control_loop(args.results / "control_loop.json")
+
+
+if __name__ == "__main__":
+    main()

@@ -118,9 +118,17 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Verb]]:
     p.add_argument("--store", default="", help="episode store folder (default: runs/demo-<time>/store)")
     p.add_argument("--noise", type=float, default=0.1, help="std of the scripted expert's action noise")
     p.add_argument("--timeout", type=float, default=1200.0, help="give up after this many wall seconds")
-    p.add_argument("--cameras", default=",".join(DEFAULT_CAMERAS), help="camera nodes, e.g. camera,wrist_camera")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="NODE.PARAM=VALUE",
-                   help="override a parameter of the graph (repeatable)")
+    p.add_argument(
+        "--cameras", default=",".join(DEFAULT_CAMERAS), help="camera nodes, e.g. camera,wrist_camera"
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="NODE.PARAM=VALUE",
+        help="override a parameter of the graph (repeatable)",
+    )
     verbs["demo"] = cmd_demo
 
     p = sub.add_parser("graph", help="print the node graph: processes, nodes, parameter files")

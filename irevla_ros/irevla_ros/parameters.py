@@ -13,7 +13,9 @@ SIM_CELL = (
     ParamSpec("image_width", 128, "rendered image width (pixels)", min=16, max=1920),
     ParamSpec("image_height", 128, "rendered image height (pixels)", min=16, max=1080),
     ParamSpec("cameras", ["corner", "gripperPOV"], "MuJoCo cameras the cell may render (validated at start)"),
-    ParamSpec("camera_nodes", ["camera"], "camera nodes hosted in this process (set by the graph description)"),
+    ParamSpec(
+        "camera_nodes", ["camera"], "camera nodes hosted in this process (set by the graph description)"
+    ),
     ParamSpec(
         "control_period", 0.1, "simulated seconds per control period (one arm command)", min=0.0125, max=1.0
     ),

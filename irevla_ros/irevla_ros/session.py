@@ -147,9 +147,8 @@ class Session:
             self.state is SessionState.AWAITING_LABEL
             and self.last is not None
             and self.last.ended is not None
-        ):
-            if now - self.last.ended >= self.config.label_wait:
-                return self._after_episode(now)
+        ) and now - self.last.ended >= self.config.label_wait:
+            return self._after_episode(now)
         return []
 
     def operator_label(self, now: float, outcome: str) -> list[SessionEvent]:

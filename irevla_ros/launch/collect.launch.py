@@ -46,7 +46,9 @@ def generate_launch_description():
         [
             DeclareLaunchArgument("hardware", default_value="sim", description="sim or robot"),
             DeclareLaunchArgument(
-                "cameras", default_value=",".join(DEFAULT_CAMERAS), description="camera nodes, comma-separated"
+                "cameras",
+                default_value=",".join(DEFAULT_CAMERAS),
+                description="camera nodes, comma-separated",
             ),
             OpaqueFunction(function=_nodes),
         ]

@@ -23,7 +23,9 @@ os.environ.setdefault("MUJOCO_GL", "osmesa")
 os.environ.setdefault("PYOPENGL_PLATFORM", "osmesa")
 os.environ.setdefault("ROS_LOG_DIR", str(Path(tempfile.gettempdir()) / "irevla-test-roslog"))
 if sys.prefix not in os.environ.get("AMENT_PREFIX_PATH", "").split(":"):
-    os.environ["AMENT_PREFIX_PATH"] = ":".join(p for p in (sys.prefix, os.environ.get("AMENT_PREFIX_PATH")) if p)
+    os.environ["AMENT_PREFIX_PATH"] = ":".join(
+        p for p in (sys.prefix, os.environ.get("AMENT_PREFIX_PATH")) if p
+    )
 
 _LOCK_DIR = Path(tempfile.gettempdir()) / "irevla-ros-domain-locks"
 # Fast DDS maps domain d to UDP ports 7400 + 250 d (+ offsets): ids above 232 overflow the port range.
@@ -70,9 +72,7 @@ def ros_context(ros_domain: int) -> Iterator[object]:
         context.try_shutdown()
 
 
-def spin_until(
-    executor: object, predicate: Callable[[], bool], timeout: float, period: float = 0.05
-) -> bool:
+def spin_until(executor: object, predicate: Callable[[], bool], timeout: float, period: float = 0.05) -> bool:
     """Spin `executor` until `predicate()` holds or `timeout` (wall seconds) passes; returns the predicate."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -93,7 +93,9 @@ class ChildProcess:
     def __init__(self, cmd: list[str], log: Path, env: dict[str, str] | None = None) -> None:
         self.log = log
         self._out = open(log, "wb")  # noqa: SIM115 (closed in stop)
-        self.popen = subprocess.Popen(cmd, stdout=self._out, stderr=subprocess.STDOUT, env=env or dict(os.environ))
+        self.popen = subprocess.Popen(
+            cmd, stdout=self._out, stderr=subprocess.STDOUT, env=env or dict(os.environ)
+        )
 
     def output(self) -> str:
         if not self._out.closed:

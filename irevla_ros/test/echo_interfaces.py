@@ -15,8 +15,15 @@ from irevla_interfaces.action import RunIteration
 from irevla_interfaces.srv import ResetEpisode, SelectPolicyVersion
 from irevla_ros.nodes.common import RELIABLE_QOS
 
-MESSAGE_TYPES = [msg.StepRecord, msg.EpisodeEvent, msg.EpisodeStored, msg.PolicyVersion, msg.TrainerStatus,
-                 msg.SessionStatus, msg.Metric]
+MESSAGE_TYPES = [
+    msg.StepRecord,
+    msg.EpisodeEvent,
+    msg.EpisodeStored,
+    msg.PolicyVersion,
+    msg.TrainerStatus,
+    msg.SessionStatus,
+    msg.Metric,
+]
 
 
 class Echo(Node):
@@ -26,7 +33,9 @@ class Echo(Node):
         for cls in MESSAGE_TYPES:
             name = cls.__name__
             self._pubs[name] = self.create_publisher(cls, f"/echo_out/{name}", RELIABLE_QOS)
-            self.create_subscription(cls, f"/echo_in/{name}", lambda m, n=name: self._pubs[n].publish(m), RELIABLE_QOS)
+            self.create_subscription(
+                cls, f"/echo_in/{name}", lambda m, n=name: self._pubs[n].publish(m), RELIABLE_QOS
+            )
         self.create_service(SelectPolicyVersion, "/echo/select_policy_version", self._select)
         self.create_service(ResetEpisode, "/echo/reset_episode", self._reset)
         ActionServer(self, RunIteration, "/echo/run_iteration", self._run_iteration)
@@ -47,8 +56,12 @@ class Echo(Node):
         for i in range(3):
             goal_handle.publish_feedback(RunIteration.Feedback(stage="stage2", progress=(i + 1) / 3.0))
         goal_handle.succeed()
-        return RunIteration.Result(success=True, new_version=f"v-{goal_handle.request.reason}", promoted=True,
-                                   metrics=[msg.Metric(name="loss", value=0.5)])
+        return RunIteration.Result(
+            success=True,
+            new_version=f"v-{goal_handle.request.reason}",
+            promoted=True,
+            metrics=[msg.Metric(name="loss", value=0.5)],
+        )
 
 
 def main() -> None:

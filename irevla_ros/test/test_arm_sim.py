@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+
 from irevla_ros.hardware.arm import KNOWN_KINDS, ArmConnectionError, UnknownArmError, make_arm
 from irevla_ros.hardware.arm.sim import SimArm, opening_to_metaworld_gripper
 from irevla_ros.safety import SafetyLayer, SafetyLimits, policy_gripper_to_opening

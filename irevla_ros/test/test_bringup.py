@@ -19,8 +19,17 @@ IREVLA = shutil.which("irevla") or str(Path(sys.executable).parent / "irevla")
 def test_bringup_starts_every_node_and_stops_cleanly_on_sigint(ros_context, child, spin, tmp_path):
     cameras = ("camera", "wrist_camera")
     expected = {n.fully_qualified_name for n in collect_graph("sim", cameras).nodes()}
-    bringup = child([IREVLA, "bringup", "--cameras", ",".join(cameras),
-                     "--set", f"/trainer.store_path={tmp_path / 'store'}"], name="bringup")
+    bringup = child(
+        [
+            IREVLA,
+            "bringup",
+            "--cameras",
+            ",".join(cameras),
+            "--set",
+            f"/trainer.store_path={tmp_path / 'store'}",
+        ],
+        name="bringup",
+    )
     observer = Node("bringup_observer", context=ros_context)
     executor = SingleThreadedExecutor(context=ros_context)
     executor.add_node(observer)
@@ -37,8 +46,15 @@ def test_bringup_starts_every_node_and_stops_cleanly_on_sigint(ros_context, chil
 
 
 def test_a_node_stops_cleanly_on_sigterm(child, tmp_path):
-    trainer = child([shutil.which("trainer_node") or "trainer_node", "--ros-args",
-                     "-p", f"store_path:={tmp_path / 'store'}"], name="trainer")
+    trainer = child(
+        [
+            shutil.which("trainer_node") or "trainer_node",
+            "--ros-args",
+            "-p",
+            f"store_path:={tmp_path / 'store'}",
+        ],
+        name="trainer",
+    )
     import time
 
     deadline = time.monotonic() + 30

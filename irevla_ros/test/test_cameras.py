@@ -9,6 +9,7 @@ import time
 import cv2
 import numpy as np
 import pytest
+
 from irevla_ros.hardware.camera import (
     CAMERA_KINDS,
     CameraError,

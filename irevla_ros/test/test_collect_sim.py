@@ -40,13 +40,15 @@ def test_three_episodes_are_stored_exactly_as_published(ros_context, sim_graph, 
 
     node.create_subscription(StepRecord, topics.STEP_RECORDS, on_step, RELIABLE_QOS)
     node.create_subscription(EpisodeEvent, topics.EPISODE_EVENTS, on_event, RELIABLE_QOS)
-    node.create_subscription(EpisodeStored, topics.EPISODE_STORED, lambda m: acks.__setitem__(m.episode_id, m),
-                             RELIABLE_QOS)
+    node.create_subscription(
+        EpisodeStored, topics.EPISODE_STORED, lambda m: acks.__setitem__(m.episode_id, m), RELIABLE_QOS
+    )
     executor = SingleThreadedExecutor(context=ros_context)
     executor.add_node(node)
     # The observer subscribes before the graph starts, so it sees every record from the first one.
-    runner = sim_graph("/episode_manager.num_episodes=3", "/episode_manager.episode_timeout=12.0",
-                       "/policy.action_noise=0.1")
+    runner = sim_graph(
+        "/episode_manager.num_episodes=3", "/episode_manager.episode_timeout=12.0", "/policy.action_noise=0.1"
+    )
     finished = spin(executor, lambda: len(acks) >= 3 or runner.poll() is not None, timeout=240)
     logs = "\n".join(p.read_text()[-3000:] for p in (tmp_path / "logs").glob("*.log"))
     assert finished and len(acks) >= 3, logs
@@ -69,7 +71,9 @@ def test_three_episodes_are_stored_exactly_as_published(ros_context, sim_graph, 
         for step in record.steps:
             sent = published[(episode_id, step.step_index)]
             np.testing.assert_array_equal(step.action, np.asarray(sent.action, dtype=np.float32))
-            np.testing.assert_array_equal(step.proprioception, np.asarray(sent.proprioception, dtype=np.float32))
+            np.testing.assert_array_equal(
+                step.proprioception, np.asarray(sent.proprioception, dtype=np.float32)
+            )
             assert step.hold == sent.hold and step.policy_version == sent.policy_version
             assert step.stamp_ns == time_to_ns(sent.header.stamp)
             assert (step.log_prob is None) == (not sent.has_log_prob)

@@ -22,15 +22,21 @@ from irevla_ros.nodes.episode_manager_node import EpisodeManagerNode
 def test_session_over_ros(ros_context, spin):
     manager = EpisodeManagerNode(
         context=ros_context,
-        parameter_overrides=[Parameter("tasks", value=["button-press-v3", "door-open-v3"]),
-                             Parameter("episode_timeout", value=30.0)],
+        parameter_overrides=[
+            Parameter("tasks", value=["button-press-v3", "door-open-v3"]),
+            Parameter("episode_timeout", value=30.0),
+        ],
     )
     peer = Node("cell_and_operator", context=ros_context)
     resets: list[str] = []
 
     def reset(request: ResetEpisode.Request, response: ResetEpisode.Response) -> ResetEpisode.Response:
         resets.append(request.task)
-        response.success, response.task, response.instruction = True, request.task, f"instruction {len(resets)}"
+        response.success, response.task, response.instruction = (
+            True,
+            request.task,
+            f"instruction {len(resets)}",
+        )
         return response
 
     peer.create_service(ResetEpisode, topics.SIM_RESET, reset)
@@ -65,15 +71,20 @@ def test_session_over_ros(ros_context, spin):
     assert spin(executor, lambda: len(ends()) == 1, timeout=10)
     end = ends()[0]
     assert end.episode_id == first.episode_id
-    assert (end.outcome, end.label_source) == (EpisodeEvent.OUTCOME_FAILURE, EpisodeEvent.LABEL_SOURCE_OPERATOR)
+    assert (end.outcome, end.label_source) == (
+        EpisodeEvent.OUTCOME_FAILURE,
+        EpisodeEvent.LABEL_SOURCE_OPERATOR,
+    )
     assert spin(executor, lambda: len(starts()) == 2, timeout=10)
     assert resets[-1] == "door-open-v3"
 
     # The simulator's success signal ends the second one automatically...
     success_pub.publish(Bool(data=True))
     assert spin(executor, lambda: len(ends()) == 2, timeout=10)
-    assert (ends()[1].outcome, ends()[1].label_source) == (EpisodeEvent.OUTCOME_SUCCESS,
-                                                           EpisodeEvent.LABEL_SOURCE_SIMULATOR)
+    assert (ends()[1].outcome, ends()[1].label_source) == (
+        EpisodeEvent.OUTCOME_SUCCESS,
+        EpisodeEvent.LABEL_SOURCE_SIMULATOR,
+    )
     # An operator label given afterwards (the service) replaces the automatic label of the last episode.
     assert spin(executor, label_success.service_is_ready, timeout=10)
     future = label_success.call_async(Trigger.Request())

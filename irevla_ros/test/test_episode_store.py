@@ -14,6 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from mcap.reader import make_reader
+from mcap_ros2.decoder import DecoderFactory
+
 from irevla_ros.store import episode_store as es
 from irevla_ros.store.episode_store import (
     CorruptEpisodeError,
@@ -26,8 +29,6 @@ from irevla_ros.store.episode_store import (
     UnknownEpisodeError,
 )
 from irevla_ros.store.records import AssembledEpisode, EpisodeMeta, InvalidRecordError, StepData
-from mcap.reader import make_reader
-from mcap_ros2.decoder import DecoderFactory
 
 T0 = 1_700_000_000_000_000_000  # 2023-11-14 UTC
 CAMERAS = ("front", "wrist")

@@ -34,7 +34,11 @@ def test_every_schema_is_used_by_a_node_of_the_graph():
 
 def test_launch_file_holds_no_node_list_of_its_own():
     source = (launch_dir() / "collect.launch.py").read_text()
-    strings = {n.value for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+    strings = {
+        n.value
+        for n in ast.walk(ast.parse(source))
+        if isinstance(n, ast.Constant) and isinstance(n.value, str)
+    }
     assert not strings & set(NODE_EXECUTABLES), "launch file names executables itself"
     assert "collect_graph" in source
 
@@ -57,7 +61,9 @@ def test_out_of_range_value_names_file_and_key(tmp_path):
     config = _config_copy(tmp_path)
     path = config / "arm_controller.yaml"
     path.write_text(path.read_text().replace("max_step: 0.01", "max_step: 5.0"))
-    with pytest.raises(ConfigError, match=r"arm_controller\.yaml: /arm_controller\.ros__parameters\.max_step: 5\.0 is above"):
+    with pytest.raises(
+        ConfigError, match=r"arm_controller\.yaml: /arm_controller\.ros__parameters\.max_step: 5\.0 is above"
+    ):
         validate_graph(collect_graph("sim"), config)
 
 
@@ -65,7 +71,9 @@ def test_unknown_key_names_file_and_key(tmp_path):
     config = _config_copy(tmp_path)
     path = config / "policy.yaml"
     path.write_text(path.read_text().replace("action_noise:", "action_nosie:"))
-    with pytest.raises(ConfigError, match=r"policy\.yaml: /policy\.ros__parameters\.action_nosie: unknown parameter"):
+    with pytest.raises(
+        ConfigError, match=r"policy\.yaml: /policy\.ros__parameters\.action_nosie: unknown parameter"
+    ):
         validate_graph(collect_graph("sim"), config)
 
 
@@ -87,14 +95,21 @@ def test_wrong_type_and_bad_choice_and_unknown_node(tmp_path):
     config = _config_copy(tmp_path)
     path = config / "camera.yaml"
     path.write_text(path.read_text().replace("fps: 10.0", "fps: fast"))
-    with pytest.raises(ConfigError, match=r"camera\.yaml: /camera/camera\.ros__parameters\.fps: expected double"):
+    with pytest.raises(
+        ConfigError, match=r"camera\.yaml: /camera/camera\.ros__parameters\.fps: expected double"
+    ):
         validate_graph(collect_graph("sim"), config)
     path.write_text(path.read_text().replace("fps: fast", "fps: 10.0"))
     sim = config / "sim.yaml"
     sim.write_text(sim.read_text().replace("backend: sim\n/arm", "backend: kinect\n/arm"))
-    with pytest.raises(ConfigError, match=r"sim\.yaml: /camera/camera\.ros__parameters\.backend: 'kinect' is not one of"):
+    with pytest.raises(
+        ConfigError, match=r"sim\.yaml: /camera/camera\.ros__parameters\.backend: 'kinect' is not one of"
+    ):
         validate_graph(collect_graph("sim"), config)
-    sim.write_text(sim.read_text().replace("backend: kinect", "backend: sim") + "/polcy:\n  ros__parameters:\n    seed: 1\n")
+    sim.write_text(
+        sim.read_text().replace("backend: kinect", "backend: sim")
+        + "/polcy:\n  ros__parameters:\n    seed: 1\n"
+    )
     with pytest.raises(ConfigError, match=r"sim\.yaml: /polcy: no node of graph"):
         validate_graph(collect_graph("sim"), config)
 
@@ -103,7 +118,10 @@ def test_cli_set_override_is_validated(capsys):
     assert main(["check-config", "--set", "/policy.action_noise=0.3"]) == 0
     assert "action_noise: 0.3" in capsys.readouterr().out
     assert main(["check-config", "--set", "/policy.control_rate=-1"]) == 2
-    assert "overrides.yaml: /policy.ros__parameters.control_rate: -1.0 is below the minimum" in capsys.readouterr().err
+    assert (
+        "overrides.yaml: /policy.ros__parameters.control_rate: -1.0 is below the minimum"
+        in capsys.readouterr().err
+    )
 
 
 def test_every_verb_has_help(capsys):

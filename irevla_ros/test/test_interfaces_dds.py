@@ -22,34 +22,82 @@ def populated_messages() -> dict[str, object]:
     stamp = to_time_msg(12.345)
     image = np.arange(24 * 32 * 3, dtype=np.uint8).reshape(24, 32, 3)
     step = msg.StepRecord(
-        episode_id="ep-1", step_index=7, camera_names=["corner", "wrist"],
+        episode_id="ep-1",
+        step_index=7,
+        camera_names=["corner", "wrist"],
         images=[image_to_msg(image, stamp, "cam"), image_to_msg(image[::-1].copy(), stamp, "wrist")],
-        image_stamps=[stamp, stamp], proprioception=[0.1, 0.2, 0.3, 1.0],
-        proprioception_names=["x", "y", "z", "gripper"], instruction="press the button",
-        action=[0.5, -0.5, 0.25, 1.0], has_log_prob=True, log_prob=-1.5, has_value=True, value=0.75,
-        policy_version="v3", intervention=True, hold=False,
+        image_stamps=[stamp, stamp],
+        proprioception=[0.1, 0.2, 0.3, 1.0],
+        proprioception_names=["x", "y", "z", "gripper"],
+        instruction="press the button",
+        action=[0.5, -0.5, 0.25, 1.0],
+        has_log_prob=True,
+        log_prob=-1.5,
+        has_value=True,
+        value=0.75,
+        policy_version="v3",
+        intervention=True,
+        hold=False,
     )
     step.header.stamp = stamp
     return {
         "StepRecord": step,
-        "EpisodeEvent": msg.EpisodeEvent(type=msg.EpisodeEvent.END, episode_id="ep-1",
-                                         outcome=msg.EpisodeEvent.OUTCOME_SUCCESS,
-                                         label_source=msg.EpisodeEvent.LABEL_SOURCE_OPERATOR, task="button-press-v3",
-                                         instruction="press the button", policy_version="v3", source="policy",
-                                         num_steps=42, note="pressed A"),
-        "EpisodeStored": msg.EpisodeStored(episode_id="ep-1", complete=True, num_steps=42, outcome=1,
-                                           path="/data/ep-1.mcap", sha256="ab" * 32),
-        "PolicyVersion": msg.PolicyVersion(version_id="v4", parent_version="v3", location="models/v4",
-                                           sha256="cd" * 32, stage="stage2_sft", heads_only=False,
-                                           metrics=[msg.Metric(name="success_rate", value=0.8)]),
-        "TrainerStatus": msg.TrainerStatus(state=msg.TrainerStatus.COLLECTING, iteration=2, stage="stage1_rl",
-                                           progress=0.5, episodes_stored=10, episodes_incomplete=1,
-                                           episodes_pending=2, active_version="v4", store_path="/data",
-                                           metrics=[msg.Metric(name="loss", value=0.1)], message="ok"),
-        "SessionStatus": msg.SessionStatus(state=msg.SessionStatus.RUNNING, episode_id="ep-2", episode_index=3,
-                                           step=5, episodes_done=2, successes=1, success_rate=0.5,
-                                           task="drawer-open-v3", instruction="open the drawer",
-                                           policy_version="v4", last_outcome=2, message="running"),
+        "EpisodeEvent": msg.EpisodeEvent(
+            type=msg.EpisodeEvent.END,
+            episode_id="ep-1",
+            outcome=msg.EpisodeEvent.OUTCOME_SUCCESS,
+            label_source=msg.EpisodeEvent.LABEL_SOURCE_OPERATOR,
+            task="button-press-v3",
+            instruction="press the button",
+            policy_version="v3",
+            source="policy",
+            num_steps=42,
+            note="pressed A",
+        ),
+        "EpisodeStored": msg.EpisodeStored(
+            episode_id="ep-1",
+            complete=True,
+            num_steps=42,
+            outcome=1,
+            path="/data/ep-1.mcap",
+            sha256="ab" * 32,
+        ),
+        "PolicyVersion": msg.PolicyVersion(
+            version_id="v4",
+            parent_version="v3",
+            location="models/v4",
+            sha256="cd" * 32,
+            stage="stage2_sft",
+            heads_only=False,
+            metrics=[msg.Metric(name="success_rate", value=0.8)],
+        ),
+        "TrainerStatus": msg.TrainerStatus(
+            state=msg.TrainerStatus.COLLECTING,
+            iteration=2,
+            stage="stage1_rl",
+            progress=0.5,
+            episodes_stored=10,
+            episodes_incomplete=1,
+            episodes_pending=2,
+            active_version="v4",
+            store_path="/data",
+            metrics=[msg.Metric(name="loss", value=0.1)],
+            message="ok",
+        ),
+        "SessionStatus": msg.SessionStatus(
+            state=msg.SessionStatus.RUNNING,
+            episode_id="ep-2",
+            episode_index=3,
+            step=5,
+            episodes_done=2,
+            successes=1,
+            success_rate=0.5,
+            task="drawer-open-v3",
+            instruction="open the drawer",
+            policy_version="v4",
+            last_outcome=2,
+            message="running",
+        ),
         "Metric": msg.Metric(name="x", value=3.5),
     }
 
@@ -65,11 +113,14 @@ def test_every_custom_type_round_trips_between_processes(ros_context, child, spi
     for name, message in sent.items():
         cls = type(message)
         pubs[name] = node.create_publisher(cls, f"/echo_in/{name}", RELIABLE_QOS)
-        node.create_subscription(cls, f"/echo_out/{name}", lambda m, n=name: received.__setitem__(n, m), RELIABLE_QOS)
+        node.create_subscription(
+            cls, f"/echo_out/{name}", lambda m, n=name: received.__setitem__(n, m), RELIABLE_QOS
+        )
 
     def all_matched() -> bool:
         return all(p.get_subscription_count() > 0 for p in pubs.values()) and all(
-            node.count_publishers(f"/echo_out/{n}") > 0 for n in sent)
+            node.count_publishers(f"/echo_out/{n}") > 0 for n in sent
+        )
 
     assert spin(executor, all_matched, timeout=30), echo.output()
     for name, message in sent.items():
@@ -78,7 +129,10 @@ def test_every_custom_type_round_trips_between_processes(ros_context, child, spi
     for name, message in sent.items():
         assert received[name] == message, name
     image = msg_to_image(received["StepRecord"].images[1])
-    assert image.shape == (24, 32, 3) and image[0, 0, 0] == np.arange(24 * 32 * 3, dtype=np.uint8).reshape(24, 32, 3)[-1, 0, 0]
+    assert (
+        image.shape == (24, 32, 3)
+        and image[0, 0, 0] == np.arange(24 * 32 * 3, dtype=np.uint8).reshape(24, 32, 3)[-1, 0, 0]
+    )
 
     select = node.create_client(SelectPolicyVersion, "/echo/select_policy_version")
     reset = node.create_client(ResetEpisode, "/echo/reset_episode")
@@ -92,8 +146,10 @@ def test_every_custom_type_round_trips_between_processes(ros_context, child, spi
     action = ActionClient(node, RunIteration, "/echo/run_iteration")
     assert spin(executor, action.server_is_ready, timeout=15)
     feedback: list[float] = []
-    goal_future = action.send_goal_async(RunIteration.Goal(reason="operator", announce=True),
-                                         feedback_callback=lambda f: feedback.append(f.feedback.progress))
+    goal_future = action.send_goal_async(
+        RunIteration.Goal(reason="operator", announce=True),
+        feedback_callback=lambda f: feedback.append(f.feedback.progress),
+    )
     assert spin(executor, goal_future.done, timeout=15)
     result_future = goal_future.result().get_result_async()
     assert spin(executor, result_future.done, timeout=15)

@@ -11,6 +11,7 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+
 from irevla_ros.safety import (
     CommandStatus,
     SafetyConfigError,

@@ -54,7 +54,9 @@ def test_operator_label_overrides_automatic_one_after_the_end():
     [end] = session.tick(1.0, sim_success=True)  # waits for an operator label
     assert end.outcome == "success" and session.state is SessionState.AWAITING_LABEL
     events = session.operator_label(1.5, "failure")
-    assert events[0].type == "label" and events[0].outcome == "failure" and events[0].label_source == "operator"
+    assert (
+        events[0].type == "label" and events[0].outcome == "failure" and events[0].label_source == "operator"
+    )
     assert session.counters.successes == 0 and session.counters.done == 1
     assert session.wants_reset  # the label closed the waiting period
 

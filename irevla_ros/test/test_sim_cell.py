@@ -6,6 +6,7 @@ import threading
 
 import numpy as np
 import pytest
+
 from irevla_ros.sim.cell import DEFAULT_TASKS, InvalidActionError, MetaWorldCell
 
 pytestmark = pytest.mark.filterwarnings("ignore:Constant\\(s\\) may be too high:UserWarning")

@@ -7,7 +7,6 @@ episodes, successes, steps, missed_ticks, lost_steps, store.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import threading
@@ -30,7 +29,9 @@ class SessionMonitor:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def start_monitor(monitor: SessionMonitor, on_stored: object = None) -> tuple[object, object, threading.Thread]:
+def start_monitor(
+    monitor: SessionMonitor, on_stored: object = None
+) -> tuple[object, object, threading.Thread]:
     import rclpy
     from diagnostic_msgs.msg import DiagnosticArray
     from rclpy.context import Context
@@ -102,12 +103,20 @@ def run_demo(
 
     def progress(msg: object) -> None:
         outcome = {0: "unknown", 1: "success", 2: "failure", 3: "timeout", 4: "aborted"}.get(msg.outcome, "?")  # type: ignore[attr-defined]
-        print(f"[demo] {len(monitor.stored)}/{episodes} episodes stored: {msg.episode_id} {outcome}, "  # type: ignore[attr-defined]
-              f"{msg.num_steps} steps ({time.monotonic() - started:.0f} s)", file=sys.stderr, flush=True)  # type: ignore[attr-defined]
+        print(
+            f"[demo] {len(monitor.stored)}/{episodes} episodes stored: {msg.episode_id} {outcome}, "  # type: ignore[attr-defined]
+            f"{msg.num_steps} steps ({time.monotonic() - started:.0f} s)",
+            file=sys.stderr,
+            flush=True,
+        )  # type: ignore[attr-defined]
 
-    context, node, thread = start_monitor(monitor, progress)
-    print(f"[demo] {episodes} episodes of the scripted expert (noise {noise}) in the simulated cell; "
-          f"store {store}; logs {run_dir / 'logs'}", file=sys.stderr, flush=True)
+    context, _node, thread = start_monitor(monitor, progress)
+    print(
+        f"[demo] {episodes} episodes of the scripted expert (noise {noise}) in the simulated cell; "
+        f"store {store}; logs {run_dir / 'logs'}",
+        file=sys.stderr,
+        flush=True,
+    )
     runner = GraphRunner(collect_graph("sim", cameras), settings, log_dir=run_dir / "logs")
     failed = None
     try:
@@ -122,11 +131,15 @@ def run_demo(
         context.try_shutdown()  # type: ignore[attr-defined]
         thread.join(timeout=2.0)
     if failed is not None:
-        raise RuntimeError(f"{failed.executable} exited with {failed.popen.returncode}; see {run_dir / 'logs'}")
+        raise RuntimeError(
+            f"{failed.executable} exited with {failed.popen.returncode}; see {run_dir / 'logs'}"
+        )
     return summarise(store, monitor, codes)
 
 
-def summarise(store_path: Path, monitor: SessionMonitor, codes: dict[str, int] | None = None) -> dict[str, object]:
+def summarise(
+    store_path: Path, monitor: SessionMonitor, codes: dict[str, int] | None = None
+) -> dict[str, object]:
     from irevla_ros.store.episode_store import EpisodeStore
 
     with EpisodeStore(store_path, read_only=True) as store:

@@ -7,6 +7,7 @@ If one process dies, the others are stopped too, and the exit code says so.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import shutil
@@ -32,10 +33,8 @@ _PR_SET_PDEATHSIG = 1
 
 def _die_with_parent() -> None:
     # A child must not outlive a launcher that was SIGKILLed (no orphaned arm controllers).
-    try:
+    with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
 
 
 @dataclass

@@ -63,7 +63,10 @@ class ArmControllerNode(Node):
             # The backend's own speed cap equals the safety layer's: franky's motion generator must not overshoot
             # a streamed target faster than the layer allowed.
             self.backend = make_arm(
-                kind, host=p["franky_host"], dynamics_factor=p["franky_dynamics_factor"], max_speed=p["max_speed"]
+                kind,
+                host=p["franky_host"],
+                dynamics_factor=p["franky_dynamics_factor"],
+                max_speed=p["max_speed"],
             )
         else:
             self.backend = backend_factory(p)

@@ -77,7 +77,7 @@ class CameraNode(Node):
         # Simulated cameras stamp with simulation time (= ROS time under use_sim_time); hardware frames are
         # stamped on arrival with the node clock, the time base every other node compares against.
         if self.params["backend"] == "sim":
-            return Time(nanoseconds=int(round(frame_stamp * 1e9)), clock_type=self.get_clock().clock_type)
+            return Time(nanoseconds=round(frame_stamp * 1e9), clock_type=self.get_clock().clock_type)
         return self.get_clock().now()
 
     def _camera_info(

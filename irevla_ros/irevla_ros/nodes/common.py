@@ -73,7 +73,7 @@ def declare_parameters(node: Node, specs: Sequence[ParamSpec]) -> dict[str, Para
 
 def to_time_msg(seconds: float) -> TimeMsg:
     sec = int(np.floor(seconds))
-    return TimeMsg(sec=sec, nanosec=int(round((seconds - sec) * 1e9)) % 1_000_000_000)
+    return TimeMsg(sec=sec, nanosec=round((seconds - sec) * 1e9) % 1_000_000_000)
 
 
 def time_to_ns(stamp: TimeMsg) -> int:

@@ -109,7 +109,9 @@ class SimCellNode(Node):
     def camera_backend(self, camera: str) -> RenderedCamera:
         """The `sim` camera backend for MuJoCo camera `camera`; it is rendered after every period from now on."""
         if camera not in self.cell.cameras:
-            raise ValueError(f"sim camera {camera!r} is not one of the cell's cameras {list(self.cell.cameras)}")
+            raise ValueError(
+                f"sim camera {camera!r} is not one of the cell's cameras {list(self.cell.cameras)}"
+            )
         with self.cell.lock:
             if camera not in self.cameras:
                 renderer = SimCamera(self.cell, camera, skip_unchanged=False)
@@ -130,7 +132,9 @@ class SimCellNode(Node):
                 response.task, response.instruction = self.cell.task, self.cell.instruction
                 # The reset's own physics time (Meta-World homes the hand) passes on the clock too, in whole
                 # periods; the new scene is rendered and published at once, so no node acts on a pre-reset frame.
-                self.clock_ns += self.period_ns * math.ceil((self.cell.sim_time - before) / self.period - 1e-6)
+                self.clock_ns += self.period_ns * math.ceil(
+                    (self.cell.sim_time - before) / self.period - 1e-6
+                )
                 self._publish_period()
         except ValueError as exc:
             response.success, response.message = False, str(exc)
@@ -161,7 +165,9 @@ class SimCellNode(Node):
                 while self.cell.sim_time < t0 + self.period - 1e-9:
                     self.cell.apply_action(np.array([0.0, 0.0, 0.0, np.clip(gripper, -1, 1)]))
             if rtf > 0:
-                ahead = (self.clock_ns * 1e-9 + self.period - sim_start) / rtf - (time.monotonic() - wall_start)
+                ahead = (self.clock_ns * 1e-9 + self.period - sim_start) / rtf - (
+                    time.monotonic() - wall_start
+                )
                 if ahead > 0:
                     time.sleep(ahead)
             with self.cell.lock:  # one clock: a concurrent reset also advances and publishes it
@@ -205,7 +211,9 @@ def make_sim_nodes(context: object) -> list[Node]:
         )
         for name in cell_node.params["camera_nodes"]  # type: ignore[union-attr]
     ]
-    arm = ArmControllerNode(backend_factory=lambda params: make_arm("sim", cell=cell_node.cell), context=context)
+    arm = ArmControllerNode(
+        backend_factory=lambda params: make_arm("sim", cell=cell_node.cell), context=context
+    )
     cell_node.start()
     # Closed in this order: the arm and the cameras stop touching the cell before it shuts down.
     return [arm, *cameras, cell_node]

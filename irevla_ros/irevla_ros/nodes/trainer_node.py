@@ -34,11 +34,19 @@ from irevla_ros.parameters import TRAINER
 from irevla_ros.store.episode_store import EpisodeAssembler, EpisodeStore
 from irevla_ros.store.records import AssembledEpisode, EpisodeMeta, InvalidRecordError, StepData
 
-OUTCOME_NAMES = {EpisodeEvent.OUTCOME_NONE: "unknown", EpisodeEvent.OUTCOME_SUCCESS: "success",
-                 EpisodeEvent.OUTCOME_FAILURE: "failure", EpisodeEvent.OUTCOME_TIMEOUT: "timeout",
-                 EpisodeEvent.OUTCOME_ABORTED: "aborted"}
-SOURCE_NAMES = {EpisodeEvent.LABEL_SOURCE_NONE: "none", EpisodeEvent.LABEL_SOURCE_OPERATOR: "operator",
-                EpisodeEvent.LABEL_SOURCE_SIMULATOR: "simulator", EpisodeEvent.LABEL_SOURCE_CLASSIFIER: "classifier"}
+OUTCOME_NAMES = {
+    EpisodeEvent.OUTCOME_NONE: "unknown",
+    EpisodeEvent.OUTCOME_SUCCESS: "success",
+    EpisodeEvent.OUTCOME_FAILURE: "failure",
+    EpisodeEvent.OUTCOME_TIMEOUT: "timeout",
+    EpisodeEvent.OUTCOME_ABORTED: "aborted",
+}
+SOURCE_NAMES = {
+    EpisodeEvent.LABEL_SOURCE_NONE: "none",
+    EpisodeEvent.LABEL_SOURCE_OPERATOR: "operator",
+    EpisodeEvent.LABEL_SOURCE_SIMULATOR: "simulator",
+    EpisodeEvent.LABEL_SOURCE_CLASSIFIER: "classifier",
+}
 OUTCOME_CODES = {name: code for code, name in OUTCOME_NAMES.items()}
 FINALISE_GRACE_S = 3.0  # wall seconds to wait for in-flight step records after STEPS_DONE
 
@@ -55,7 +63,8 @@ class Closing:
 def step_from_msg(msg: StepRecord) -> StepData:
     if len(msg.images) != len(msg.camera_names) or len(msg.image_stamps) != len(msg.camera_names):
         raise InvalidRecordError(
-            f"{len(msg.images)} images, {len(msg.camera_names)} camera names, {len(msg.image_stamps)} stamps")
+            f"{len(msg.images)} images, {len(msg.camera_names)} camera names, {len(msg.image_stamps)} stamps"
+        )
     if len(msg.proprioception) != len(msg.proprioception_names) and len(msg.proprioception) != 0:
         raise InvalidRecordError("proprioception and its names differ in length")
     try:
@@ -102,9 +111,12 @@ class TrainerNode(Node):
         self.stored = 0
         self.incomplete = 0
         group = MutuallyExclusiveCallbackGroup()
-        self.create_subscription(StepRecord, topics.STEP_RECORDS, self._on_step, RELIABLE_QOS, callback_group=group)
-        self.create_subscription(EpisodeEvent, topics.EPISODE_EVENTS, self._on_event, RELIABLE_QOS,
-                                 callback_group=group)
+        self.create_subscription(
+            StepRecord, topics.STEP_RECORDS, self._on_step, RELIABLE_QOS, callback_group=group
+        )
+        self.create_subscription(
+            EpisodeEvent, topics.EPISODE_EVENTS, self._on_event, RELIABLE_QOS, callback_group=group
+        )
         self._stored_pub = self.create_publisher(EpisodeStored, topics.EPISODE_STORED, RELIABLE_QOS)
         self._status_pub = self.create_publisher(TrainerStatus, topics.TRAINER_STATUS, LATCHED_QOS)
         # Wall-clock timers: storing must go on while the simulated clock is paused.
@@ -120,23 +132,33 @@ class TrainerNode(Node):
         try:
             step = step_from_msg(msg)
             with self._lock:
-                if step.episode_id not in self.assembler.open_episode_ids() and not self._closing.get(step.episode_id):
+                if step.episode_id not in self.assembler.open_episode_ids() and not self._closing.get(
+                    step.episode_id
+                ):
                     self._early.setdefault(step.episode_id, []).append((time.monotonic(), step))
                     return
                 self.assembler.add_step(step)
         except ValueError as exc:  # unknown/late episode, malformed record: log it, keep going
             self.rejected_steps += 1
-            self.get_logger().error(f"step {msg.step_index} of episode {msg.episode_id!r} rejected: {exc}",
-                                    throttle_duration_sec=2.0)
+            self.get_logger().error(
+                f"step {msg.step_index} of episode {msg.episode_id!r} rejected: {exc}",
+                throttle_duration_sec=2.0,
+            )
 
     def _on_event(self, msg: EpisodeEvent) -> None:
         with self._lock:
             try:
                 if msg.type == EpisodeEvent.START:
-                    self.assembler.start(EpisodeMeta(
-                        episode_id=msg.episode_id, task=msg.task, instruction=msg.instruction,
-                        policy_version=msg.policy_version, source=msg.source or "policy",
-                        started_ns=time.time_ns()))
+                    self.assembler.start(
+                        EpisodeMeta(
+                            episode_id=msg.episode_id,
+                            task=msg.task,
+                            instruction=msg.instruction,
+                            policy_version=msg.policy_version,
+                            source=msg.source or "policy",
+                            started_ns=time.time_ns(),
+                        )
+                    )
                     for _, step in self._early.pop(msg.episode_id, []):
                         self.assembler.add_step(step)
                 elif msg.type == EpisodeEvent.END:
@@ -152,7 +174,10 @@ class TrainerNode(Node):
                 self.get_logger().error(f"episode event {msg.type} for {msg.episode_id!r} rejected: {exc}")
 
     def _label(self, msg: EpisodeEvent) -> None:
-        outcome, source = OUTCOME_NAMES.get(msg.outcome, "unknown"), SOURCE_NAMES.get(msg.label_source, "none")
+        outcome, source = (
+            OUTCOME_NAMES.get(msg.outcome, "unknown"),
+            SOURCE_NAMES.get(msg.label_source, "none"),
+        )
         pending = self._closing.get(msg.episode_id)
         if pending is not None:
             if source == "operator" or pending.label_source != "operator":
@@ -168,7 +193,8 @@ class TrainerNode(Node):
                     del self._early[episode_id]
                     self.rejected_steps += len(early)
                     self.get_logger().error(
-                        f"{len(early)} step(s) for episode {episode_id!r} rejected: it was never started")
+                        f"{len(early)} step(s) for episode {episode_id!r} rejected: it was never started"
+                    )
             open_ids = set(self.assembler.open_episode_ids())
             for episode_id, closing in list(self._closing.items()):
                 if closing.outcome is None or closing.num_steps is None or episode_id not in open_ids:
@@ -178,13 +204,15 @@ class TrainerNode(Node):
                     elif episode_id not in open_ids and time.monotonic() - closing.since > FINALISE_GRACE_S:
                         del self._closing[episode_id]  # no END will ever finalise it: do not keep it forever
                         self.get_logger().error(
-                            f"STEPS_DONE for unknown or already stored episode {episode_id!r} ignored")
+                            f"STEPS_DONE for unknown or already stored episode {episode_id!r} ignored"
+                        )
                     continue
                 received = self.assembler.received_steps(episode_id)
                 if received < closing.num_steps and time.monotonic() - closing.since < FINALISE_GRACE_S:
                     continue
-                assembled = self.assembler.end(episode_id, closing.outcome, closing.label_source,
-                                               closing.num_steps, closing.ended_ns)
+                assembled = self.assembler.end(
+                    episode_id, closing.outcome, closing.label_source, closing.num_steps, closing.ended_ns
+                )
                 del self._closing[episode_id]
                 self._writes.put(assembled)
 
@@ -200,24 +228,35 @@ class TrainerNode(Node):
                 continue
             self.stored += 1
             self.incomplete += 0 if stored.complete else 1
-            ack = EpisodeStored(episode_id=stored.episode_id, complete=stored.complete, num_steps=stored.num_steps,
-                                outcome=OUTCOME_CODES.get(stored.outcome, 0), path=str(self.store_path / stored.path),
-                                sha256=stored.sha256)
+            ack = EpisodeStored(
+                episode_id=stored.episode_id,
+                complete=stored.complete,
+                num_steps=stored.num_steps,
+                outcome=OUTCOME_CODES.get(stored.outcome, 0),
+                path=str(self.store_path / stored.path),
+                sha256=stored.sha256,
+            )
             if not self.context.ok():  # stored during shutdown: durable, but nobody left to tell
                 continue
             ack.header.stamp = self.get_clock().now().to_msg()
             self._stored_pub.publish(ack)
             note = "" if stored.complete else f" INCOMPLETE: {'; '.join(stored.reasons)}"
-            self.get_logger().info(f"stored {stored.episode_id} ({stored.num_steps} steps, {stored.outcome}){note}")
+            self.get_logger().info(
+                f"stored {stored.episode_id} ({stored.num_steps} steps, {stored.outcome}){note}"
+            )
 
     def _publish_status(self) -> None:
         stats = self.store.stats()
-        msg = TrainerStatus(state=TrainerStatus.COLLECTING, stage="collect", episodes_stored=stats.total,
-                            episodes_incomplete=stats.incomplete,
-                            episodes_pending=len(self.assembler.open_episode_ids()) + self._writes.qsize(),
-                            store_path=str(self.store_path),
-                            metrics=[Metric(name="rejected_steps", value=float(self.rejected_steps))]
-                            + [Metric(name=f"outcome_{k}", value=float(v)) for k, v in stats.by_outcome.items()])
+        msg = TrainerStatus(
+            state=TrainerStatus.COLLECTING,
+            stage="collect",
+            episodes_stored=stats.total,
+            episodes_incomplete=stats.incomplete,
+            episodes_pending=len(self.assembler.open_episode_ids()) + self._writes.qsize(),
+            store_path=str(self.store_path),
+            metrics=[Metric(name="rejected_steps", value=float(self.rejected_steps))]
+            + [Metric(name=f"outcome_{k}", value=float(v)) for k, v in stats.by_outcome.items()],
+        )
         msg.header.stamp = self.get_clock().now().to_msg()
         self._status_pub.publish(msg)
 

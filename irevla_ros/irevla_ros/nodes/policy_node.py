@@ -17,14 +17,19 @@ import cv2
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import PoseStamped
-from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.clock import Clock as RosClock
+from rclpy.clock import ClockType
 from rclpy.node import Node
 from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import Float32MultiArray
+from std_srvs.srv import Trigger
 
-from irevla_interfaces.msg import ArmCommand, EpisodeEvent, StepRecord
+from irevla_interfaces.msg import ArmCommand, EpisodeEvent, PolicyVersion, StepRecord
+from irevla_interfaces.srv import SelectPolicyVersion
 from irevla_ros import topics
 from irevla_ros.nodes.common import (
+    LATCHED_QOS,
     RELIABLE_QOS,
     SENSOR_QOS,
     ImageFormatError,
@@ -35,9 +40,10 @@ from irevla_ros.nodes.common import (
     time_to_ns,
 )
 from irevla_ros.parameters import POLICY
-from irevla_ros.policies import make_policy
-from irevla_ros.policies.base import ACTION_DIM, Observation, PolicyError, PolicyOutput
+from irevla_ros.policies import make_policy_slot_parts
+from irevla_ros.policies.base import ACTION_DIM, Observation, Policy, PolicyError, PolicyOutput
 from irevla_ros.policies.scripted import EXPERT_ACTION_KEY
+from irevla_ros.policies.slot import PolicySlot
 
 PROPRIOCEPTION_NAMES = ["ee_x", "ee_y", "ee_z", "gripper_opening"]
 
@@ -64,7 +70,7 @@ class PolicyNode(Node):
         super().__init__(name, **kwargs)  # type: ignore[arg-type]
         p = declare_parameters(self, POLICY)
         self.params = p
-        self.policy = make_policy(str(p["policy"]), noise_std=float(p["action_noise"]), seed=int(p["seed"]))  # type: ignore[arg-type]
+        self.slot = PolicySlot(*make_policy_slot_parts(p))
         self.period = 1.0 / float(p["control_rate"])  # type: ignore[arg-type]
         self.topics = list(p["cameras"])  # type: ignore[arg-type]
         self.names = [camera_name(t) for t in self.topics]
@@ -101,9 +107,83 @@ class PolicyNode(Node):
         self._status_pub = self.create_publisher(DiagnosticArray, topics.POLICY_STATUS, 10)
         self.create_timer(self.period, self._on_tick, callback_group=control)
         self.create_timer(1.0, self._publish_status, callback_group=control)
+        versions = ReentrantCallbackGroup()
+        self.create_subscription(
+            PolicyVersion, topics.POLICY_VERSION, self._on_version, LATCHED_QOS, callback_group=versions
+        )
+        self.create_service(Trigger, topics.ROLLBACK, self._on_rollback, callback_group=versions)
+        self.create_service(
+            SelectPolicyVersion, topics.SELECT_VERSION, self._on_select, callback_group=versions
+        )
+        self._reported_events = 0
+        # Wall clock: loading reports must come out while simulated time is paused too.
+        self.create_timer(
+            0.2,
+            self._report_slot_events,
+            callback_group=versions,
+            clock=RosClock(clock_type=ClockType.STEADY_TIME),
+        )
         self.get_logger().info(
             f"policy {self.policy.name} ({self.policy.version}) at {1 / self.period:.1f} Hz on {self.topics}"
         )
+
+    @property
+    def policy(self) -> Policy:
+        return self.slot.active
+
+    # --- versions (hot swap) ----------------------------------------------------------------------------------------
+    def _on_version(self, msg: PolicyVersion) -> None:
+        if not self._takes_versions():
+            return
+        self.get_logger().info(f"version {msg.version_id} announced ({msg.stage}): loading in the background")
+        self.slot.request(msg.version_id)
+
+    def _takes_versions(self) -> bool:
+        return self.params["policy"] == "vla"
+
+    def _on_rollback(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
+        try:
+            version = self.slot.rollback()
+            response.success, response.message = True, f"rolling back to {version} at the next tick"
+        except ValueError as exc:
+            response.success, response.message = False, str(exc)
+        return response
+
+    def _on_select(
+        self, request: SelectPolicyVersion.Request, response: SelectPolicyVersion.Response
+    ) -> SelectPolicyVersion.Response:
+        if not request.version_id:
+            result = self._on_rollback(Trigger.Request(), Trigger.Response())
+            response.success, response.message = result.success, result.message
+        elif not self._takes_versions():
+            response.success, response.message = False, f"policy {self.params['policy']!r} takes no versions"
+        else:
+            thread = self.slot.request(request.version_id)
+            if thread is not None:
+                thread.join(timeout=120.0)
+            rejected = [
+                e for e in self.slot.events if e.kind == "rejected" and e.version == request.version_id
+            ]
+            response.success = not rejected
+            response.message = (
+                rejected[-1].detail if rejected else f"{request.version_id} active from the next tick"
+            )
+        response.active_version = self.policy.version
+        return response
+
+    def _report_slot_events(self) -> None:
+        for event in self.slot.events[self._reported_events :]:
+            if event.kind == "rejected":
+                self.get_logger().error(
+                    f"version {event.version} refused, {self.policy.version} stays: {event.detail}"
+                )
+            elif event.kind == "loaded":
+                self.get_logger().info(
+                    f"version {event.version} loaded and validated in {event.seconds:.2f} s"
+                )
+            else:
+                self.get_logger().info(f"version {event.version}: {event.kind}")
+            self._reported_events += 1
 
     # --- inputs ---------------------------------------------------------------------------------------------------
     def _store_frame(self, camera: str, msg: Image) -> None:
@@ -198,6 +278,9 @@ class PolicyNode(Node):
 
     def _on_tick(self) -> None:
         now = self._now()
+        swapped = self.slot.take_swap()  # between two ticks: this tick acts with the new version
+        if swapped is not None and self.episode is not None:
+            swapped.reset(self.episode.instruction)
         if self.episode is None:
             self._last_tick = None
             return

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from irevla_ros.policies.base import Policy
+from irevla_ros.policies.slot import PolicyLoader
 
 
 def make_policy(name: str, *, noise_std: float = 0.0, seed: int = 0) -> Policy:
@@ -19,3 +22,15 @@ def make_policy(name: str, *, noise_std: float = 0.0, seed: int = 0) -> Policy:
             "policy 'vla': the VLA policy is not available in this version (scripted_expert, random)"
         )
     raise ValueError(f"unknown policy {name!r} (known: scripted_expert, random, vla)")
+
+
+def make_policy_slot_parts(params: Mapping[str, object]) -> tuple[Policy, PolicyLoader | None]:
+    """The initial policy and, for policies that come in versions (the VLA), the loader of a version by id."""
+    name = str(params["policy"])
+    noise, seed = float(params["action_noise"]), int(params["seed"])  # type: ignore[arg-type]
+    if name != "vla":
+        return make_policy(name, noise_std=noise, seed=seed), None
+    from irevla_ros.policies.vla import vla_loader
+
+    loader = vla_loader(str(params["model_store"]), noise_std=noise, seed=seed)
+    return loader(str(params["version"])), loader

@@ -1,0 +1,93 @@
+"""The policy slot: which policy acts now, and how a new version takes its place without the arm noticing.
+
+A new version is loaded and validated on a background thread (the control loop never waits for it); the control
+loop picks it up at the start of its next tick with `take_swap()`, so the version changes between two ticks and
+every step record names the version that produced its action. A version that fails to load or validate is
+refused with its reason, and the running one stays. `rollback()` returns to the previous version the same way.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from irevla_ros.policies.base import Policy
+
+PolicyLoader = Callable[[str], Policy]
+
+
+@dataclass
+class SlotEvent:
+    kind: str  # "loaded", "swapped", "rejected", "rolled_back"
+    version: str
+    detail: str = ""
+    seconds: float = 0.0  # load + validation time for "loaded"/"rejected"
+
+
+class PolicySlot:
+    def __init__(self, initial: Policy, loader: PolicyLoader | None = None) -> None:
+        self.active = initial
+        self.previous: Policy | None = None
+        self._loader = loader
+        self._pending: Policy | None = None
+        self._lock = threading.Lock()
+        self._loading: dict[str, threading.Thread] = {}
+        self.events: list[SlotEvent] = []
+        self.announced_at: dict[str, float] = {}
+
+    def _record(self, event: SlotEvent) -> None:
+        with self._lock:
+            self.events.append(event)
+
+    def request(self, version: str) -> threading.Thread | None:
+        """Load and validate `version` in the background; None if it is active, pending or already loading."""
+        if self._loader is None:
+            raise ValueError("this policy slot has no loader: the active policy does not take versions")
+        with self._lock:
+            busy = version in self._loading and self._loading[version].is_alive()
+            current = self.active.version == version or (
+                self._pending is not None and self._pending.version == version
+            )
+            if busy or current:
+                return None
+            self.announced_at[version] = time.monotonic()
+            thread = threading.Thread(target=self._load, args=(version,), name=f"load-{version}", daemon=True)
+            self._loading[version] = thread
+        thread.start()
+        return thread
+
+    def _load(self, version: str) -> None:
+        assert self._loader is not None
+        started = time.monotonic()
+        try:
+            policy = self._loader(version)
+        except Exception as exc:  # any failure to load or validate refuses the version, never the node
+            self._record(
+                SlotEvent("rejected", version, f"{type(exc).__name__}: {exc}", time.monotonic() - started)
+            )
+            return
+        with self._lock:
+            self._pending = policy
+        self._record(SlotEvent("loaded", version, seconds=time.monotonic() - started))
+
+    def rollback(self) -> str:
+        """Schedule a return to the previous version (at the next tick); returns its name."""
+        with self._lock:
+            if self.previous is None:
+                raise ValueError("no previous version to roll back to")
+            self._pending = self.previous
+            version = self.previous.version
+        self._record(SlotEvent("rolled_back", version))
+        return version
+
+    def take_swap(self) -> Policy | None:
+        """Called by the control loop at the start of a tick: installs a pending version, if any."""
+        with self._lock:
+            if self._pending is None:
+                return None
+            self.previous, self.active, self._pending = self.active, self._pending, None
+            new = self.active
+        self._record(SlotEvent("swapped", new.version))
+        return new

@@ -1,0 +1,1 @@
+"""Training: datasets from the episode store, supervised and RL stages."""

@@ -37,6 +37,10 @@ MEASURES = {
         "|period - nominal| where nominal = control_period / real_time_factor (0.1 s at rtf 1); at rtf 0 "
         "(no wall-clock pacing) nominal is the median period of the run"
     ),
+    "stalls": (
+        "stalls_over_1s / periods_over_250ms: periods longer than that; stalled_time_fraction: their total "
+        "duration over the window length"
+    ),
     "missed_ticks": (
         "policy node's cumulative `missed_ticks` from /policy/status (DiagnosticArray): ticks the policy's "
         "timer skipped on the simulated clock; `missed_ticks_in_window` subtracts the value reported before "
@@ -130,6 +134,10 @@ def analyse(seen: Observations, start_ns: int, end_ns: int, control_period: floa
         "jitter_ms": summary(jitter),
         "jitter_nominal_ms": round(nominal_ms, 3),
         "stalls_over_1s": sum(1 for p in periods if p > 1000.0),
+        "periods_over_250ms": sum(1 for p in periods if p > 250.0),
+        "stalled_time_fraction": round(sum(p for p in periods if p > 250.0) / 1000.0 / window_s, 4)
+        if window_s > 0
+        else None,
         "period_ms_callback": summary(periods_cb),
         "jitter_ms_callback": summary(jitter_cb),
         "missed_ticks": final.missed_ticks if final else None,

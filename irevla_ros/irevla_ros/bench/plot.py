@@ -25,7 +25,7 @@ def plot_control_loop(result: Path, image: Path | None = None) -> Path:
         rtf = entry["real_time_factor"]
         label = f"rtf {rtf:g}" + (" (as fast as possible)" if rtf == 0 else "")
         for ax, key, title, nominal in (
-            (row[0], "period_ms", "control tick period", entry.get("jitter_nominal_ms")),
+            (row[0], "period_ms", "control tick period", entry.get("jitter_nominal_ms") if rtf > 0 else None),
             (row[1], "latency_frame_to_record_ms", "camera frame -> step record latency", None),
         ):
             samples = entry["samples"][key]
@@ -40,7 +40,8 @@ def plot_control_loop(result: Path, image: Path | None = None) -> Path:
             ax.set_title(f"{title}, {label}", fontsize=10)
             ax.set_xlabel("ms (wall, observer reception)")
             ax.set_ylabel("count (log)")
-            ax.legend(fontsize=8)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
     machine = document.get("machine", {})
     fig.suptitle(
         f"control loop, {machine.get('cpu_count', '?')} CPUs, "

@@ -36,7 +36,9 @@ def benchmarks(out: Path, work: Path, quick: bool) -> list[tuple[str, Callable[[
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="where the JSON results go")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="where the JSON results go (bench/results; --quick: scratch)"
+    )
     parser.add_argument(
         "--work", type=Path, default=None, help="scratch: logs and stores (runs/bench-<time>)"
     )
@@ -46,9 +48,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     work = args.work or Path("runs") / time.strftime("bench-%Y%m%d-%H%M%S")
+    # Quick numbers are not results: they never overwrite the committed ones unless asked to.
+    out = args.out or (work / "results" if args.quick else RESULTS_DIR)
     failed: list[str] = []
     started = time.monotonic()
-    for name, step in benchmarks(args.out, work, args.quick):
+    for name, step in benchmarks(out, work, args.quick):
         if args.only is not None and name not in args.only:
             continue
         t0 = time.monotonic()
@@ -59,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
             failed.append(name)
         log(f"=== {name}: {'FAILED' if name in failed else 'done'} in {time.monotonic() - t0:.0f} s ===")
-    log(f"all benchmarks: {time.monotonic() - started:.0f} s; results in {args.out}, scratch in {work}")
+    log(f"all benchmarks: {time.monotonic() - started:.0f} s; results in {out}, scratch in {work}")
     if failed:
         log(f"failed: {', '.join(failed)}")
         return 1

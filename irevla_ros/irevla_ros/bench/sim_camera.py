@@ -19,6 +19,7 @@ import mujoco
 from irevla_ros.bench.harness import RESULTS_DIR, image_topic, log, sim_graph, summary, write_result
 
 MS = 1e-6
+STALL_MS = 250.0  # a frame interval this long is the loop stalling, not rendering
 
 MEASURES = {
     "bare_render_ms": (
@@ -37,6 +38,11 @@ MEASURES = {
         "frames_per_wall_s / (1000 / bare_render_ms p50): the share of the bare renderer's frame rate that "
         "reaches the camera topic through the whole loop"
     ),
+    "steady_frames_per_wall_s": (
+        "1000 / median frame interval: the frame rate between stalls; ratio_steady_fps_to_bare_render_fps "
+        "uses it in place of frames_per_wall_s"
+    ),
+    "stalled_time_fraction": f"share of the window spent in frame intervals longer than {STALL_MS:g} ms",
     "render_share_of_wall_time": (
         "frames_per_wall_s * sum over the cell's rendered cameras of cell_render_ms p50 / 1000: the fraction "
         "of wall time the cell spends rendering"
@@ -128,15 +134,22 @@ def frames_through_node(
         "frames_per_clock_period": round(len(frames) / len(periods), 3) if periods else None,
         "duplicate_stamps": len(stamps) - len(set(stamps)),
         "frame_interval_ms": summary(gaps),
+        "steady_frames_per_wall_s": round(1000.0 / summary(gaps)["p50"], 3) if gaps else None,
+        "stalled_time_fraction": round(sum(g for g in gaps if g > STALL_MS) / 1000.0 / window, 4)
+        if window > 0
+        else None,
     }
 
 
 def run(
     out_dir: Path = RESULTS_DIR,
     work_dir: Path = Path("runs") / "bench" / "sim_camera",
-    seconds: float = 25.0,
+    seconds: float = 40.0,
     renders: int = 100,
+    variants: Sequence[str] = ("configured", "published_only"),
 ) -> Path:
+    """`variants`: "configured" (the cell renders /sim_cell.cameras as configured) and/or "published_only"
+    (the cell renders the published camera only)."""
     config = _sim_cell_config()
     published = str(_camera_config().get("sim_camera", "corner"))
     tasks = list(config["tasks"])  # type: ignore[call-overload]
@@ -148,14 +161,19 @@ def run(
     cell_ms = {c: float(s["p50"]) for c, s in renders_result["cell_render_ms"].items()}  # type: ignore[attr-defined]
     log(f"sim_camera: bare render p50 {bare_ms:.2f} ms; cell.render p50 {cell_ms}")
     entries = []
-    for variant in (None, [published]):
+    for variant in variants:
+        if variant not in ("configured", "published_only"):
+            raise ValueError(f"sim_camera variant {variant!r}: expected configured or published_only")
+        rendered = cameras if variant == "configured" else [published]
         entry = frames_through_node(
-            work_dir / ("configured" if variant is None else "published_only"), seconds, variant
+            work_dir / variant, seconds, None if variant == "configured" else rendered
         )
-        rendered = cameras if variant is None else variant
+        entry["variant"] = variant
         fps = entry["frames_per_wall_s"] or 0.0
         entry["cameras_rendered_per_period"] = list(rendered)
         entry["ratio_node_fps_to_bare_render_fps"] = round(fps * bare_ms / 1000.0, 4)
+        steady = entry["steady_frames_per_wall_s"] or 0.0
+        entry["ratio_steady_fps_to_bare_render_fps"] = round(steady * bare_ms / 1000.0, 4)
         entry["render_share_of_wall_time"] = round(fps * sum(cell_ms[c] for c in rendered) / 1000.0, 4)
         log(
             f"sim_camera: cell rendering {rendered}: {fps} frames/s through the node "
@@ -185,7 +203,7 @@ def run(
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
-    parser.add_argument("--seconds", type=float, default=25.0)
+    parser.add_argument("--seconds", type=float, default=40.0)
     args = parser.parse_args(argv)
     run(args.out, seconds=args.seconds)
 

@@ -89,6 +89,7 @@ def test_session_over_ros(ros_context, spin):
     assert spin(executor, label_success.service_is_ready, timeout=10)
     future = label_success.call_async(Trigger.Request())
     assert spin(executor, future.done, timeout=10) and future.result().success
+    assert spin(executor, lambda: any(e.type == EpisodeEvent.LABEL for e in events), timeout=10)
     labels = [e for e in events if e.type == EpisodeEvent.LABEL]
     assert labels and labels[-1].episode_id == ends()[1].episode_id
     assert labels[-1].label_source == EpisodeEvent.LABEL_SOURCE_OPERATOR

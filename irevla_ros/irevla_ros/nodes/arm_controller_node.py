@@ -21,7 +21,7 @@ from std_srvs.srv import Trigger
 from irevla_interfaces.msg import ArmCommand, EpisodeEvent
 from irevla_ros import topics
 from irevla_ros.hardware.arm import ArmBackend, make_arm
-from irevla_ros.nodes.common import RELIABLE_QOS, declare_parameters, run_nodes
+from irevla_ros.nodes.common import RELIABLE_QOS, RosTimePeriodic, declare_parameters, run_nodes
 from irevla_ros.parameters import ARM_CONTROLLER
 from irevla_ros.params import ParamValue
 from irevla_ros.safety import SafetyLayer, SafetyLimits
@@ -85,7 +85,9 @@ class ArmControllerNode(Node):
         self._joint_pub = self.create_publisher(JointState, topics.JOINT_STATES, 10)
         self._pose_pub = self.create_publisher(PoseStamped, topics.EE_POSE, 10)
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
-        self.create_timer(1.0 / float(p["state_rate"]), self._on_timer, callback_group=control)  # type: ignore[arg-type]
+        self._ticker = RosTimePeriodic(
+            self, 1.0 / float(p["state_rate"]), self._on_timer, callback_group=control
+        )  # type: ignore[arg-type]
         services = ReentrantCallbackGroup()
         self.create_service(Trigger, topics.ESTOP, self._on_estop, callback_group=services)
         self.create_service(Trigger, topics.CLEAR_ESTOP, self._on_clear_estop, callback_group=services)
@@ -95,7 +97,8 @@ class ArmControllerNode(Node):
         )
 
     def _now(self) -> float:
-        return self.get_clock().now().nanoseconds * 1e-9
+        # The newest ROS time this node has seen (its clock and its control ticker read /clock separately).
+        return max(self.get_clock().now().nanoseconds * 1e-9, self._ticker.now())
 
     def _hold(self, why: str) -> None:
         self.backend.hold()

@@ -43,7 +43,10 @@ class CameraNode(Node):
                 CameraInfo, "~/aligned_depth_to_color/camera_info", SENSOR_QOS
             )
         self.frames_published = 0
-        self.create_timer(1.0 / float(self.params["fps"]), self._on_timer)
+        if hasattr(self.backend, "on_frame"):  # a push source (the simulated cell): publish on arrival
+            self.backend.on_frame = self._on_timer
+        else:
+            self.create_timer(1.0 / float(self.params["fps"]), self._on_timer)
         self.get_logger().info(
             f"camera backend {self.params['backend']} publishing {self._size[0]}x{self._size[1]} at {self.params['fps']} Hz"
         )

@@ -21,6 +21,7 @@ from rclpy.qos import (
     ReliabilityPolicy,
     qos_profile_sensor_data,
 )
+from rosgraph_msgs.msg import Clock
 from sensor_msgs.msg import Image
 
 from irevla_ros.params import ConfigError, ParamSpec, ParamValue
@@ -121,6 +122,46 @@ def msg_to_image(msg: Image) -> np.ndarray:
     if msg.encoding == "bgr8":
         image = image[..., ::-1].copy()
     return image
+
+
+class RosTimePeriodic:
+    """Call `callback` once per `period` of ROS time, robot and simulation alike.
+
+    On wall time this is an ordinary timer. Under `use_sim_time` it is driven by /clock itself: each clock message
+    that crosses the next period boundary runs the callback at once, in the node's own callback group. (rclpy
+    timers on simulated time were seen firing up to seconds late in wall time; a control loop in lock-step with
+    the simulator cannot wait that long.)
+    """
+
+    def __init__(
+        self, node: Node, period: float, callback: Callable[[], Any], callback_group: Any = None
+    ) -> None:
+        self.period_ns = round(period * 1e9)
+        self._callback = callback
+        self._next_ns: int | None = None
+        self._node = node
+        self._clock_ns: int | None = None
+        if node.get_parameter("use_sim_time").value:
+            node.create_subscription(Clock, "/clock", self._on_clock, 10, callback_group=callback_group)
+        else:
+            node.create_timer(period, callback, callback_group=callback_group)
+
+    def now(self) -> float:
+        """ROS time of the call in progress (seconds): the /clock message that triggered it in simulation (the
+        node's own clock may not have seen that message yet), the node clock otherwise."""
+        if self._clock_ns is not None:
+            return self._clock_ns * 1e-9
+        return self._node.get_clock().now().nanoseconds * 1e-9
+
+    def _on_clock(self, msg: Clock) -> None:
+        now = time_to_ns(msg.clock)
+        self._clock_ns = now
+        if self._next_ns is None or now < self._next_ns - 10 * self.period_ns:  # first message, or time reset
+            self._next_ns = now
+        if now >= self._next_ns - self.period_ns // 100:  # a clock a hair early still is this period's tick
+            # Like a timer: one call however many periods passed, next due on the period grid after now.
+            self._next_ns += ((now - self._next_ns) // self.period_ns + 1) * self.period_ns
+            self._callback()
 
 
 def run_nodes(

@@ -27,6 +27,7 @@ from irevla_ros.nodes.common import (
     RELIABLE_QOS,
     SENSOR_QOS,
     ImageFormatError,
+    RosTimePeriodic,
     declare_parameters,
     image_to_msg,
     msg_to_image,
@@ -93,7 +94,7 @@ class EpisodeManagerNode(Node):
         self.create_subscription(Bool, topics.SIM_SUCCESS, self._on_success, 10, callback_group=group)
         self.create_subscription(Joy, topics.JOY, self._on_joy, 10, callback_group=group)
         self.create_subscription(Image, topics.CAMERA_IMAGE, self._on_image, SENSOR_QOS, callback_group=group)
-        self.create_timer(0.05, self._on_timer, callback_group=group)
+        RosTimePeriodic(self, 0.05, self._on_timer, callback_group=group)
         clients = ReentrantCallbackGroup()
         self._sim_reset = self.create_client(ResetEpisode, topics.SIM_RESET, callback_group=clients)
         self._home = self.create_client(Trigger, topics.RESET_HOME, callback_group=clients)

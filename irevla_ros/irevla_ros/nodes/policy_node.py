@@ -33,6 +33,7 @@ from irevla_ros.nodes.common import (
     RELIABLE_QOS,
     SENSOR_QOS,
     ImageFormatError,
+    RosTimePeriodic,
     declare_parameters,
     image_to_msg,
     msg_to_image,
@@ -105,7 +106,7 @@ class PolicyNode(Node):
         self._record_pub = self.create_publisher(StepRecord, topics.STEP_RECORDS, RELIABLE_QOS)
         self._event_pub = self.create_publisher(EpisodeEvent, topics.EPISODE_EVENTS, RELIABLE_QOS)
         self._status_pub = self.create_publisher(DiagnosticArray, topics.POLICY_STATUS, 10)
-        self.create_timer(self.period, self._on_tick, callback_group=control)
+        self._ticker = RosTimePeriodic(self, self.period, self._on_tick, callback_group=control)
         self.create_timer(1.0, self._publish_status, callback_group=control)
         versions = ReentrantCallbackGroup()
         self.create_subscription(
@@ -277,7 +278,7 @@ class PolicyNode(Node):
         return obs, [frames[c] for c in self.names]
 
     def _on_tick(self) -> None:
-        now = self._now()
+        now = self._ticker.now()
         swapped = self.slot.take_swap()  # between two ticks: this tick acts with the new version
         if swapped is not None and self.episode is not None:
             swapped.reset(self.episode.instruction)

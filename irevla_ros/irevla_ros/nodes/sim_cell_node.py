@@ -20,8 +20,10 @@ import dataclasses
 import math
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
+from builtin_interfaces.msg import Time as TimeMsg
 from rclpy._rclpy_pybind11 import RCLError
 from rclpy.node import Node
 from rosgraph_msgs.msg import Clock
@@ -34,7 +36,7 @@ from irevla_ros.hardware.camera.base import CameraBackend, CameraFrame, CameraIn
 from irevla_ros.hardware.camera.sim import SimCamera
 from irevla_ros.nodes.arm_controller_node import ArmControllerNode
 from irevla_ros.nodes.camera_node import CameraNode
-from irevla_ros.nodes.common import declare_parameters, run_nodes, to_time_msg
+from irevla_ros.nodes.common import declare_parameters, run_nodes
 from irevla_ros.parameters import SIM_CELL
 from irevla_ros.sim.cell import MetaWorldCell
 
@@ -48,10 +50,15 @@ class RenderedCamera(CameraBackend):
         self._frame: CameraFrame | None = None
         self._returned: int | None = None
         self._lock = threading.Lock()
+        # Set by the camera node: publish as soon as the cell has rendered, before /clock moves on, so the
+        # policy's tick at time t sees the frame of time t.
+        self.on_frame: Callable[[], None] | None = None
 
     def offer(self, frame: CameraFrame) -> None:
         with self._lock:
             self._frame = frame
+        if self.on_frame is not None:
+            self.on_frame()
 
     def open(self) -> None:
         self._returned = None
@@ -191,7 +198,9 @@ class SimCellNode(Node):
                 self.cameras[name].offer(dataclasses.replace(frame, stamp=now))
         self._success_pub.publish(Bool(data=bool(success)))
         self._expert_pub.publish(Float32MultiArray(data=[float(x) for x in expert]))
-        self._clock_pub.publish(Clock(clock=to_time_msg(now)))
+        self._clock_pub.publish(
+            Clock(clock=TimeMsg(sec=self.clock_ns // 10**9, nanosec=self.clock_ns % 10**9))
+        )
 
     def close(self) -> None:
         self._stop.set()

@@ -87,6 +87,7 @@ POLICY = (
     ParamSpec("seed", 0, "random seed (noise, random policy)", min=0),
     ParamSpec("model_store", "models", "model store folder (VLA policy)"),
     ParamSpec("version", "", "model-store version to start with (empty: newest)"),
+    ParamSpec("deterministic", False, "VLA: act with the mean action (evaluation) instead of sampling"),
 )
 
 EPISODE_MANAGER = (

@@ -32,5 +32,5 @@ def make_policy_slot_parts(params: Mapping[str, object]) -> tuple[Policy, Policy
         return make_policy(name, noise_std=noise, seed=seed), None
     from irevla_ros.policies.vla import vla_loader
 
-    loader = vla_loader(str(params["model_store"]), noise_std=noise, seed=seed)
+    loader = vla_loader(str(params["model_store"]), deterministic=bool(params["deterministic"]), seed=seed)
     return loader(str(params["version"])), loader

@@ -145,7 +145,7 @@ def test_malformed_inputs_are_logged_and_the_graph_keeps_working(ros_context, si
 
     # The graph is up and storing before anything malformed arrives.
     assert spin(executor, lambda: len(w.acks) >= 1, timeout=120), all_logs(log_dir)
-    assert all(p.get_subscription_count() > 0 for p in pubs.values()), {
+    assert spin(executor, lambda: all(p.get_subscription_count() > 0 for p in pubs.values()), timeout=30), {
         k: p.get_subscription_count() for k, p in pubs.items()
     }
 

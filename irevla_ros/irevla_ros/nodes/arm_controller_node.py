@@ -15,6 +15,7 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import PoseStamped
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.node import Node
+from rclpy.task import Future
 from sensor_msgs.msg import JointState
 from std_srvs.srv import Trigger
 
@@ -27,6 +28,7 @@ from irevla_ros.params import ParamValue
 from irevla_ros.safety import SafetyLayer, SafetyLimits
 
 _HOME_TOLERANCE = 0.005  # m
+_HOMING_TIMEOUT = 60.0  # s
 
 
 class ArmControllerNode(Node):
@@ -76,7 +78,8 @@ class ArmControllerNode(Node):
         self.commands_rejected = 0
         self.holds = 0
         self._last_status = ""
-        self._homing = False
+        self._homing: Future | None = None  # set while a reset-to-home is running
+        self._homing_deadline = 0.0
         control = MutuallyExclusiveCallbackGroup()
         self.create_subscription(ArmCommand, topics.ACTION, self._on_action, 10, callback_group=control)
         self.create_subscription(
@@ -109,7 +112,7 @@ class ArmControllerNode(Node):
 
     def _on_action(self, msg: ArmCommand) -> None:
         with self._lock:
-            if self._homing:
+            if self._homing is not None:
                 return
             if msg.hold:
                 self._hold(f"policy requested a hold (episode {msg.episode_id or '-'})")
@@ -135,7 +138,9 @@ class ArmControllerNode(Node):
 
     def _on_timer(self) -> None:
         with self._lock:
-            if not self._homing and self.safety.check_watchdog(self._now()):
+            if self._homing is not None:
+                self._step_home()
+            elif self.safety.check_watchdog(self._now()):
                 self._hold("no fresh action within the watchdog deadline")
             self._publish_state()
 
@@ -196,42 +201,43 @@ class ArmControllerNode(Node):
         response.success, response.message = True, "e-stop cleared"
         return response
 
-    def _on_reset_home(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
-        """Move home through the same step and speed limits, one command per control period."""
+    async def _on_reset_home(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
+        """Move home through the same step and speed limits, one command per control tick; answers when home."""
+        done: Future = Future()
+        with self._lock:
+            self.safety.reset()
+            self._homing = done
+            self._homing_deadline = self._now() + _HOMING_TIMEOUT
+        ok, message = await done
+        response.success, response.message = ok, message
+        return response
+
+    def _step_home(self) -> None:
+        """One control tick of homing (called with the lock held)."""
+        assert self._homing is not None
         home = np.asarray(self.params["home"], dtype=np.float64)
-        period = 1.0 / float(self.params["state_rate"])  # type: ignore[arg-type]
-        self._homing = True
-        try:
-            with self._lock:
-                self.safety.reset()
-            for _ in range(int(60.0 / period)):
-                with self._lock:
-                    state = self.backend.read_state()
-                    if np.linalg.norm(state.ee_position - home) < _HOME_TOLERANCE:
-                        response.success, response.message = True, "at home"
-                        return response
-                    cmd = self.safety.command_home(self._now(), state.ee_position)
-                    if not cmd.moves or cmd.target is None or cmd.gripper is None:
-                        response.success, response.message = False, f"homing refused: {cmd.reason}"
-                        return response
-                    self.backend.send_target(cmd.target, cmd.gripper)
-                self.get_clock().sleep_for(rclpy_duration(period))
-            response.success, response.message = False, "home not reached within 60 s"
-            return response
-        finally:
-            self._homing = False
+        state = self.backend.read_state()
+        result: tuple[bool, str] | None = None
+        if np.linalg.norm(state.ee_position - home) < _HOME_TOLERANCE:
+            result = (True, "at home")
+        elif self._now() > self._homing_deadline:
+            result = (False, f"home not reached within {_HOMING_TIMEOUT:.0f} s")
+        else:
+            cmd = self.safety.command_home(self._now(), state.ee_position)
+            if not cmd.moves or cmd.target is None or cmd.gripper is None:
+                result = (False, f"homing refused: {cmd.reason}")
+            else:
+                self.backend.send_target(cmd.target, cmd.gripper)
+        if result is not None:
+            self._homing.set_result(result)
+            self._homing = None
+            self.safety.reset()
 
     def close(self) -> None:
         try:
             self.backend.hold()
         finally:
             self.backend.close()
-
-
-def rclpy_duration(seconds: float) -> object:
-    from rclpy.duration import Duration
-
-    return Duration(nanoseconds=int(seconds * 1e9))
 
 
 def main(args: list[str] | None = None) -> int:

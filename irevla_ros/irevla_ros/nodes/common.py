@@ -12,7 +12,7 @@ import rclpy
 from builtin_interfaces.msg import Time as TimeMsg
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 from rclpy.context import Context
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import (
     DurabilityPolicy,
@@ -169,7 +169,7 @@ def run_nodes(
     args: list[str] | None = None,
     on_shutdown: Callable[[], Any] | None = None,
 ) -> int:
-    """Init rclpy, create the nodes, spin them on one MultiThreadedExecutor, shut down cleanly.
+    """Init rclpy, create the nodes, spin them on one executor, shut down cleanly.
 
     The process's default context is used, so rclpy's own signal handlers turn SIGINT and SIGTERM into a
     context shutdown that wakes the executor: `kill`, systemd and `ros2 launch` all stop the nodes the same way
@@ -178,7 +178,9 @@ def run_nodes(
     rclpy.init(args=args if args is not None else sys.argv)
     context = rclpy.get_default_context()
     nodes: list[Node] = []
-    executor = MultiThreadedExecutor(context=context)
+    # One thread: rclpy's MultiThreadedExecutor busy-loops (holding the GIL) while a ready entity's callback group
+    # is busy, which starved the policy's own tick on 2 cores. Long work runs on the nodes' own threads instead.
+    executor = SingleThreadedExecutor(context=context)
     code = 0
     try:
         nodes = list(make_nodes(context))

@@ -159,15 +159,12 @@ class PolicyNode(Node):
         elif not self._takes_versions():
             response.success, response.message = False, f"policy {self.params['policy']!r} takes no versions"
         else:
-            thread = self.slot.request(request.version_id)
-            if thread is not None:
-                thread.join(timeout=120.0)
-            rejected = [
-                e for e in self.slot.events if e.kind == "rejected" and e.version == request.version_id
-            ]
-            response.success = not rejected
+            # Loading and validation take seconds: the node never waits for them. The outcome (swapped at a tick,
+            # or refused with the reason) is logged and shows in /policy/status.
+            self.slot.request(request.version_id)
+            response.success = True
             response.message = (
-                rejected[-1].detail if rejected else f"{request.version_id} active from the next tick"
+                f"loading {request.version_id}: it replaces {self.policy.version} at a tick if valid"
             )
         response.active_version = self.policy.version
         return response

@@ -3,12 +3,16 @@ own Gaussian exploration (or its mean, deterministic, for evaluation)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
 from irevla_ros.policies.base import Observation, PolicyError, PolicyOutput
-from irevla_ros.vla.model_store import ModelStore
+from irevla_ros.vla.model_store import InvalidVersionError, ModelStore, probe_observation
 from irevla_ros.vla.preprocess import VLAInputError
 from irevla_ros.vla.runtime import make_runtime
 
@@ -41,6 +45,25 @@ class VLAPolicy:
         return PolicyOutput(action, log_prob=None if self.deterministic else log_prob, value=float(value))
 
 
+def _validate_in_subprocess(store_root: Path, version_id: str, timeout: float = 600.0) -> None:
+    """Checksums, weights, shapes, finite probe outputs and ONNX-vs-torch, in a niced child process: validation
+    runs torch on every core and holds the GIL for long stretches, which would delay the control loop's ticks."""
+    script = "import sys; from irevla_ros.vla.model_store import ModelStore; ModelStore(sys.argv[1]).validate(sys.argv[2])"
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(store_root), version_id],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=lambda: os.nice(10),
+        # one core at most: the control loop keeps the other
+        env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "ORT_NUM_THREADS": "1"},
+    )
+    if result.returncode != 0:
+        lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+        reason = lines[-1] if lines else f"validation exited with {result.returncode}"
+        raise InvalidVersionError(reason.split(": ", 1)[-1] if "Error: " in reason else reason)
+
+
 def vla_loader(store_root: str, *, deterministic: bool = False, seed: int = 0) -> Callable[[str], VLAPolicy]:
     """version id ('' = newest) -> a validated VLAPolicy; raises with the reason for a bad version."""
 
@@ -54,9 +77,9 @@ def vla_loader(store_root: str, *, deterministic: bool = False, seed: int = 0) -
                     "scripted demonstrations)"
                 )
             version_id = latest.version_id
-        store.validate(version_id)  # checksums, weights, shapes, finite probe outputs, ONNX vs torch
-        return VLAPolicy(
-            make_runtime(store.get(version_id).path), version_id, deterministic=deterministic, seed=seed
-        )
+        _validate_in_subprocess(store.root, version_id)
+        runtime = make_runtime(store.get(version_id).path)
+        runtime.act(*probe_observation(runtime.config))  # warm-up: the first inference allocates, not a tick
+        return VLAPolicy(runtime, version_id, deterministic=deterministic, seed=seed)
 
     return load

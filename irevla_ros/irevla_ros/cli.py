@@ -93,9 +93,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         overrides=args.overrides,
         cameras=tuple(c for c in args.cameras.split(",") if c),
+        vla_episodes=args.vla_episodes,
+        sft_steps=args.sft_steps,
     )
     print(json.dumps(summary), flush=True)
-    return 0 if summary["lost_steps"] == 0 and summary["episodes"] == args.episodes else 1
+    expected = args.episodes + max(0, args.vla_episodes)
+    return 0 if summary["lost_steps"] == 0 and summary["episodes"] == expected else 1
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Verb]]:
@@ -114,7 +117,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Verb]]:
     verbs["bringup"] = cmd_bringup
 
     p = sub.add_parser("demo", help="run a supervised session in the simulated cell and print a JSON summary")
-    p.add_argument("--episodes", type=int, default=5, help="episodes to collect (default: 5)")
+    p.add_argument("--episodes", type=int, default=5, help="expert episodes to collect (default: 5)")
+    p.add_argument(
+        "--vla-episodes", type=int, default=3, help="episodes run by the first VLA (0: skip Stage 0)"
+    )
+    p.add_argument("--sft-steps", type=int, default=150, help="Stage 0 gradient steps (default: 150)")
     p.add_argument("--store", default="", help="episode store folder (default: runs/demo-<time>/store)")
     p.add_argument("--noise", type=float, default=0.1, help="std of the scripted expert's action noise")
     p.add_argument("--timeout", type=float, default=1200.0, help="give up after this many wall seconds")

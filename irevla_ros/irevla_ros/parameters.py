@@ -95,6 +95,11 @@ EPISODE_MANAGER = (
     ParamSpec("num_episodes", 0, "episodes to run, then idle (0: until stopped)", min=0),
     ParamSpec("auto_start", True, "start the next episode after a reset without an operator"),
     ParamSpec(
+        "required_nodes",
+        ["/policy", "/trainer", "/arm_controller"],
+        "the session starts once these nodes are up and listening to the episode events",
+    ),
+    ParamSpec(
         "episode_timeout", 15.0, "an episode running this long (s, ROS time) ends as a timeout", min=0.1
     ),
     ParamSpec("success_source", "simulator", "automatic outcome source", choices=("simulator", "none")),

@@ -6,7 +6,6 @@ a developer) never share a domain and never cross-talk.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import subprocess
 import sys
@@ -16,6 +15,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+from irevla_ros.bringup.domains import leased_domain
 
 os.environ.setdefault("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp")
 os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
@@ -27,35 +28,13 @@ if sys.prefix not in os.environ.get("AMENT_PREFIX_PATH", "").split(":"):
         p for p in (sys.prefix, os.environ.get("AMENT_PREFIX_PATH")) if p
     )
 
-_LOCK_DIR = Path(tempfile.gettempdir()) / "irevla-ros-domain-locks"
-# Fast DDS maps domain d to UDP ports 7400 + 250 d (+ offsets): ids above 232 overflow the port range.
-_DOMAIN_RANGE = range(1, 233)
-
-
-def _lease_domain() -> tuple[int, int]:
-    _LOCK_DIR.mkdir(exist_ok=True)
-    start = (os.getpid() * 7) % len(_DOMAIN_RANGE)
-    for offset in range(len(_DOMAIN_RANGE)):
-        domain = _DOMAIN_RANGE[(start + offset) % len(_DOMAIN_RANGE)]
-        fd = os.open(_LOCK_DIR / f"{domain}.lock", os.O_CREAT | os.O_RDWR, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return domain, fd
-        except BlockingIOError:
-            os.close(fd)
-    raise RuntimeError("no free ROS domain id: too many parallel test runs on this host")
-
 
 @pytest.fixture
 def ros_domain(monkeypatch: pytest.MonkeyPatch) -> Iterator[int]:
     """A ROS_DOMAIN_ID leased for this test; child processes inherit it through the environment."""
-    domain, fd = _lease_domain()
-    monkeypatch.setenv("ROS_DOMAIN_ID", str(domain))
-    try:
+    with leased_domain() as domain:
+        monkeypatch.setenv("ROS_DOMAIN_ID", str(domain))
         yield domain
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
 
 
 @pytest.fixture

@@ -25,6 +25,9 @@ def test_session_over_ros(ros_context, spin):
         parameter_overrides=[
             Parameter("tasks", value=["button-press-v3", "door-open-v3"]),
             Parameter("episode_timeout", value=30.0),
+            Parameter(
+                "required_nodes", Parameter.Type.STRING_ARRAY, ["/cell_and_operator"]
+            ),  # this test is the whole rest of the graph
         ],
     )
     peer = Node("cell_and_operator", context=ros_context)

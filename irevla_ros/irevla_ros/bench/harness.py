@@ -3,14 +3,12 @@ the machine description, percentile summaries and the JSON result file."""
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
 import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -21,13 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from irevla_ros.bench.observer import Observer
+from irevla_ros.bringup.domains import leased_domain
 
 RESULTS_DIR = Path("bench") / "results"
-
-# The test harness (test/conftest.py) leases domains with the same lock files, so a benchmark running beside a
-# pytest run never shares its DDS domain. Fast DDS ports overflow above domain 232.
-_LOCK_DIR = Path(tempfile.gettempdir()) / "irevla-ros-domain-locks"
-_DOMAIN_RANGE = range(1, 233)
 
 
 class BenchError(RuntimeError):
@@ -36,28 +30,6 @@ class BenchError(RuntimeError):
 
 def log(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
-
-
-@contextmanager
-def leased_domain() -> Iterator[int]:
-    """An unused ROS_DOMAIN_ID, held (flock) until the context exits."""
-    _LOCK_DIR.mkdir(exist_ok=True)
-    start = (os.getpid() * 13 + 101) % len(_DOMAIN_RANGE)
-    for offset in range(len(_DOMAIN_RANGE)):
-        domain = _DOMAIN_RANGE[(start + offset) % len(_DOMAIN_RANGE)]
-        fd = os.open(_LOCK_DIR / f"{domain}.lock", os.O_CREAT | os.O_RDWR, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            continue
-        try:
-            yield domain
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
-        return
-    raise BenchError("no free ROS domain id: too many parallel ROS runs on this host")
 
 
 def _cpu_model() -> str:

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from irevla_ros.bringup.domains import leased_domain
 from irevla_ros.bringup.graph import DEFAULT_CAMERAS, collect_graph
 from irevla_ros.bringup.launcher import GraphRunner
 
@@ -81,43 +82,34 @@ def start_monitor(
     return context, node, thread
 
 
-def run_demo(
-    episodes: int = 5,
-    store: Path | None = None,
-    noise: float = 0.1,
-    timeout: float = 1200.0,
-    overrides: Sequence[str] = (),
-    cameras: Sequence[str] = DEFAULT_CAMERAS,
+def run_session(
+    label: str,
+    episodes: int,
+    store: Path,
+    log_dir: Path,
+    settings: Sequence[str],
+    cameras: Sequence[str],
+    timeout: float,
 ) -> dict[str, object]:
-    run_dir = Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
-    store = (store or run_dir / "store").resolve()
-    os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
-    settings = [
-        f"/episode_manager.num_episodes={episodes}",
-        f"/trainer.store_path={store}",
-        f"/policy.action_noise={noise}",
-        *overrides,
-    ]
+    """Bring the sim graph up, run `episodes` episodes of a supervised session, stop it, summarise from the store."""
     monitor = SessionMonitor()
     started = time.monotonic()
 
     def progress(msg: object) -> None:
         outcome = {0: "unknown", 1: "success", 2: "failure", 3: "timeout", 4: "aborted"}.get(msg.outcome, "?")  # type: ignore[attr-defined]
         print(
-            f"[demo] {len(monitor.stored)}/{episodes} episodes stored: {msg.episode_id} {outcome}, "  # type: ignore[attr-defined]
-            f"{msg.num_steps} steps ({time.monotonic() - started:.0f} s)",
+            f"[demo:{label}] {len(monitor.stored)}/{episodes} episodes stored: {msg.episode_id} {outcome}, "  # type: ignore[attr-defined]
+            f"{msg.num_steps} steps ({time.monotonic() - started:.0f} s)",  # type: ignore[attr-defined]
             file=sys.stderr,
             flush=True,
-        )  # type: ignore[attr-defined]
+        )
 
     context, _node, thread = start_monitor(monitor, progress)
-    print(
-        f"[demo] {episodes} episodes of the scripted expert (noise {noise}) in the simulated cell; "
-        f"store {store}; logs {run_dir / 'logs'}",
-        file=sys.stderr,
-        flush=True,
+    runner = GraphRunner(
+        collect_graph("sim", cameras),
+        [f"/episode_manager.num_episodes={episodes}", f"/trainer.store_path={store}", *settings],
+        log_dir=log_dir,
     )
-    runner = GraphRunner(collect_graph("sim", cameras), settings, log_dir=run_dir / "logs")
     failed = None
     try:
         runner.start()
@@ -131,10 +123,82 @@ def run_demo(
         context.try_shutdown()  # type: ignore[attr-defined]
         thread.join(timeout=2.0)
     if failed is not None:
-        raise RuntimeError(
-            f"{failed.executable} exited with {failed.popen.returncode}; see {run_dir / 'logs'}"
-        )
+        raise RuntimeError(f"{failed.executable} exited with {failed.popen.returncode}; see {log_dir}")
     return summarise(store, monitor, codes)
+
+
+def run_demo(
+    episodes: int = 5,
+    store: Path | None = None,
+    noise: float = 0.1,
+    timeout: float = 1200.0,
+    overrides: Sequence[str] = (),
+    cameras: Sequence[str] = DEFAULT_CAMERAS,
+    vla_episodes: int = 3,
+    sft_steps: int = 150,
+    models: Path | None = None,
+) -> dict[str, object]:
+    """The main job in simulation: an operator session of the scripted expert (demonstrations), Stage 0 of
+    iRe-VLA on them (the first VLA version, in the model store), then a session run by that VLA."""
+    if (
+        "ROS_DOMAIN_ID" not in os.environ
+    ):  # a simulation of its own: no cross-talk with another run on the host
+        with leased_domain() as domain:
+            os.environ["ROS_DOMAIN_ID"] = str(domain)
+            try:
+                return run_demo(
+                    episodes, store, noise, timeout, overrides, cameras, vla_episodes, sft_steps, models
+                )
+            finally:
+                del os.environ["ROS_DOMAIN_ID"]
+    run_dir = Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
+    store = (store or run_dir / "store").resolve()
+    os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    print(
+        f"[demo] 1/3: {episodes} episodes of the scripted expert (noise {noise}); store {store}; logs {run_dir}",
+        file=sys.stderr,
+        flush=True,
+    )
+    expert = run_session(
+        "expert", episodes, store, run_dir / "logs-expert",
+        [f"/policy.action_noise={noise}", "/policy.policy=scripted_expert", "/episode_manager.source=expert",
+         *overrides],
+        cameras, timeout,
+    )  # fmt: skip
+    summary: dict[str, object] = dict(expert)
+    if vla_episodes <= 0:
+        return summary
+
+    from irevla_ros.train.pipeline import train_first_version
+
+    models = (models or run_dir / "models").resolve()
+    print(f"[demo] 2/3: Stage 0 (supervised) on the expert episodes -> {models}", file=sys.stderr, flush=True)
+    version = train_first_version(store, models, cameras, steps=sft_steps)
+    print(
+        f"[demo] 3/3: {vla_episodes} episodes run by the VLA {version.version_id}",
+        file=sys.stderr,
+        flush=True,
+    )
+    vla = run_session(
+        "vla", vla_episodes, store, run_dir / "logs-vla",
+        ["/policy.policy=vla", f"/policy.model_store={models}", f"/policy.version={version.version_id}",
+         "/episode_manager.source=policy", *overrides],
+        cameras, timeout,
+    )  # fmt: skip
+    for key in ("episodes", "successes", "steps", "missed_ticks", "lost_steps", "incomplete"):
+        summary[key] = int(expert[key]) + int(vla[key])  # type: ignore[call-overload]
+    summary.update(
+        version=version.version_id,
+        stage0_loss=version.metrics.get("final_loss"),
+        expert_success_rate=_rate(expert),
+        vla_success_rate=_rate(vla),
+        sessions={"expert": expert, "vla": vla},
+    )
+    return summary
+
+
+def _rate(session: dict[str, object]) -> float:
+    return round(int(session["successes"]) / max(1, int(session["episodes"])), 3)  # type: ignore[call-overload]
 
 
 def summarise(

@@ -80,6 +80,7 @@ class ArmControllerNode(Node):
         self._last_status = ""
         self._homing: Future | None = None  # set while a reset-to-home is running
         self._homing_deadline = 0.0
+        self._quiet_since: float | None = None
         control = MutuallyExclusiveCallbackGroup()
         self.create_subscription(ArmCommand, topics.ACTION, self._on_action, 10, callback_group=control)
         self.create_subscription(
@@ -98,6 +99,17 @@ class ArmControllerNode(Node):
         self.get_logger().info(
             f"arm backend {p['backend']} connected; workspace {p['workspace_low']}..{p['workspace_high']}"
         )
+
+    def _never_commanded(self) -> bool:
+        """No action accepted since start (or since the last reset) for longer than the watchdog deadline: hold
+        actively, as after a lost action stream (in simulation the holds also keep the clock moving)."""
+        now = self._now()
+        if self.safety.last_target is not None:
+            self._quiet_since = None
+            return False
+        if self._quiet_since is None:
+            self._quiet_since = now
+        return now - self._quiet_since >= self.safety.limits.watchdog_timeout
 
     def _now(self) -> float:
         # The newest ROS time this node has seen (its clock and its control ticker read /clock separately).
@@ -140,7 +152,7 @@ class ArmControllerNode(Node):
         with self._lock:
             if self._homing is not None:
                 self._step_home()
-            elif self.safety.check_watchdog(self._now()):
+            elif self.safety.check_watchdog(self._now()) or self._never_commanded():
                 self._hold("no fresh action within the watchdog deadline")
             self._publish_state()
 

@@ -108,8 +108,10 @@ class EpisodeManagerNode(Node):
             self.create_service(
                 Trigger, name, lambda req, res, h=handler: self._serve(h, res), callback_group=group
             )
-        if p["auto_start"]:
-            self._apply(self.session.request_reset(self._now(), "session start"))
+        # The session starts once the nodes that act on and record episodes listen to its events: a START sent
+        # before the policy or the trainer subscribed would be lost to them.
+        self._waiting_for = set(p["required_nodes"]) if p["auto_start"] else set()  # type: ignore[arg-type]
+        self._session_started = not p["auto_start"]
 
     def _now(self) -> float:
         return self.get_clock().now().nanoseconds * 1e-9
@@ -177,8 +179,27 @@ class EpisodeManagerNode(Node):
         self._sim_success = bool(msg.data)
 
     # --- the session clock ----------------------------------------------------------------------------------------
+    def _ready_to_start(self) -> bool:
+        listening = {
+            f"{info.node_namespace.rstrip('/')}/{info.node_name}"
+            for info in self.get_subscriptions_info_by_topic(topics.EPISODE_EVENTS)
+        }
+        self._waiting_for -= listening
+        if self._waiting_for:
+            self.get_logger().info(
+                f"session waits for {sorted(self._waiting_for)} to listen to {topics.EPISODE_EVENTS}",
+                throttle_duration_sec=10.0,
+            )
+            return False
+        return True
+
     def _on_timer(self) -> None:
         with self._lock:
+            if not self._session_started:
+                if not self._ready_to_start():
+                    return
+                self._session_started = True
+                self._apply(self.session.request_reset(self._now(), "session start"))
             success, self._sim_success = self._sim_success, False
             self._apply(self.session.tick(self._now(), success))
             if self.session.wants_reset and not self._resetting:

@@ -107,10 +107,11 @@ class SimCellNode(Node):
         self.periods = 0
         self.periods_without_command = 0
         self._stop = threading.Event()
+        self._wake = threading.Event()  # a reset happened: publish the new scene now
+        self._reset_jump_ns = 0
         self._thread = threading.Thread(target=self._run, name="sim-cell", daemon=True)
 
     def start(self) -> None:
-        self._publish_period()
         self._thread.start()
 
     def camera_backend(self, camera: str) -> RenderedCamera:
@@ -138,11 +139,12 @@ class SimCellNode(Node):
                 )
                 response.task, response.instruction = self.cell.task, self.cell.instruction
                 # The reset's own physics time (Meta-World homes the hand) passes on the clock too, in whole
-                # periods; the new scene is rendered and published at once, so no node acts on a pre-reset frame.
-                self.clock_ns += self.period_ns * math.ceil(
+                # periods; the cell's thread renders and publishes the new scene at once (all rendering happens
+                # on that thread, where the OpenGL contexts live), so no node acts on a pre-reset frame.
+                self._reset_jump_ns += self.period_ns * math.ceil(
                     (self.cell.sim_time - before) / self.period - 1e-6
                 )
-                self._publish_period()
+                self._wake.set()
         except ValueError as exc:
             response.success, response.message = False, str(exc)
             return response
@@ -153,13 +155,26 @@ class SimCellNode(Node):
         max_wait = float(self.params["max_wall_wait"])  # type: ignore[arg-type]
         rtf = float(self.params["real_time_factor"])  # type: ignore[arg-type]
         wall_start, sim_start = time.monotonic(), self.clock_ns * 1e-9
+        self._publish_period()
         while not self._stop.is_set() and self.context.ok():
             t0 = self.cell.sim_time
             deadline = time.monotonic() + max_wait
-            while self.cell.sim_time == t0 and time.monotonic() < deadline and not self._stop.is_set():
+            while (
+                self.cell.sim_time == t0
+                and not self._wake.is_set()
+                and time.monotonic() < deadline
+                and not self._stop.is_set()
+            ):
                 time.sleep(0.0005)
             if self._stop.is_set():
                 return
+            if self._wake.is_set():
+                with self.cell.lock:
+                    self._wake.clear()
+                    self.clock_ns += self._reset_jump_ns
+                    self._reset_jump_ns = 0
+                    self._publish_period()
+                continue
             with self.cell.lock:
                 commanded = self.cell.sim_time != t0
                 if not commanded:
@@ -205,8 +220,9 @@ class SimCellNode(Node):
     def close(self) -> None:
         self._stop.set()
         if self._thread.is_alive():
-            self._thread.join(timeout=5.0)
-        self.cell.close()
+            self._thread.join(timeout=10.0)
+        if not self._thread.is_alive():  # never pull the world from under a thread still rendering it
+            self.cell.close()
 
 
 def make_sim_nodes(context: object) -> list[Node]:

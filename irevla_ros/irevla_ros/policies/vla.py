@@ -45,6 +45,14 @@ class VLAPolicy:
         return PolicyOutput(action, log_prob=None if self.deterministic else log_prob, value=float(value))
 
 
+def _background_priority() -> None:
+    # SCHED_IDLE: the validator gets the CPU only when the control loop does not want it.
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        os.nice(19)
+
+
 def _validate_in_subprocess(store_root: Path, version_id: str, timeout: float = 600.0) -> None:
     """Checksums, weights, shapes, finite probe outputs and ONNX-vs-torch, in a niced child process: validation
     runs torch on every core and holds the GIL for long stretches, which would delay the control loop's ticks."""
@@ -54,7 +62,7 @@ def _validate_in_subprocess(store_root: Path, version_id: str, timeout: float = 
         capture_output=True,
         text=True,
         timeout=timeout,
-        preexec_fn=lambda: os.nice(10),
+        preexec_fn=_background_priority,
         # one core at most: the control loop keeps the other
         env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "ORT_NUM_THREADS": "1"},
     )

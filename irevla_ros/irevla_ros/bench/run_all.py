@@ -25,13 +25,23 @@ def benchmarks(out: Path, work: Path, quick: bool) -> list[tuple[str, Callable[[
             ("transport", lambda: transport.run(out, work / "transport", episodes=1, max_seconds=30.0)),
             ("sim_camera", lambda: sim_camera.run(out, work / "sim_camera", seconds=4.0, renders=10)),
             ("plot", lambda: plot.plot_control_loop(out / "control_loop.json")),
+            ("policy", lambda: policy_latency(out, steps=20)),
         ]
     return [
         ("control_loop", lambda: control_loop.run(out, work / "control_loop")),
         ("transport", lambda: transport.run(out, work / "transport")),
         ("sim_camera", lambda: sim_camera.run(out, work / "sim_camera")),
         ("plot", lambda: plot.plot_control_loop(out / "control_loop.json")),
+        ("policy", lambda: policy_latency(out, steps=300)),
     ]
+
+
+def policy_latency(out: Path, steps: int) -> object:
+    """policy.json: observation-to-action latency of the compact VLA, torch vs onnxruntime, 1 and 2 cameras."""
+    from irevla_ros.vla import latency
+
+    out.mkdir(parents=True, exist_ok=True)
+    return latency.main(["--steps", str(steps), "--json", str(out / "policy.json")])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

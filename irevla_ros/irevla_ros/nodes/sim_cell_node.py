@@ -152,6 +152,14 @@ class SimCellNode(Node):
         return response
 
     def _run(self) -> None:
+        try:
+            self._step_periods()
+        except RCLError:
+            if self.context.ok():
+                raise
+            # shutting down (Ctrl-C, SIGTERM): the context went away under this thread mid-publish
+
+    def _step_periods(self) -> None:
         max_wait = float(self.params["max_wall_wait"])  # type: ignore[arg-type]
         rtf = float(self.params["real_time_factor"])  # type: ignore[arg-type]
         wall_start, sim_start = time.monotonic(), self.clock_ns * 1e-9
@@ -195,12 +203,7 @@ class SimCellNode(Node):
             with self.cell.lock:  # one clock: a concurrent reset also advances and publishes it
                 self.periods += 1
                 self.clock_ns += self.period_ns
-                try:
-                    self._publish_period()
-                except RCLError:
-                    if self.context.ok():
-                        raise
-                    return  # shutting down (Ctrl-C, SIGTERM): the context went away under this thread
+                self._publish_period()
 
     def _publish_period(self) -> None:
         with self.cell.lock:

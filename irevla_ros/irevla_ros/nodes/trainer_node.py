@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rclpy._rclpy_pybind11 import RCLError
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.clock import Clock as RosClock
 from rclpy.clock import ClockType
@@ -236,10 +237,13 @@ class TrainerNode(Node):
                 path=str(self.store_path / stored.path),
                 sha256=stored.sha256,
             )
-            if not self.context.ok():  # stored during shutdown: durable, but nobody left to tell
-                continue
-            ack.header.stamp = self.get_clock().now().to_msg()
-            self._stored_pub.publish(ack)
+            try:
+                ack.header.stamp = self.get_clock().now().to_msg()
+                self._stored_pub.publish(ack)
+            except RCLError:
+                if self.context.ok():
+                    raise
+                continue  # stored during shutdown: durable, but nobody is left to tell
             note = "" if stored.complete else f" INCOMPLETE: {'; '.join(stored.reasons)}"
             self.get_logger().info(
                 f"stored {stored.episode_id} ({stored.num_steps} steps, {stored.outcome}){note}"

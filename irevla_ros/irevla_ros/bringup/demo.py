@@ -107,15 +107,25 @@ def run_session(
     context, _node, thread = start_monitor(monitor, progress)
     runner = GraphRunner(
         collect_graph("sim", cameras),
-        [f"/episode_manager.num_episodes={episodes}", f"/trainer.store_path={store}", *settings],
+        [
+            f"/episode_manager.num_episodes={episodes}",
+            f"/trainer.store_path={store}",
+            # the session starts once this monitor listens too, so it counts every episode's steps
+            "/episode_manager.required_nodes=[/policy,/trainer,/arm_controller,/irevla_demo_monitor]",
+            *settings,
+        ],
         log_dir=log_dir,
     )
     failed = None
+    before = stored_ids(store)
+    new: set[str] = set()
     try:
         runner.start()
         while time.monotonic() - started < timeout:
             failed = runner.poll()
-            if failed is not None or len(monitor.stored) >= episodes:
+            # the store, not the acknowledgements this monitor happened to receive, says what is done
+            new = stored_ids(store) - before
+            if failed is not None or len(new) >= episodes:
                 break
             time.sleep(0.2)
     finally:
@@ -124,7 +134,7 @@ def run_session(
         thread.join(timeout=2.0)
     if failed is not None:
         raise RuntimeError(f"{failed.executable} exited with {failed.popen.returncode}; see {log_dir}")
-    return summarise(store, monitor, codes)
+    return summarise(store, monitor, codes, new)
 
 
 def run_demo(
@@ -201,14 +211,23 @@ def _rate(session: dict[str, object]) -> float:
     return round(int(session["successes"]) / max(1, int(session["episodes"])), 3)  # type: ignore[call-overload]
 
 
+def stored_ids(store_path: Path) -> set[str]:
+    from irevla_ros.store.episode_store import EpisodeStore
+
+    if not (store_path / "catalog.sqlite").exists():
+        return set()
+    with EpisodeStore(store_path, read_only=True) as store:
+        return {row.episode_id for row in store.list()}
+
+
 def summarise(
-    store_path: Path, monitor: SessionMonitor, codes: dict[str, int] | None = None
+    store_path: Path, monitor: SessionMonitor, codes: dict[str, int] | None, episode_ids: set[str]
 ) -> dict[str, object]:
     from irevla_ros.store.episode_store import EpisodeStore
 
     with EpisodeStore(store_path, read_only=True) as store:
         rows = {row.episode_id: row for row in store.list()}
-    ours = [rows[e] for e in monitor.stored if e in rows]
+    ours = [rows[e] for e in sorted(episode_ids) if e in rows]
     emitted = sum(monitor.steps_emitted.get(r.episode_id, r.num_steps) for r in ours)
     return {
         "episodes": len(ours),

@@ -1,6 +1,6 @@
 """The VLA in the policy node: a 10 Hz loop keeps running through a hot swap (the version in the step records changes
 at one tick, no tick is missed), corrupt versions are refused while the running one stays, rollback works, and
-missing/stale camera frames, malformed images and non-finite model output turn ticks into holds."""
+missing/stale camera frames and malformed images turn ticks into holds."""
 
 from __future__ import annotations
 
@@ -175,13 +175,15 @@ def test_hot_swap_at_10hz_refusals_rollback_and_holds(ros_context, child, tmp_pa
     assert wait(future.done, timeout=10) and future.result().success
     assert wait(lambda: versions()[-1] == v1, timeout=10)
 
-    # holds: malformed image, missing camera (stale), non-finite model output; the loop keeps running
-    for condition, cause in (("malformed", "bytes"), ("missing", "stale"), ("huge", "non-finite")):
-        state["camera"] = "ok" if condition == "huge" else condition
-        state["x"] = 3e38 if condition == "huge" else 0.0
+    # holds: malformed image, missing camera (stale); the loop keeps running
+    for condition, cause in (("malformed", "bytes"), ("missing", "stale")):
+        state["camera"] = condition
         with lock:
             start = len(records)
-        assert wait(lambda s=start: any(r.hold for r in records[s:]), timeout=10), condition
+        assert wait(lambda s=start: any(r.hold for r in records[s:]), timeout=10), (
+            condition,
+            policy.output()[-1500:],
+        )
         assert wait(lambda c=cause: "hold: " in policy.output() and c in policy.output(), 5), (
             condition,
             policy.output()[-2000:],
@@ -190,6 +192,7 @@ def test_hot_swap_at_10hz_refusals_rollback_and_holds(ros_context, child, tmp_pa
     with lock:
         start = len(records)
     assert wait(lambda: any(not r.hold for r in records[start:]), timeout=10)
+
     assert policy.stop() == 0, policy.output()[-3000:]
     executor.shutdown(timeout_sec=5)
     peer.destroy_node()

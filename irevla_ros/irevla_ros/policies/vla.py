@@ -45,24 +45,27 @@ class VLAPolicy:
         return PolicyOutput(action, log_prob=None if self.deterministic else log_prob, value=float(value))
 
 
-def _background_priority() -> None:
-    # SCHED_IDLE: the validator gets the CPU only when the control loop does not want it.
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except (AttributeError, OSError):
-        os.nice(19)
+# Run first in the validator child: SCHED_IDLE (the CPU only when the control loop does not want it), set by the
+# child itself so the parent can spawn it without a preexec_fn (which forces a full fork of this large process).
+_VALIDATE = """
+import os, sys
+try:
+    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+except (AttributeError, OSError):
+    os.nice(19)
+from irevla_ros.vla.model_store import ModelStore
+ModelStore(sys.argv[1]).validate(sys.argv[2])
+"""
 
 
 def _validate_in_subprocess(store_root: Path, version_id: str, timeout: float = 600.0) -> None:
     """Checksums, weights, shapes, finite probe outputs and ONNX-vs-torch, in a niced child process: validation
     runs torch on every core and holds the GIL for long stretches, which would delay the control loop's ticks."""
-    script = "import sys; from irevla_ros.vla.model_store import ModelStore; ModelStore(sys.argv[1]).validate(sys.argv[2])"
     result = subprocess.run(
-        [sys.executable, "-c", script, str(store_root), version_id],
+        [sys.executable, "-c", _VALIDATE, str(store_root), version_id],
         capture_output=True,
         text=True,
         timeout=timeout,
-        preexec_fn=_background_priority,
         # one core at most: the control loop keeps the other
         env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "ORT_NUM_THREADS": "1"},
     )

@@ -15,9 +15,8 @@ from rclpy.node import Node
 from irevla_interfaces.msg import EpisodeEvent, EpisodeStored, StepRecord
 from irevla_ros import topics
 from irevla_ros.nodes.common import RELIABLE_QOS, msg_to_image, time_to_ns
+from irevla_ros.nodes.event_codes import OUTCOME_NAMES
 from irevla_ros.store.episode_store import EpisodeStore
-
-OUTCOMES = {1: "success", 2: "failure", 3: "timeout", 4: "aborted"}
 
 
 def test_three_episodes_are_stored_exactly_as_published(ros_context, sim_graph, spin, tmp_path):
@@ -62,7 +61,7 @@ def test_three_episodes_are_stored_exactly_as_published(ros_context, sim_graph, 
         row = rows[episode_id]
         assert row.complete and ack.complete, row.reasons
         assert row.num_steps == ack.num_steps == emitted[episode_id]
-        assert row.outcome == OUTCOMES[ends[episode_id].outcome]
+        assert row.outcome == OUTCOME_NAMES[ends[episode_id].outcome]
         assert row.label_source == "simulator"
         assert row.source == "expert" and row.task.endswith("-v3") and row.instruction
         record = store.read(episode_id)  # verifies the sha256 of the file

@@ -95,8 +95,10 @@ def run_session(
     monitor = SessionMonitor()
     started = time.monotonic()
 
+    from irevla_ros.nodes.event_codes import OUTCOME_NAMES
+
     def progress(msg: object) -> None:
-        outcome = {0: "unknown", 1: "success", 2: "failure", 3: "timeout", 4: "aborted"}.get(msg.outcome, "?")  # type: ignore[attr-defined]
+        outcome = OUTCOME_NAMES.get(msg.outcome, "?")  # type: ignore[attr-defined]
         print(
             f"[demo:{label}] {len(monitor.stored)}/{episodes} episodes stored: {msg.episode_id} {outcome}, "  # type: ignore[attr-defined]
             f"{msg.num_steps} steps ({time.monotonic() - started:.0f} s)",  # type: ignore[attr-defined]

@@ -33,22 +33,10 @@ from irevla_ros.nodes.common import (
     msg_to_image,
     run_nodes,
 )
+from irevla_ros.nodes.event_codes import OUTCOME_CODES, SOURCE_CODES
 from irevla_ros.parameters import EPISODE_MANAGER
 from irevla_ros.session import Session, SessionConfig, SessionEvent, SessionState, TransitionError
 
-OUTCOME_CODES = {
-    "": EpisodeEvent.OUTCOME_NONE,
-    "success": EpisodeEvent.OUTCOME_SUCCESS,
-    "failure": EpisodeEvent.OUTCOME_FAILURE,
-    "timeout": EpisodeEvent.OUTCOME_TIMEOUT,
-    "aborted": EpisodeEvent.OUTCOME_ABORTED,
-}
-SOURCE_CODES = {
-    "": EpisodeEvent.LABEL_SOURCE_NONE,
-    "operator": EpisodeEvent.LABEL_SOURCE_OPERATOR,
-    "simulator": EpisodeEvent.LABEL_SOURCE_SIMULATOR,
-    "classifier": EpisodeEvent.LABEL_SOURCE_CLASSIFIER,
-}
 EVENT_CODES = {
     "start": EpisodeEvent.START,
     "end": EpisodeEvent.END,

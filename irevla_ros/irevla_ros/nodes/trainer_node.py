@@ -31,24 +31,11 @@ from irevla_ros.nodes.common import (
     run_nodes,
     time_to_ns,
 )
+from irevla_ros.nodes.event_codes import OUTCOME_CODES, OUTCOME_NAMES, SOURCE_NAMES
 from irevla_ros.parameters import TRAINER
 from irevla_ros.store.episode_store import EpisodeAssembler, EpisodeStore
 from irevla_ros.store.records import AssembledEpisode, EpisodeMeta, InvalidRecordError, StepData
 
-OUTCOME_NAMES = {
-    EpisodeEvent.OUTCOME_NONE: "unknown",
-    EpisodeEvent.OUTCOME_SUCCESS: "success",
-    EpisodeEvent.OUTCOME_FAILURE: "failure",
-    EpisodeEvent.OUTCOME_TIMEOUT: "timeout",
-    EpisodeEvent.OUTCOME_ABORTED: "aborted",
-}
-SOURCE_NAMES = {
-    EpisodeEvent.LABEL_SOURCE_NONE: "none",
-    EpisodeEvent.LABEL_SOURCE_OPERATOR: "operator",
-    EpisodeEvent.LABEL_SOURCE_SIMULATOR: "simulator",
-    EpisodeEvent.LABEL_SOURCE_CLASSIFIER: "classifier",
-}
-OUTCOME_CODES = {name: code for code, name in OUTCOME_NAMES.items()}
 FINALISE_GRACE_S = 3.0  # wall seconds to wait for in-flight step records after STEPS_DONE
 
 

@@ -101,6 +101,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if summary["lost_steps"] == 0 and summary["episodes"] == expected else 1
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from irevla_ros.train import evaluation
+
+    try:
+        return evaluation.cmd_eval(args)
+    except ValueError as exc:  # unknown task or version, corrupt version, bad counts: named in the message
+        print(f"irevla eval: {exc}", file=sys.stderr)
+        return 2
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Verb]]:
     parser = argparse.ArgumentParser(
         prog="irevla",
@@ -147,10 +157,28 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Verb]]:
     )
     _add_graph_args(p)
     verbs["check-config"] = cmd_check_config
+
+    p = sub.add_parser(
+        "eval", help="success rate of a model version per task in the simulated cell (direct rollouts)"
+    )
+    from irevla_ros.train.evaluation import add_arguments as add_eval_arguments
+
+    add_eval_arguments(p)
+    verbs["eval"] = cmd_eval
+
+    # Listed for --help only: main() hands `irevla bench-sim ...` to the benchmark's own parser.
+    sub.add_parser(
+        "bench-sim", help="the iRe-VLA simulation benchmark (Stage 0, RL + SL iterations, baselines)"
+    )
     return parser, verbs
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["bench-sim"]:  # its own parser takes every option (argparse.REMAINDER would not)
+        from irevla_ros.bench import ire_vla_sim
+
+        return ire_vla_sim.main(args_list[1:])
     parser, verbs = build_parser()
     args = parser.parse_args(argv)
     if args.verb is None:

@@ -120,6 +120,32 @@ EPISODE_MANAGER = (
 TRAINER = (
     ParamSpec("store_path", "data/store", "episode store folder"),
     ParamSpec("status_period", 1.0, "trainer status publish period (s)", min=0.05),
+    ParamSpec("iterate", True, "run iRe-VLA iterations (Stage 1 during sessions, Stage 2 between them)"),
+    ParamSpec("run_dir", "data/trainer", "iteration state, checkpoints, TensorBoard logs and reports"),
+    ParamSpec("model_store", "models", "model store folder: versions are read from and written to it"),
+    ParamSpec("initial_version", "", "version the first iteration starts from (empty: the newest)"),
+    ParamSpec("stage1_enabled", True, "online RL on the heads (VLM frozen) during sessions"),
+    ParamSpec("stage1_algorithm", "ppo", "Stage 1 algorithm", choices=("ppo", "sacfd")),
+    ParamSpec("episodes_per_update", 2, "PPO: new policy episodes per Stage 1 update", min=1),
+    ParamSpec("push_every_episodes", 2, "push Stage 1 head updates to the policy every N episodes", min=1),
+    ParamSpec("push_every_seconds", 0.0, "... or every N seconds (0: by episodes only)", min=0.0),
+    ParamSpec("episode_budget", 0, "policy episodes per session, then Stage 2 (0: the operator decides)", min=0),
+    ParamSpec("plateau_window", 0, "end a session when N episodes did not beat the N before (0: off)", min=0),
+    ParamSpec("plateau_delta", 0.05, "success-rate gain below which a session has plateaued", min=0.0, max=1.0),
+    ParamSpec("auto_iterate", True, "start Stage 2 by itself when a session ends by budget or plateau"),
+    ParamSpec("max_iterations", 0, "stop iterating after N iterations (0: never)", min=0),
+    ParamSpec("sft_steps", 150, "Stage 2 optimiser steps", min=1),
+    ParamSpec("sft_batch_size", 16, "Stage 2 batch size", min=1),
+    ParamSpec("rl_fraction", 0.5, "share of each Stage 2 batch drawn from D_RL", min=0.0, max=1.0),
+    ParamSpec(
+        "stage2_launcher",
+        "local",
+        "where Stage 2 runs: local, torchrun, or a remote command template with {job}",
+    ),
+    ParamSpec("stage2_nproc", 1, "torchrun processes for Stage 2", min=1),
+    ParamSpec("validation_tasks", DEFAULT_TASKS, "simulation: tasks the candidate is evaluated on"),
+    ParamSpec("validation_episodes", 0, "simulation: evaluation episodes per task (0: checks only)", min=0),
+    ParamSpec("validation_margin", 0.1, "promote unless the success rate drops by more", min=0.0, max=1.0),
 )
 
 SCHEMAS: dict[str, tuple[ParamSpec, ...]] = {

@@ -24,6 +24,7 @@ LABEL_FAILURE = "/episode_manager/label_failure"
 RESET_EPISODE = "/episode_manager/reset"
 PAUSE = "/episode_manager/pause"
 RESUME = "/episode_manager/resume"
+RUN_ITERATION = "/trainer/run_iteration"  # irevla_interfaces/RunIteration action: end the session, iterate
 POLICY_VERSION = "/trainer/policy_version"  # irevla_interfaces/PolicyVersion (latched): versions to run
 ROLLBACK = "/policy/rollback"  # std_srvs/Trigger: back to the previous version
 SELECT_VERSION = "/policy/select_version"  # irevla_interfaces/SelectPolicyVersion

@@ -121,7 +121,12 @@ def sim_graph(tmp_path: Path, ros_domain: int) -> Iterator[Callable[..., object]
     def start(*overrides: str) -> GraphRunner:
         runner = GraphRunner(
             collect_graph("sim"),
-            [f"/trainer.store_path={tmp_path / 'store'}", *overrides],
+            [
+                f"/trainer.store_path={tmp_path / 'store'}",
+                f"/trainer.run_dir={tmp_path / 'trainer'}",
+                f"/trainer.model_store={tmp_path / 'models'}",
+                *overrides,
+            ],
             log_dir=tmp_path / "logs",
         )
         runner.start()

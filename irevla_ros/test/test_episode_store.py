@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import signal
@@ -560,3 +561,14 @@ def test_write_throughput_two_128px_cameras(store: EpisodeStore):
     print(f"write: {per_episode * 1e3:.0f} ms per 100-step episode ({100 / per_episode:.0f} steps/s)")
     # Control runs at ~10-20 Hz: storing must stay far faster than real time even on 2 cores.
     assert per_episode < 2.0
+
+
+def test_catalogue_names_the_version_the_step_records_name(store: EpisodeStore):
+    """The episode manager's START does not know the policy's version; the step records do."""
+    assembler = EpisodeAssembler()
+    assembler.start(dataclasses.replace(make_meta("swap"), policy_version=""))
+    for i in range(4):  # a Stage 1 head update swapped in between ticks 1 and 2
+        assembler.add_step(dataclasses.replace(make_step("swap", i), policy_version="v8" if i < 2 else "v9"))
+    stored = store.write(assembler.end("swap", "success", "simulator", 4, T0 + 10**10))
+    assert stored.policy_version == "v8" and store.list(policy_version="v8")[0].episode_id == "swap"
+    assert [s.policy_version for s in store.read("swap").steps] == ["v8", "v8", "v9", "v9"]

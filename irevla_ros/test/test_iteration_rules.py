@@ -81,8 +81,8 @@ def test_metrics_log_survives_a_torn_line_and_report_plots(tmp_path):
             "promoted": True,
             "why": "validation passed",
             "evaluation": {
-                "running": {"success_rate": 0.2, "per_task": {"reach-v3": {"success_rate": 0.2}}},
-                "candidate": {"success_rate": 0.6, "per_task": {"reach-v3": {"success_rate": 0.6}}},
+                "running": {"success_rate": 0.2, "tasks": {"reach-v3": {"success_rate": 0.2}}},
+                "candidate": {"success_rate": 0.6, "tasks": {"reach-v3": {"success_rate": 0.6}}},
             },
         }
     ]

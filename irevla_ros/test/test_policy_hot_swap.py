@@ -1,6 +1,8 @@
 """The VLA in the policy node: a 10 Hz loop keeps running through a hot swap (the version in the step records changes
 at one tick, no tick is missed), corrupt versions are refused while the running one stays, rollback works, and
-missing/stale camera frames and malformed images turn ticks into holds."""
+missing/stale camera frames and malformed images turn ticks into holds. Heads-only versions (Stage 1 pushes)
+swap the same way on the running encoder; a version whose own output is NaN on real observations makes every
+tick a hold with the reason logged."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from diagnostic_msgs.msg import DiagnosticArray
 from geometry_msgs.msg import PoseStamped
 from rclpy.executors import MultiThreadedExecutor
 from rclpy.node import Node
+from safetensors.torch import load_file, save_file
 from sensor_msgs.msg import Image, JointState
 from std_srvs.srv import Trigger
 from test_vla_store import _perturb, _reseal, _rewrite_tensor
@@ -196,3 +199,200 @@ def test_hot_swap_at_10hz_refusals_rollback_and_holds(ros_context, child, tmp_pa
     assert policy.stop() == 0, policy.output()[-3000:]
     executor.shutdown(timeout_sec=5)
     peer.destroy_node()
+
+
+class _Cell:
+    """The cell and the trainer around a policy node process: sensors at 20 Hz, episode events, version
+    announcements, and everything the node publishes."""
+
+    def __init__(self, context) -> None:
+        self.node = Node("cell", context=context)
+        self.records: list[StepRecord] = []
+        self.status: list[dict[str, str]] = []
+        self.lock = threading.Lock()
+        self.gripper = 1.0
+        node = self.node
+        node.create_subscription(StepRecord, topics.STEP_RECORDS, self._on_record, RELIABLE_QOS)
+        node.create_subscription(DiagnosticArray, topics.POLICY_STATUS, self._on_status, 10)
+        self.image_pub = node.create_publisher(Image, topics.CAMERA_IMAGE, SENSOR_QOS)
+        self.pose_pub = node.create_publisher(PoseStamped, topics.EE_POSE, 10)
+        self.joint_pub = node.create_publisher(JointState, topics.JOINT_STATES, 10)
+        self.event_pub = node.create_publisher(EpisodeEvent, topics.EPISODE_EVENTS, RELIABLE_QOS)
+        self.version_pub = node.create_publisher(PolicyVersion, topics.POLICY_VERSION, LATCHED_QOS)
+        self.rollback = node.create_client(Trigger, topics.ROLLBACK)
+        self._rng = np.random.default_rng(0)
+        node.create_timer(0.05, self._publish_sensors)
+        self.executor = MultiThreadedExecutor(context=context)
+        self.executor.add_node(node)
+        threading.Thread(target=self.executor.spin, daemon=True).start()
+
+    def _on_record(self, msg: StepRecord) -> None:
+        with self.lock:
+            self.records.append(msg)
+
+    def _on_status(self, msg: DiagnosticArray) -> None:
+        with self.lock:
+            self.status.append({kv.key: kv.value for kv in msg.status[0].values})
+
+    def _publish_sensors(self) -> None:
+        stamp = self.node.get_clock().now().to_msg()
+        self.image_pub.publish(
+            image_to_msg(self._rng.integers(0, 255, (48, 64, 3), dtype=np.uint8), stamp, "camera")
+        )
+        pose = PoseStamped()
+        pose.header.stamp = stamp
+        self.pose_pub.publish(pose)
+        self.joint_pub.publish(JointState(name=["gripper_opening"], position=[self.gripper]))
+
+    def snapshot(self) -> list[StepRecord]:
+        with self.lock:
+            return list(self.records)
+
+    def acted(self) -> list[str]:
+        return [r.policy_version for r in self.snapshot() if not r.hold]
+
+    def close(self) -> None:
+        self.executor.shutdown(timeout_sec=5)
+        self.node.destroy_node()
+
+
+def _wait(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+def _heads_store(tmp_path) -> tuple[ModelStore, dict[str, str]]:
+    """v1 full; h1 heads on v1, h2 heads on h1 (Stage 1 pushes); h_nan: NaN heads (resealed, so only the
+    content check catches it); v_nan: a full version with finite weights that validates, but whose output is
+    NaN on real proprioception (see test_nan_from_the_model...)."""
+    from test_vla_store import _new_heads
+
+    base = make_tiny_blip2(tmp_path / "blip2")
+    cfg = VLAConfig(backbone="hf", hf_model_dir=str(base), latent_dim=64, head_hidden=(64,), lora_rank=4)
+    store = ModelStore(tmp_path / "models")
+    torch.manual_seed(1)
+    m1 = _perturb(VLAModel(cfg), 1)
+    v1 = store.save(m1, parent=None, stage="stage0_sft").version_id
+    m2 = _new_heads(m1, 2)
+    h1 = store.save_heads(m2, v1).version_id
+    m3 = _new_heads(m2, 3)
+    h2 = store.save_heads(m3, h1).version_id
+    h_nan = store.save_heads(_new_heads(m3, 4), h2).version_id
+    path = store.root / h_nan
+    tensors = load_file(str(path / "heads.safetensors"))
+    tensors["critic_head.0.weight"] = tensors["critic_head.0.weight"].clone().fill_(float("nan"))
+    save_file(tensors, str(path / "heads.safetensors"), metadata={"format": "pt"})
+    _reseal(path)
+    v_nan = store.save(
+        _overflowing_proprio(_perturb(VLAModel(cfg), 5)), parent=v1, stage="stage2_sft", export_onnx=False
+    )
+    return store, {"v1": v1, "h1": h1, "h2": h2, "h_nan": h_nan, "v_nan": v_nan.version_id}
+
+
+def _overflowing_proprio(model: VLAModel) -> VLAModel:
+    """Finite weights that overflow float32 only for a real arm state: the gripper-opening column of the
+    proprioception projection is 3e38 (float32 max is 3.4e38). The validator's probe has zero proprioception
+    (0 * 3e38 = 0: finite outputs, validation passes); an open gripper (1.0) plus any other positive term
+    overflows to inf, which the language model's LayerNorm turns into NaN, and NaN reaches both the action
+    (tanh(NaN) = NaN) and the value. Saved without ONNX (torch runtime): save's ONNX check runs random
+    proprioception and refuses it, a version exported for a GPU machine or bf16 has no such check."""
+    with torch.no_grad():
+        model.backbone.proprio_proj.weight[:, 3] = 3e38
+    return model
+
+
+def test_heads_only_hot_swap_and_nan_from_the_model(ros_context, child, tmp_path):
+    store, v = _heads_store(tmp_path)
+    policy = child(
+        [
+            shutil.which("policy_node") or "policy_node",
+            "--ros-args",
+            "-p",
+            "policy:=vla",
+            "-p",
+            f"model_store:={store.root}",
+            "-p",
+            f"version:={v['v1']}",
+            "-p",
+            "max_image_age:=0.5",
+        ],
+        name="policy",
+    )
+    cell = _Cell(ros_context)
+    assert _wait(lambda: cell.node.count_subscribers(topics.EPISODE_EVENTS) > 0, 60), policy.output()
+    cell.event_pub.publish(
+        EpisodeEvent(type=EpisodeEvent.START, episode_id="ep-heads", instruction="press the button")
+    )
+    assert _wait(lambda: len(cell.acted()) >= 10, 30), policy.output()
+
+    # Stage 1 pushes: heads on v1, then heads on those heads; each swaps in at a tick, the encoder is shared
+    for name in ("h1", "h2"):
+        cell.version_pub.publish(PolicyVersion(version_id=v[name], stage="stage1_rl", heads_only=True))
+        assert _wait(lambda n=name: cell.acted()[-1] == v[n] and cell.acted().count(v[n]) >= 10, 60), (
+            policy.output()
+        )
+        assert f"{v[name]} loaded and validated" in policy.output()
+        assert (
+            f"heads-only on {v['v1']} (encoder shared, heads validated in-process)"
+            in policy.output().split(v[name] + " loaded")[1]
+        )
+
+    # refused: NaN heads; a full version announced as heads-only. h2 stays.
+    for bad, heads_only, reason in (
+        (v["h_nan"], True, "non-finite"),
+        (v["v1"], True, "announced as heads-only"),
+    ):
+        cell.version_pub.publish(PolicyVersion(version_id=bad, stage="stage1_rl", heads_only=heads_only))
+        assert _wait(
+            lambda b=bad, r=reason: (
+                f"version {b} refused, {v['h2']} stays" in policy.output()
+                and r in policy.output().split(f"version {b} refused")[-1].splitlines()[0]
+            ),
+            60,
+        ), policy.output()
+    count = len(cell.snapshot())
+    assert _wait(lambda: len(cell.snapshot()) > count + 10, 10)
+    assert cell.acted()[-1] == v["h2"]
+
+    # each version changed at exactly one tick, no tick missed, no hold
+    records = cell.snapshot()
+    seq = [r.policy_version for r in records]
+    changes = [i for i in range(1, len(seq)) if seq[i] != seq[i - 1]]
+    assert [seq[0]] + [seq[i] for i in changes] == [v["v1"], v["h1"], v["h2"]], changes
+    assert not any(r.hold for r in records)
+    assert [r.step_index for r in records] == list(range(len(records)))
+    stamps = np.array([r.header.stamp.sec + r.header.stamp.nanosec * 1e-9 for r in records])
+    assert np.diff(stamps).max() < 0.15, f"largest gap between ticks {np.diff(stamps).max():.3f} s"
+    assert _wait(lambda: bool(cell.status), 5)
+    with cell.lock:
+        last = cell.status[-1]
+    assert last["missed_ticks"] == "0" and last["policy_version"] == v["h2"]
+    assert last["encoder_version"] == v["v1"]
+
+    # NaN from the model itself: v_nan passes validation, then gives NaN on the real arm state (gripper
+    # open). Every tick is a hold with the reason logged; the node keeps running.
+    cell.version_pub.publish(PolicyVersion(version_id=v["v_nan"], stage="stage2_sft"))
+    assert _wait(lambda: f"{v['v_nan']} loaded and validated" in policy.output(), 60), policy.output()
+    assert _wait(lambda: sum(r.hold and r.policy_version == v["v_nan"] for r in cell.snapshot()) >= 10, 20)
+    assert f"hold: VLA {v['v_nan']} produced non-finite output: action mean [nan" in policy.output()
+    nan_records = [r for r in cell.snapshot() if r.policy_version == v["v_nan"]]
+    assert all(r.hold and list(r.action) == [0.0] * 4 and not r.has_value for r in nan_records)
+    # the same version acts on an observation where nothing overflows (gripper closed)
+    cell.gripper = 0.0
+    assert _wait(lambda: cell.acted()[-1] == v["v_nan"], 10), policy.output()[-2000:]
+    cell.gripper = 1.0
+    assert _wait(lambda: cell.snapshot()[-1].hold, 10)
+    # the operator rolls back; the node acts with h2 again
+    assert _wait(cell.rollback.service_is_ready, 10)
+    future = cell.rollback.call_async(Trigger.Request())
+    assert _wait(future.done, 10) and future.result().success
+    assert _wait(lambda: cell.acted()[-1] == v["h2"], 10)
+    records = cell.snapshot()
+    assert [r.step_index for r in records] == list(range(len(records)))
+
+    assert policy.stop() == 0, policy.output()[-3000:]
+    cell.close()

@@ -62,3 +62,32 @@ def test_slot_without_loader_takes_no_versions():
         slot.request("v1")
     with pytest.raises(ValueError, match="no previous version"):
         slot.rollback()
+
+
+def test_hints_reach_the_loader_and_swaps_report_their_wait():
+    seen: list[tuple[str, dict]] = []
+
+    def loader(version: str, **hints: object) -> FixedPolicy:
+        seen.append((version, hints))
+        if hints.get("heads_only") and not version.startswith("h"):
+            raise ValueError(f"{version} was announced as heads-only but the store has a full version")
+        policy = FixedPolicy(version, 2.0)
+        policy.load_note = "heads-only on v1 (encoder shared)" if version.startswith("h") else ""
+        return policy
+
+    slot = PolicySlot(FixedPolicy("v1", 1.0), loader)
+    slot.request("h2", heads_only=True).join(5)
+    slot.request("v3", heads_only=True).join(5)
+    slot.request("v4").join(5)  # no hints: the loader is called with the version alone
+    assert seen == [("h2", {"heads_only": True}), ("v3", {"heads_only": True}), ("v4", {})]
+    loaded = {e.version: e for e in slot.events if e.kind == "loaded"}
+    assert loaded["h2"].detail == "heads-only on v1 (encoder shared)" and loaded["v4"].detail == ""
+    rejected = [e for e in slot.events if e.kind == "rejected"]
+    assert [e.version for e in rejected] == ["v3"] and "announced as heads-only" in rejected[0].detail
+    # the newest loaded version is pending; its swap reports the time since it was requested
+    swapped = slot.take_swap()
+    assert swapped.version == "v4"
+    event = slot.events[-1]
+    assert event.kind == "swapped" and 0.0 < event.seconds < 5.0
+    slot.rollback()
+    assert slot.take_swap().version == "v1" and slot.events[-1].seconds == 0.0

@@ -21,6 +21,7 @@ from irevla_ros.vla.model_store import (
     InvalidVersionError,
     ModelStore,
     UnknownVersionError,
+    probe_observation,
     sha256_file,
 )
 from irevla_ros.vla.onnx_export import ATOL, RTOL
@@ -355,3 +356,197 @@ def test_changed_hf_base_model_is_refused(tmp_path):
         CorruptVersionError, match=r"checksum mismatch for base model file .*model\.safetensors"
     ):
         store.load(info.version_id)
+
+
+# ---------------------------------------------------------------- heads-only versions (Stage 1 pushes)
+
+
+def _new_heads(model: VLAModel, seed: int) -> VLAModel:
+    """A copy of `model` whose action head, critic head and log_std moved, the rest frozen (a Stage 1 step)."""
+    import copy
+
+    out = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in out.named_parameters():
+            if name.startswith(("action_head", "critic_head", "log_std")):
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return out
+
+
+@pytest.fixture(scope="module")
+def heads_saved(tmp_path_factory, blip2):
+    """A full BLIP-2 version, heads on it, and heads on those heads (a chain of Stage 1 pushes)."""
+    store = ModelStore(tmp_path_factory.mktemp("heads") / "models")
+    base = store.save(blip2, parent=None, stage="stage0_sft")
+    m1 = _new_heads(blip2, 11)
+    h1 = store.save_heads(m1, base.version_id, data={"transitions": 500}, metrics={"return": 0.4})
+    m2 = _new_heads(m1, 12)
+    h2 = store.save_heads(m2, h1.version_id)
+    return store, base, (h1, m1), (h2, m2)
+
+
+def _heads_tensors(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "heads.safetensors"))
+
+
+def test_save_heads_layout_chain_and_round_trip(heads_saved):
+    store, base, (h1, m1), (h2, m2) = heads_saved
+    assert h1.heads_only and h1.base_version == base.version_id and h1.parent == base.version_id
+    assert (
+        h2.heads_only and h2.base_version == base.version_id and h2.parent == h1.version_id
+    )  # chain -> base
+    assert not base.heads_only and base.base_version == base.version_id
+    assert h1.stage == "stage1_rl" and h1.data == {"transitions": 500} and h1.metrics == {"return": 0.4}
+    files = {p.name for p in h1.path.iterdir()}
+    assert files == {"heads.safetensors", "config.json", "heads.onnx", "manifest.json", "meta.json"}
+    assert (h1.path / "config.json").read_bytes() == (base.path / "config.json").read_bytes()
+    assert h1.meta["base_manifest_sha256"] == base.manifest_sha256
+    assert set(h1.onnx["files"]) == {"heads"} and max(h1.onnx["max_abs_error"].values()) <= ATOL + RTOL
+    stored = _heads_tensors(h1.path)
+    assert stored and all(k.split(".")[0] in ("action_head", "critic_head", "log_std") for k in stored)
+    # a heads update is a small fraction of its base version
+    assert sum(h1.meta["bytes"].values()) < 0.2 * sum(base.meta["bytes"].values())
+    for info, model in ((h1, m1), (h2, m2)):
+        loaded, config, got = store.load(info.version_id)
+        assert got.version_id == info.version_id and config == model.config
+        want, have = model.state_dict(), loaded.state_dict()
+        assert want.keys() == have.keys()
+        for key in want:
+            assert torch.equal(want[key], have[key]), (info.version_id, key)
+    report = store.validate(h2.version_id)
+    assert report["heads_only"] and report["base_version"] == base.version_id
+    assert max(report["onnx_max_abs_error"].values()) <= ATOL + RTOL
+    # the light check (a node already running the base's encoder) agrees with the full one on the probe
+    _, _, latent = OnnxPolicyRuntime(base.path).act(*probe_observation(m2.config))
+    light = store.validate_heads(h2.version_id, latents=latent)
+    np.testing.assert_allclose(
+        light["probe_torch"]["action_mean"], report["probe_torch"]["action_mean"], atol=1e-5
+    )
+    assert max(light["onnx_max_abs_error"].values()) <= ATOL + RTOL
+    with pytest.raises(InvalidVersionError, match="is a full version"):
+        store.validate_heads(base.version_id)
+
+
+def test_heads_runtime_reuses_the_base_encoder(heads_saved):
+    store, base, (h1, _), (h2, m2) = heads_saved
+    base_rt = OnnxPolicyRuntime(base.path)
+    base_rt.encode_instruction("press the button")
+    shared = make_runtime(h2.path, reuse=base_rt)
+    alone = make_runtime(h2.path)
+    assert isinstance(shared, OnnxPolicyRuntime) and isinstance(alone, OnnxPolicyRuntime)
+    assert shared.reused_encoder and not alone.reused_encoder
+    assert shared.encoder_version == alone.encoder_version == base.version_id
+    assert shared.sessions["encoder"] is base_rt.sessions["encoder"]
+    assert shared.sessions["text"] is base_rt.sessions["text"]
+    assert shared.sessions["heads"] is not base_rt.sessions["heads"]
+    assert alone.sessions["encoder"] is not base_rt.sessions["encoder"]
+    rng = np.random.default_rng(3)
+    images = {c: rng.integers(0, 256, (48, 64, 3), dtype=np.uint8) for c in m2.config.cameras}
+    proprio = np.array([0.1, 0.6, 0.2, 1.0], np.float32)
+    s_mean, s_value, s_latent = shared.act(images, "press the button", proprio)
+    assert shared.text_encoder_calls == 0  # the base runtime's instruction cache came along
+    a_mean, _, _ = alone.act(images, "press the button", proprio)
+    np.testing.assert_array_equal(s_mean, a_mean)
+    t_mean, t_value, _ = TorchPolicyRuntime(m2).act(images, "press the button", proprio)
+    np.testing.assert_allclose(s_mean, t_mean, atol=ATOL, rtol=RTOL)
+    assert s_value == pytest.approx(t_value, abs=ATOL, rel=RTOL)
+    np.testing.assert_array_equal(shared.log_std, m2.log_std.detach().numpy())
+    # the heads changed, the encoder did not: same latent as the base, other actions
+    b_mean, _, b_latent = base_rt.act(images, "press the button", proprio)
+    np.testing.assert_array_equal(s_latent, b_latent)
+    assert not np.allclose(s_mean, b_mean)
+    # a runtime on another base is not shared
+    other = ModelStore(store.root)
+    assert not make_runtime(h1.path, reuse=TorchPolicyRuntime(m2)).reused_encoder
+    assert other.get(h1.version_id).heads_only
+
+
+def test_save_heads_refuses_wrong_bases_and_moved_backbones(heads_saved, tmp_path):
+    store, base, (h1, m1), _ = heads_saved
+    with pytest.raises(UnknownVersionError, match="no version v0099"):
+        store.save_heads(m1, "v0099-stage0_sft")
+    with pytest.raises(InvalidVersionError, match="needs a parent"):
+        store.save_heads(m1, "")
+    with pytest.raises(InvalidVersionError, match="stage"):
+        store.save_heads(m1, base.version_id, stage="Stage 1!")
+    other = VLAModel(m1.config.replace(head_hidden=(32,)))
+    with pytest.raises(InvalidVersionError, match=r"differs from its base .*head_hidden"):
+        store.save_heads(other, h1.version_id)
+    moved = _new_heads(m1, 13)
+    with torch.no_grad():
+        moved.token_learner.out_norm.weight.add_(0.01)
+    with pytest.raises(InvalidVersionError, match=r"token_learner\.out_norm\.weight differs from base"):
+        store.save_heads(moved, h1.version_id)
+    bad = _new_heads(m1, 14)
+    with torch.no_grad():
+        bad.critic_head[0].weight[0, 0] = float("nan")
+    with pytest.raises(InvalidVersionError, match=r"refusing to save.*critic_head"):
+        store.save_heads(bad, h1.version_id)
+    assert not list(store.root.glob(".tmp-*"))
+    assert [v.version_id for v in store.versions()][-1] == "v0003-stage1_rl"  # nothing new was written
+
+
+def _copy_store(store: ModelStore, tmp_path: Path) -> ModelStore:
+    other = ModelStore(tmp_path / "copy")
+    for version in store.versions():
+        shutil.copytree(version.path, other.root / version.version_id)
+    return other
+
+
+def test_corrupt_heads_versions_are_refused(heads_saved, tmp_path):
+    store, base, (h1, _), (h2, _) = heads_saved
+    other = _copy_store(store, tmp_path / "a")
+    path = other.root / h1.version_id
+    data = bytearray((path / "heads.safetensors").read_bytes())
+    data[-5] ^= 0xFF
+    (path / "heads.safetensors").write_bytes(bytes(data))
+    for check in (
+        other.load,
+        other.validate,
+        other.validate_heads,
+        lambda v: OnnxPolicyRuntime(other.root / v),
+    ):
+        with pytest.raises(CorruptVersionError, match=r"checksum mismatch for heads\.safetensors"):
+            check(h1.version_id)
+
+    # NaN heads, resealed: the checksums pass, the content checks refuse it
+    other = _copy_store(store, tmp_path / "b")
+    path = other.root / h2.version_id
+    tensors = _heads_tensors(path)
+    tensors["action_head.0.weight"] = tensors["action_head.0.weight"].clone().fill_(float("nan"))
+    save_file(tensors, str(path / "heads.safetensors"), metadata={"format": "pt"})
+    _reseal(path)
+    with pytest.raises(InvalidVersionError, match=r"non-finite.*action_head\.0\.weight"):
+        other.validate(h2.version_id)
+    with pytest.raises(InvalidVersionError, match=r"non-finite.*action_head\.0\.weight"):
+        other.validate_heads(h2.version_id)
+    # a heads file with a backbone tensor in it (heads-only versions hold only heads)
+    tensors = _heads_tensors(store.root / h2.version_id)
+    tensors["token_learner.out_norm.weight"] = torch.ones(64)
+    save_file(tensors, str(path / "heads.safetensors"), metadata={"format": "pt"})
+    _reseal(path)
+    with pytest.raises(InvalidVersionError, match=r"unexpected \['token_learner\.out_norm\.weight'\]"):
+        other.load(h2.version_id)
+
+    # the base changed under its heads (resealed, so the base alone still verifies): heads are refused
+    other = _copy_store(store, tmp_path / "c")
+    _rewrite_tensor(other.root / base.version_id, "token_learner.out_norm.bias", lambda t: t + 0.5)
+    _reseal(other.root / base.version_id)
+    other.load(base.version_id)
+    for check in (
+        other.load,
+        other.validate,
+        other.validate_heads,
+        lambda v: OnnxPolicyRuntime(other.root / v),
+    ):
+        with pytest.raises(CorruptVersionError, match=rf"base {base.version_id} has changed"):
+            check(h2.version_id)
+
+    # the base is gone
+    other = _copy_store(store, tmp_path / "d")
+    shutil.rmtree(other.root / base.version_id)
+    with pytest.raises(UnknownVersionError, match=f"no version {base.version_id}"):
+        other.load(h1.version_id)
+    with pytest.raises(UnknownVersionError, match=f"base version {base.version_id} is not in the store"):
+        OnnxPolicyRuntime(other.root / h1.version_id)

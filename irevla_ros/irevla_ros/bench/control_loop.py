@@ -1,13 +1,17 @@
 """Benchmark `control_loop.json`: control tick timing and camera-frame-to-action latency of the sim graph.
 
-One entry per real-time factor of the sim cell: 1.0 (simulated time no faster than wall time, so wall-clock
-periods mean what they mean on a robot) and 0.0 (as fast as the graph keeps up: how many simulated control
-seconds one wall second buys).
+One entry per real-time factor of the sim cell with the scripted expert: 1.0 (simulated time no faster than
+wall time, so wall-clock periods mean what they mean on a robot) and 0.0 (as fast as the graph keeps up: how
+many simulated control seconds one wall second buys). Then the same graph with the compact VLA as the policy
+(ONNX Runtime in the policy node) at rtf 1.0: camera frame to arm command with the model in the loop, goal
+p99 <= 40 ms at 10 Hz. The VLA version is untrained (pretrained MiniLM + EfficientNet-Lite0, new layers at
+their initialisation), built and saved at the start: latency does not depend on training.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
 from collections.abc import Sequence
 from itertools import pairwise
@@ -187,12 +191,41 @@ def clock_debt_s(seen: Observations, rtf: float) -> float | None:
     return (time.time_ns() - first.wall_ns) * 1e-9 - (clock1 - clock0) * 1e-9 / rtf
 
 
+VLA_GOAL_P99_MS = 40.0
+
+
+def vla_overrides(models: Path) -> list[str]:
+    """Graph settings that make the policy node run a fresh untrained compact VLA version saved in `models`."""
+    from irevla_ros.train.pipeline import CPU_LORA_TARGETS
+    from irevla_ros.vla.config import VLAConfig
+    from irevla_ros.vla.model import VLAModel
+    from irevla_ros.vla.model_store import ModelStore
+
+    t0 = time.monotonic()
+    shutil.rmtree(models, ignore_errors=True)  # a fresh store each run: the version is always v0001
+    model = VLAModel(VLAConfig(cameras=("camera",), lora_targets=CPU_LORA_TARGETS))
+    info = ModelStore(models).save(model, parent=None, stage="stage0_sft", data={"untrained": True})
+    log(f"VLA version {info.version_id} saved in {time.monotonic() - t0:.0f} s")
+    return [
+        # the trainer only stores episodes here: no Stage 1 pushes into the policy during a latency run
+        "/trainer.iterate=false",
+        "/policy.policy=vla",
+        f"/policy.model_store={models.resolve()}",
+        f"/policy.version={info.version_id}",
+    ]
+
+
 def measure(
-    work_dir: Path, rtf: float, seconds: float, startup_timeout: float = 120.0, settle_margin: float = 2.0
+    work_dir: Path,
+    rtf: float,
+    seconds: float,
+    startup_timeout: float = 120.0,
+    settle_margin: float = 2.0,
+    policy_overrides: Sequence[str] = (),
 ) -> dict:
     """Run the sim graph at real-time factor `rtf` for `seconds` wall seconds, from its first action (rtf 0)
     or from when the simulated clock has caught up with wall time (rtf > 0)."""
-    overrides = [f"/sim_cell.real_time_factor={rtf}", "/episode_manager.num_episodes=0"]
+    overrides = [f"/sim_cell.real_time_factor={rtf}", "/episode_manager.num_episodes=0", *policy_overrides]
     with sim_graph(work_dir, overrides) as graph:
         params = graph.runner.effective_parameters  # type: ignore[attr-defined]
         control_period = float(params.get("/sim_cell", {}).get("control_period", 0.1))
@@ -228,21 +261,43 @@ def run(
     real_time_seconds: float = 75.0,
     fast_seconds: float = 40.0,
     real_time_factors: Sequence[float] = (1.0, 0.0),
+    vla_seconds: float = 0.0,
 ) -> Path:
+    """`vla_seconds`: wall seconds of the VLA entry at rtf 1 (0: no VLA entry; make bench runs 75)."""
     entries = []
     for rtf in real_time_factors:
         seconds = real_time_seconds if rtf > 0 else fast_seconds
-        entries.append(measure(work_dir / f"rtf{rtf:g}", rtf, seconds))
+        entries.append({"policy": "scripted_expert", **measure(work_dir / f"rtf{rtf:g}", rtf, seconds)})
+    vla: dict[str, object] | None = None
+    if vla_seconds > 0:
+        overrides = vla_overrides(work_dir / "vla" / "models")
+        # the first VLA inferences and the validator child make start-up slower than the expert's
+        entry = measure(work_dir / "vla", 1.0, vla_seconds, startup_timeout=300.0, policy_overrides=overrides)
+        entries.append({"policy": "vla", **entry})
+        p99 = entry["latency_frame_to_action_ms"]["p99"]  # type: ignore[index]
+        vla = {
+            "latency_frame_to_action_ms_p99": p99,
+            "goal_p99_ms": VLA_GOAL_P99_MS,
+            "goal_met": p99 is not None and p99 <= VLA_GOAL_P99_MS,
+        }
+        log(f"VLA: frame -> arm command p99 {p99} ms (goal <= {VLA_GOAL_P99_MS} ms)")
     parameters = {
-        "graph": "collect (sim profile), scripted expert with action_noise 0.1, one camera (corner, 128x128)",
+        "graph": "collect (sim profile), one camera (corner, 128x128); entries with policy scripted_expert "
+        "(action_noise 0.1) and vla (compact, untrained, onnxruntime 2 threads)",
         "real_time_factors": list(real_time_factors),
         "seconds_at_real_time": real_time_seconds,
         "seconds_as_fast_as_possible": fast_seconds,
-        "overrides": ["/sim_cell.real_time_factor=<rtf>", "/episode_manager.num_episodes=0"],
+        "vla_seconds_at_real_time": vla_seconds,
+        "overrides": [
+            "/sim_cell.real_time_factor=<rtf>",
+            "/episode_manager.num_episodes=0",
+            "vla entry: /policy.policy=vla /policy.model_store=<run> /policy.version=<untrained v0001>",
+        ],
     }
-    return write_result(
-        out_dir / "control_loop.json", "control_loop", parameters, {"measures": MEASURES, "entries": entries}
-    )
+    body: dict[str, object] = {"measures": MEASURES, "entries": entries}
+    if vla is not None:
+        body["vla_frame_to_action"] = vla
+    return write_result(out_dir / "control_loop.json", "control_loop", parameters, body)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -250,8 +305,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     parser.add_argument("--seconds", type=float, default=75.0, help="wall seconds measured at rtf 1")
     parser.add_argument("--fast-seconds", type=float, default=40.0, help="wall seconds measured at rtf 0")
+    parser.add_argument(
+        "--vla-seconds", type=float, default=75.0, help="wall seconds with the VLA at rtf 1 (0: skip)"
+    )
+    parser.add_argument(
+        "--rtf", type=float, nargs="*", default=[1.0, 0.0], help="real-time factors of the expert entries"
+    )
     args = parser.parse_args(argv)
-    run(args.out, real_time_seconds=args.seconds, fast_seconds=args.fast_seconds)
+    run(
+        args.out,
+        real_time_seconds=args.seconds,
+        fast_seconds=args.fast_seconds,
+        real_time_factors=args.rtf,
+        vla_seconds=args.vla_seconds,
+    )
 
 
 if __name__ == "__main__":

@@ -181,7 +181,11 @@ def sim_graph(
     log_dir = work_dir / "logs"
     with leased_domain() as domain:
         env = dict(os.environ, ROS_DOMAIN_ID=str(domain), ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST")
-        settings = [f"/trainer.store_path={(work_dir / 'store').resolve()}", *overrides]
+        settings = [
+            f"/trainer.store_path={(work_dir / 'store').resolve()}",
+            f"/trainer.run_dir={(work_dir / 'trainer').resolve()}",
+            *overrides,
+        ]
         runner = GraphRunner(collect_graph("sim", tuple(cameras)), settings, env=env, log_dir=log_dir)
         observer = Observer(domain, [image_topic(c) for c in cameras] if observe_images else [])
         log(

@@ -23,7 +23,9 @@ def plot_control_loop(result: Path, image: Path | None = None) -> Path:
     fig, axes = plt.subplots(len(entries), 2, figsize=(11, 3.2 * len(entries)), squeeze=False)
     for row, entry in zip(axes, entries, strict=True):
         rtf = entry["real_time_factor"]
-        label = f"rtf {rtf:g}" + (" (as fast as possible)" if rtf == 0 else "")
+        label = f"{entry.get('policy', 'scripted_expert')}, rtf {rtf:g}" + (
+            " (as fast as possible)" if rtf == 0 else ""
+        )
         for ax, key, title, nominal in (
             (row[0], "period_ms", "control tick period", entry.get("jitter_nominal_ms") if rtf > 0 else None),
             (row[1], "latency_frame_to_record_ms", "camera frame -> step record latency", None),

@@ -13,7 +13,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from irevla_ros.bench import control_loop, plot, sim_camera, transport
+from irevla_ros.bench import control_loop, plot, policy_node, sim_camera, transport
 from irevla_ros.bench.harness import RESULTS_DIR, log
 
 
@@ -21,18 +21,29 @@ def benchmarks(out: Path, work: Path, quick: bool) -> list[tuple[str, Callable[[
     """(name, thunk) for each step; `quick` is a few seconds each, for checking the code paths."""
     if quick:
         return [
-            ("control_loop", lambda: control_loop.run(out, work / "control_loop", 5.0, 5.0)),
+            (
+                "control_loop",
+                lambda: control_loop.run(out, work / "control_loop", 5.0, 5.0, vla_seconds=5.0),
+            ),
             ("transport", lambda: transport.run(out, work / "transport", episodes=1, max_seconds=30.0)),
             ("sim_camera", lambda: sim_camera.run(out, work / "sim_camera", seconds=4.0, renders=10)),
             ("plot", lambda: plot.plot_control_loop(out / "control_loop.json")),
             ("policy", lambda: policy_latency(out, steps=20)),
+            (
+                "policy_node",
+                # one compact version still takes ~30 s to save: the quick run skips the second one
+                lambda: policy_node.run(
+                    out, work / "policy_node", 1, settle_s=0.5, warmup_actions=5, full_swap=False
+                ),
+            ),
         ]
     return [
-        ("control_loop", lambda: control_loop.run(out, work / "control_loop")),
+        ("control_loop", lambda: control_loop.run(out, work / "control_loop", vla_seconds=75.0)),
         ("transport", lambda: transport.run(out, work / "transport")),
         ("sim_camera", lambda: sim_camera.run(out, work / "sim_camera")),
         ("plot", lambda: plot.plot_control_loop(out / "control_loop.json")),
         ("policy", lambda: policy_latency(out, steps=300)),
+        ("policy_node", lambda: policy_node.run(out, work / "policy_node")),
     ]
 
 

@@ -136,8 +136,12 @@ class PolicyNode(Node):
     def _on_version(self, msg: PolicyVersion) -> None:
         if not self._takes_versions():
             return
-        self.get_logger().info(f"version {msg.version_id} announced ({msg.stage}): loading in the background")
-        self.slot.request(msg.version_id)
+        kind = "heads-only" if msg.heads_only else "full"
+        self.get_logger().info(
+            f"version {msg.version_id} announced ({msg.stage}, {kind}): loading in the background"
+        )
+        # The announcement's heads_only must agree with the store; the loader refuses the version otherwise.
+        self.slot.request(msg.version_id, heads_only=bool(msg.heads_only))
 
     def _takes_versions(self) -> bool:
         return self.params["policy"] == "vla"
@@ -176,8 +180,13 @@ class PolicyNode(Node):
                     f"version {event.version} refused, {self.policy.version} stays: {event.detail}"
                 )
             elif event.kind == "loaded":
+                note = f" ({event.detail})" if event.detail else ""
                 self.get_logger().info(
-                    f"version {event.version} loaded and validated in {event.seconds:.2f} s"
+                    f"version {event.version} loaded and validated in {event.seconds:.2f} s{note}"
+                )
+            elif event.kind == "swapped":
+                self.get_logger().info(
+                    f"version {event.version}: swapped in, {event.seconds:.2f} s after it was requested"
                 )
             else:
                 self.get_logger().info(f"version {event.version}: {event.kind}")
@@ -302,6 +311,11 @@ class PolicyNode(Node):
         except (HoldTick, PolicyError) as exc:
             self._publish(now, obs, None, hold_reason=str(exc))
             return
+        # a policy bug (e.g. the runtime raising) holds the arm; the node keeps running
+        except Exception as exc:
+            reason = f"policy {self.policy.version} failed: {type(exc).__name__}: {exc}"
+            self._publish(now, obs, None, hold_reason=reason)
+            return
         self._publish(now, obs, output)
 
     def _publish(
@@ -367,6 +381,10 @@ class PolicyNode(Node):
                     KeyValue(key="holds", value=str(self.holds)),
                     KeyValue(key="steps_published", value=str(self.steps_published)),
                     KeyValue(key="policy_version", value=self.policy.version),
+                    KeyValue(
+                        key="encoder_version",
+                        value=str(getattr(self.policy, "encoder_version", self.policy.version)),
+                    ),
                 ],
             )
         ]

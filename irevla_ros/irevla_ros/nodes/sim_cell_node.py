@@ -22,7 +22,6 @@ import threading
 import time
 from collections.abc import Callable
 
-import numpy as np
 from builtin_interfaces.msg import Time as TimeMsg
 from rclpy._rclpy_pybind11 import RCLError
 from rclpy.node import Node
@@ -39,6 +38,7 @@ from irevla_ros.nodes.camera_node import CameraNode
 from irevla_ros.nodes.common import declare_parameters, run_nodes
 from irevla_ros.parameters import SIM_CELL
 from irevla_ros.sim.cell import MetaWorldCell
+from irevla_ros.sim.rollout import finish_control_period
 
 
 class RenderedCamera(CameraBackend):
@@ -191,9 +191,8 @@ class SimCellNode(Node):
                         f"no arm command within {max_wait} s (wall): period advanced with the arm held",
                         throttle_duration_sec=5.0,
                     )
-                gripper = float(self.cell.data.ctrl[0]) if self.cell.data.ctrl.size else 0.0
-                while self.cell.sim_time < t0 + self.period - 1e-9:
-                    self.cell.apply_action(np.array([0.0, 0.0, 0.0, np.clip(gripper, -1, 1)]))
+                # The rest of the period holds the commanded target (shared with the direct rollout).
+                finish_control_period(self.cell, t0, self.period)
             if rtf > 0:
                 ahead = (self.clock_ns * 1e-9 + self.period - sim_start) / rtf - (
                     time.monotonic() - wall_start

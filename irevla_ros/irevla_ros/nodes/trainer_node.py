@@ -1,13 +1,21 @@
-"""Trainer node, episode-store half: step records + episode events in, durable episodes out.
+"""Trainer node: the episode store, and the iRe-VLA iterations that turn its episodes into better policies.
+
+Episode-store half: step records + episode events in, durable episodes out.
 
 An episode is finalised when the episode manager has ended it (outcome) and the policy node has said how many
 records it emitted (STEPS_DONE), and either all of them arrived or a grace period passed (then it is stored as
 incomplete, never dropped). It is written by the store on a worker thread (atomic file + catalogue row), and only
 then acknowledged on /trainer/episode_stored. A restarted trainer recovers the store on open.
+
+Iteration half (`iterate`): a worker thread runs `train.iteration.IterationRunner`: every stored policy episode
+feeds Stage 1 (online RL on the heads), head updates and promoted Stage 2 versions are announced on
+/trainer/policy_version (latched), and the RunIteration action (/trainer/run_iteration) ends a session on the
+operator's word, with progress feedback and cancel. The runner persists its phase, so a restarted trainer resumes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -15,12 +23,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rclpy._rclpy_pybind11 import RCLError
+from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.clock import Clock as RosClock
 from rclpy.clock import ClockType
 from rclpy.node import Node
+from rclpy.task import Future
 
-from irevla_interfaces.msg import EpisodeEvent, EpisodeStored, Metric, StepRecord, TrainerStatus
+from irevla_interfaces.action import RunIteration
+from irevla_interfaces.msg import (
+    EpisodeEvent,
+    EpisodeStored,
+    Metric,
+    PolicyVersion,
+    StepRecord,
+    TrainerStatus,
+)
 from irevla_ros import topics
 from irevla_ros.nodes.common import (
     LATCHED_QOS,
@@ -35,8 +53,24 @@ from irevla_ros.nodes.event_codes import OUTCOME_CODES, OUTCOME_NAMES, SOURCE_NA
 from irevla_ros.parameters import TRAINER
 from irevla_ros.store.episode_store import EpisodeAssembler, EpisodeStore
 from irevla_ros.store.records import AssembledEpisode, EpisodeMeta, InvalidRecordError, StepData
+from irevla_ros.train.iteration import (
+    IterationConfig,
+    IterationError,
+    IterationRequest,
+    IterationRunner,
+    simulation_evaluator,
+)
+from irevla_ros.train.metrics import MetricsLog
+from irevla_ros.train.sft import SFTConfig
+from irevla_ros.vla.model_store import InvalidVersionError, ModelStore, VersionInfo
 
-FINALISE_GRACE_S = 3.0  # wall seconds to wait for in-flight step records after STEPS_DONE
+FINALISE_GRACE_S = 3.0
+PHASE_STATES = {
+    "session": TrainerStatus.COLLECTING,
+    "supervised": TrainerStatus.SUPERVISED,
+    "validating": TrainerStatus.VALIDATING,
+    "announcing": TrainerStatus.ANNOUNCING,
+}  # wall seconds to wait for in-flight step records after STEPS_DONE
 
 
 @dataclass
@@ -114,6 +148,124 @@ class TrainerNode(Node):
         self._writer = threading.Thread(target=self._write_loop, name="episode-writer", daemon=True)
         self._writer.start()
         self.get_logger().info(f"episode store at {self.store_path}: {self.store.stats().total} episodes")
+        self.runner: IterationRunner | None = None
+        self._goal_handles: dict[bytes, tuple[object, IterationRequest]] = {}
+        self._stage_progress = ("collect", 0.0, "")
+        self._stop = threading.Event()
+        self._iteration_thread: threading.Thread | None = None
+        if p["iterate"]:
+            self._start_iterations(group)
+
+    # --- iterations -----------------------------------------------------------------------------------------------
+    def _start_iterations(self, group: MutuallyExclusiveCallbackGroup) -> None:
+        p = self.params
+        config = iteration_config(p)
+        run_dir = Path(str(p["run_dir"])).expanduser().resolve()
+        models = Path(str(p["model_store"])).expanduser().resolve()
+        self._version_pub = self.create_publisher(PolicyVersion, topics.POLICY_VERSION, LATCHED_QOS)
+        self.metrics_log = MetricsLog(run_dir)
+        self.runner = IterationRunner(
+            run_dir,
+            self.store,
+            ModelStore(models),
+            config,
+            announce=self._announce,
+            progress=self._on_progress,
+            log=lambda text: self.get_logger().info(text),
+            metrics=self.metrics_log,
+            evaluate=simulation_evaluator(models) if config.validation_episodes else None,
+        )
+        self._action = ActionServer(
+            self,
+            RunIteration,
+            topics.RUN_ITERATION,
+            execute_callback=self._execute_iteration,
+            goal_callback=lambda goal: GoalResponse.ACCEPT,
+            cancel_callback=self._cancel_iteration,
+            callback_group=group,
+        )
+        self._iteration_thread = threading.Thread(target=self._iteration_loop, name="iterations", daemon=True)
+        self._iteration_thread.start()
+
+    def _iteration_loop(self) -> None:
+        assert self.runner is not None
+        initial = str(self.params["initial_version"])
+        while (
+            not self._stop.is_set()
+        ):  # no version yet (expert demonstrations first): keep storing, look again
+            try:
+                self.runner.start(initial)
+                break
+            except (IterationError, InvalidVersionError) as exc:
+                self._stage_progress = ("collect", 0.0, f"no iterations yet: {exc}")
+                self._stop.wait(2.0)
+        self.runner.work(self._stop)
+
+    def _announce(self, info: VersionInfo) -> None:
+        msg = PolicyVersion(
+            version_id=info.version_id,
+            parent_version=info.parent or "",
+            location=str(info.path),
+            sha256=info.manifest_sha256,
+            stage=info.stage,
+            heads_only=bool(info.meta.get("heads_only", False)),
+            metrics=[
+                Metric(name=str(k), value=float(v))
+                for k, v in info.metrics.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)
+            ],
+        )
+        msg.header.stamp = self.get_clock().now().to_msg()
+        try:
+            self._version_pub.publish(msg)
+        except RCLError:
+            if self.context.ok():
+                raise
+
+    def _on_progress(self, stage: str, progress: float, message: str) -> None:
+        self._stage_progress = (stage, float(progress), message)
+        for goal_handle, _ in list(self._goal_handles.values()):
+            with contextlib.suppress(RCLError):
+                goal_handle.publish_feedback(
+                    RunIteration.Feedback(stage=stage, progress=float(progress), message=message)
+                )
+
+    async def _execute_iteration(self, goal_handle: object) -> RunIteration.Result:
+        assert self.runner is not None
+        goal = goal_handle.request  # type: ignore[attr-defined]
+        request = IterationRequest(
+            reason=goal.reason or "operator",
+            max_supervised_steps=int(goal.max_supervised_steps),
+            announce=bool(goal.announce),
+        )
+        key = bytes(goal_handle.goal_id.uuid)  # type: ignore[attr-defined]
+        self._goal_handles[key] = (goal_handle, request)
+        self.runner.request_iteration(request)
+        done = Future()
+        threading.Thread(target=lambda: (request.done.wait(), done.set_result(True)), daemon=True).start()
+        await done
+        del self._goal_handles[key]
+        r = request.result
+        result = RunIteration.Result(
+            success=bool(r.get("promoted")),
+            new_version=str(r.get("new_version", "")),
+            promoted=bool(r.get("promoted")),
+            message=str(r.get("why", "")),
+            metrics=_metrics(r),
+        )
+        if r.get("cancelled"):
+            goal_handle.canceled()  # type: ignore[attr-defined]
+        elif r.get("new_version") or r.get("why"):
+            goal_handle.succeed()  # type: ignore[attr-defined]
+        else:
+            goal_handle.abort()  # type: ignore[attr-defined]
+        return result
+
+    def _cancel_iteration(self, goal_handle: object) -> CancelResponse:
+        entry = self._goal_handles.get(bytes(goal_handle.goal_id.uuid))  # type: ignore[attr-defined]
+        if entry is not None:
+            entry[1].cancel.set()
+        return CancelResponse.ACCEPT
 
     # --- inputs ---------------------------------------------------------------------------------------------------
     def _on_step(self, msg: StepRecord) -> None:
@@ -231,6 +383,8 @@ class TrainerNode(Node):
                 if self.context.ok():
                     raise
                 continue  # stored during shutdown: durable, but nobody is left to tell
+            if self.runner is not None:
+                self.runner.on_episode_stored(stored)
             note = "" if stored.complete else f" INCOMPLETE: {'; '.join(stored.reasons)}"
             self.get_logger().info(
                 f"stored {stored.episode_id} ({stored.num_steps} steps, {stored.outcome}){note}"
@@ -248,13 +402,71 @@ class TrainerNode(Node):
             metrics=[Metric(name="rejected_steps", value=float(self.rejected_steps))]
             + [Metric(name=f"outcome_{k}", value=float(v)) for k, v in stats.by_outcome.items()],
         )
+        if self.runner is not None:
+            record = self.runner.record
+            stage, progress, message = self._stage_progress
+            msg.state = TrainerStatus.ERROR if self.runner.last_error else PHASE_STATES[record.phase]
+            msg.iteration = record.iteration
+            msg.stage = stage if record.phase != "session" else "session"
+            msg.progress = progress
+            msg.active_version = record.running_version
+            msg.message = self.runner.last_error or message
+            successes = record.session_successes
+            msg.metrics.append(Metric(name="session_episodes", value=float(len(successes))))
+            if successes:
+                msg.metrics.append(Metric(name="session_success_rate", value=sum(successes) / len(successes)))
         msg.header.stamp = self.get_clock().now().to_msg()
         self._status_pub.publish(msg)
 
     def close(self) -> None:
+        self._stop.set()
         self._writes.put(None)
         self._writer.join(timeout=30.0)
+        if self._iteration_thread is not None:
+            self._iteration_thread.join(timeout=10.0)
+            self.metrics_log.close()
         self.store.close()
+
+
+def iteration_config(p: dict[str, object]) -> IterationConfig:
+    """The trainer's parameters as an IterationConfig (cameras come from the dataset: the policy's camera set)."""
+    return IterationConfig(
+        episode_budget=int(p["episode_budget"]),  # type: ignore[call-overload]
+        plateau_window=int(p["plateau_window"]),  # type: ignore[call-overload]
+        plateau_delta=float(p["plateau_delta"]),  # type: ignore[arg-type]
+        auto_iterate=bool(p["auto_iterate"]),
+        max_iterations=int(p["max_iterations"]),  # type: ignore[call-overload]
+        stage1_enabled=bool(p["stage1_enabled"]),
+        stage1_algorithm=str(p["stage1_algorithm"]),
+        stage1_push_every_episodes=int(p["push_every_episodes"]),  # type: ignore[call-overload]
+        stage1_push_every_seconds=float(p["push_every_seconds"]),  # type: ignore[arg-type]
+        stage1_overrides={"episodes_per_update": int(p["episodes_per_update"])},  # type: ignore[call-overload]
+        sft=SFTConfig(
+            steps=int(p["sft_steps"]),  # type: ignore[call-overload]
+            batch_size=int(p["sft_batch_size"]),  # type: ignore[call-overload]
+            rl_fraction=float(p["rl_fraction"]),  # type: ignore[arg-type]
+        ),
+        stage2_launcher=str(p["stage2_launcher"]),
+        stage2_nproc=int(p["stage2_nproc"]),  # type: ignore[call-overload]
+        validation_tasks=tuple(str(t) for t in p["validation_tasks"]),  # type: ignore[attr-defined]
+        validation_episodes=int(p["validation_episodes"]),  # type: ignore[call-overload]
+        validation_margin=float(p["validation_margin"]),  # type: ignore[arg-type]
+    )
+
+
+def _metrics(result: dict[str, object]) -> list[Metric]:
+    out = []
+    for key in ("session_success_rate", "session_episodes", "iteration"):
+        value = result.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out.append(Metric(name=key, value=float(value)))
+    evaluation = result.get("evaluation")
+    if isinstance(evaluation, dict):
+        for which in ("running", "candidate"):
+            rate = (evaluation.get(which) or {}).get("success_rate")
+            if isinstance(rate, (int, float)):
+                out.append(Metric(name=f"eval_{which}_success_rate", value=float(rate)))
+    return out
 
 
 def main(args: list[str] | None = None) -> int:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from irevla_ros.policies.base import Policy
 
-PolicyLoader = Callable[[str], Policy]
+PolicyLoader = Callable[..., Policy]  # (version, **hints) -> Policy
 
 
 @dataclass
@@ -41,8 +41,9 @@ class PolicySlot:
         with self._lock:
             self.events.append(event)
 
-    def request(self, version: str) -> threading.Thread | None:
-        """Load and validate `version` in the background; None if it is active, pending or already loading."""
+    def request(self, version: str, **hints: object) -> threading.Thread | None:
+        """Load and validate `version` in the background; None if it is active, pending or already loading.
+        `hints` (e.g. heads_only=True from the announcement) are passed to the loader as keywords."""
         if self._loader is None:
             raise ValueError("this policy slot has no loader: the active policy does not take versions")
         with self._lock:
@@ -53,16 +54,18 @@ class PolicySlot:
             if busy or current:
                 return None
             self.announced_at[version] = time.monotonic()
-            thread = threading.Thread(target=self._load, args=(version,), name=f"load-{version}", daemon=True)
+            thread = threading.Thread(
+                target=self._load, args=(version, hints), name=f"load-{version}", daemon=True
+            )
             self._loading[version] = thread
         thread.start()
         return thread
 
-    def _load(self, version: str) -> None:
+    def _load(self, version: str, hints: dict[str, object]) -> None:
         assert self._loader is not None
         started = time.monotonic()
         try:
-            policy = self._loader(version)
+            policy = self._loader(version, **hints) if hints else self._loader(version)
         except Exception as exc:  # any failure to load or validate refuses the version, never the node
             self._record(
                 SlotEvent("rejected", version, f"{type(exc).__name__}: {exc}", time.monotonic() - started)
@@ -70,7 +73,8 @@ class PolicySlot:
             return
         with self._lock:
             self._pending = policy
-        self._record(SlotEvent("loaded", version, seconds=time.monotonic() - started))
+        note = str(getattr(policy, "load_note", "") or "")
+        self._record(SlotEvent("loaded", version, note, seconds=time.monotonic() - started))
 
     def rollback(self) -> str:
         """Schedule a return to the previous version (at the next tick); returns its name."""
@@ -89,5 +93,8 @@ class PolicySlot:
                 return None
             self.previous, self.active, self._pending = self.active, self._pending, None
             new = self.active
-        self._record(SlotEvent("swapped", new.version))
+            announced = self.announced_at.pop(new.version, None)
+        # seconds: from the request (announcement) to this tick; 0 for a rollback's return
+        waited = time.monotonic() - announced if announced is not None else 0.0
+        self._record(SlotEvent("swapped", new.version, seconds=waited))
         return new

@@ -1,11 +1,17 @@
 """The VLA in the policy slot: a model-store version run by ONNX Runtime (torch as fallback), with the model's
-own Gaussian exploration (or its mean, deterministic, for evaluation)."""
+own Gaussian exploration (or its mean, deterministic, for evaluation).
+
+A heads-only version (Stage 1 pushes) goes through the same path (validated in a child process, warmed,
+swapped at a tick) but shares the text/encoder sessions of a loaded runtime on the same base version, so the
+node loads only its heads graph."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import threading
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,6 +32,9 @@ class VLAPolicy:
         self.deterministic = deterministic
         self._rng = np.random.default_rng(seed)
         self._instruction = ""
+        # The full version whose backbone runs (== version unless this is a heads-only version).
+        self.encoder_version = str(getattr(runtime, "encoder_version", None) or version)
+        self.load_note = ""  # how it was loaded, for the node's log
 
     def reset(self, instruction: str) -> None:
         self._instruction = instruction
@@ -40,7 +49,10 @@ class VLAPolicy:
         except VLAInputError as exc:
             raise PolicyError(f"VLA input: {exc}") from exc
         if not (np.all(np.isfinite(mean)) and np.isfinite(value)):
-            raise PolicyError(f"VLA {self.version} produced non-finite output {np.asarray(mean).tolist()}")
+            raise PolicyError(
+                f"VLA {self.version} produced non-finite output: action mean {np.asarray(mean).tolist()}, "
+                f"value {float(value)}"
+            )
         action, log_prob = self.runtime.sample(mean, self._rng, deterministic=self.deterministic)  # type: ignore[attr-defined]
         return PolicyOutput(action, log_prob=None if self.deterministic else log_prob, value=float(value))
 
@@ -75,10 +87,22 @@ def _validate_in_subprocess(store_root: Path, version_id: str, timeout: float = 
         raise InvalidVersionError(reason.split(": ", 1)[-1] if "Error: " in reason else reason)
 
 
-def vla_loader(store_root: str, *, deterministic: bool = False, seed: int = 0) -> Callable[[str], VLAPolicy]:
-    """version id ('' = newest) -> a validated VLAPolicy; raises with the reason for a bad version."""
+class HeadsOnlyMismatchError(InvalidVersionError):
+    """A version was announced as heads-only (or full) and the store says otherwise."""
 
-    def load(version_id: str) -> VLAPolicy:
+
+def vla_loader(store_root: str, *, deterministic: bool = False, seed: int = 0) -> Callable[..., VLAPolicy]:
+    """version id ('' = newest) -> a validated VLAPolicy; raises with the reason for a bad version.
+
+    `load(version_id, heads_only=None)`: `heads_only` is what the announcement said; a version whose store
+    metadata disagrees is refused."""
+    # Loaded runtimes by the full version whose encoder they run; weak, so this never keeps a runtime alive
+    # that the slot has let go of (active and previous are the ones that matter).
+    runtimes: weakref.WeakValueDictionary[str, object] = weakref.WeakValueDictionary()
+    probe_latents: dict[str, np.ndarray] = {}  # encoder version -> its latent of the probe observation
+    lock = threading.Lock()
+
+    def load(version_id: str, heads_only: bool | None = None) -> VLAPolicy:
         store = ModelStore(store_root)
         if not version_id:
             latest = store.latest()
@@ -88,9 +112,41 @@ def vla_loader(store_root: str, *, deterministic: bool = False, seed: int = 0) -
                     "scripted demonstrations)"
                 )
             version_id = latest.version_id
-        _validate_in_subprocess(store.root, version_id)
-        runtime = make_runtime(store.get(version_id).path)
-        runtime.act(*probe_observation(runtime.config))  # warm-up: the first inference allocates, not a tick
-        return VLAPolicy(runtime, version_id, deterministic=deterministic, seed=seed)
+        info = store.get(version_id)
+        if heads_only is not None and bool(heads_only) != info.heads_only:
+            said, is_ = ("heads-only", "a full version") if heads_only else ("full", "heads-only")
+            raise HeadsOnlyMismatchError(f"{version_id} was announced as {said} but the store has {is_}")
+        with lock:
+            shared = runtimes.get(info.base_version) if info.heads_only else None
+            latent = probe_latents.get(info.base_version)
+        if (
+            shared is not None
+            and latent is not None
+            and getattr(shared, "encoder_manifest_sha256", None) == info.meta.get("base_manifest_sha256")
+        ):
+            # A heads update on the encoder this node already runs (verified when it was loaded): the light
+            # check, here and in milliseconds, instead of a child process that loads the whole model.
+            store.validate_heads(version_id, latents=latent)
+            how = "shared, heads validated in-process"
+        else:
+            _validate_in_subprocess(store.root, version_id)
+            shared, how = None, "loaded"
+        runtime = make_runtime(info.path, reuse=shared)  # type: ignore[arg-type]
+        probe = probe_observation(runtime.config)
+        if getattr(runtime, "reused_encoder", False):
+            # warm-up of the only new graph; the shared encoder is warm and busy with the control ticks
+            runtime.heads(latent)  # type: ignore[attr-defined]
+            runtime.encode_instruction(probe[1])  # type: ignore[attr-defined]
+        else:
+            _, _, probe_latent = runtime.act(*probe)  # type: ignore[attr-defined]  # warm-up: allocates now
+        encoder = str(getattr(runtime, "encoder_version", None) or info.base_version)
+        with lock:
+            runtimes[encoder] = runtime  # any runtime on this encoder shares the same sessions
+            if not getattr(runtime, "reused_encoder", False):
+                probe_latents[encoder] = probe_latent
+        policy = VLAPolicy(runtime, version_id, deterministic=deterministic, seed=seed)
+        if info.heads_only:
+            policy.load_note = f"heads-only on {info.base_version} (encoder {how})"
+        return policy
 
     return load

@@ -210,6 +210,10 @@ class EpisodeAssembler:
             while len(self._ended) > self._remember_ended:
                 self._ended.popitem(last=False)
         indices = sorted(episode.steps)
+        # The catalogue names the version that produced the actions (the step records say; START may not know).
+        versions = [episode.steps[i].policy_version for i in indices if episode.steps[i].policy_version]
+        if versions:
+            meta = dataclasses.replace(meta, policy_version=versions[0])
         reasons: list[str] = []
         if not indices:
             reasons.append("no steps received")

@@ -31,7 +31,7 @@ from typing import Any
 
 from irevla_ros.store.episode_store import EpisodeStore
 from irevla_ros.store.records import StoredEpisode
-from irevla_ros.train.datasets import DatasetError, expert_set, load_transitions, rl_set
+from irevla_ros.train.datasets import DatasetError, expert_set, rl_set
 from irevla_ros.train.metrics import MetricsLog
 from irevla_ros.train.sft import SFTConfig
 from irevla_ros.vla.model_store import InvalidVersionError, ModelStore, VersionInfo
@@ -64,7 +64,7 @@ class IterationConfig:
     stage1_algorithm: str = "ppo"  # ppo (simulation) or sacfd (real robots)
     stage1_push_every_episodes: int = 2
     stage1_push_every_seconds: float = 0.0
-    stage1_overrides: dict[str, Any] = field(default_factory=dict)  # any other Stage1Config field
+    stage1_overrides: dict[str, Any] = field(default_factory=dict)  # any other Stage1Config field (from_dict)
     # Stage 2
     sft: SFTConfig = field(default_factory=lambda: SFTConfig(steps=150, batch_size=16))
     stage2_launcher: str = "local"  # local, torchrun, or a remote command template with {job}
@@ -173,7 +173,7 @@ class IterationRunner:
         progress: Progress | None = None,
         log: Callable[[str], None] = print,
         metrics: MetricsLog | None = None,
-        evaluate: Callable[[str, Sequence[str], int, int], dict[str, Any]] | None = None,
+        evaluate: Callable[[str, Sequence[str], int, int], Any] | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -192,6 +192,7 @@ class IterationRunner:
         self._wake = threading.Event()
         self._lock = threading.Lock()
         self._online: Any = None  # OnlineRL of this session
+        self._latents: Any = None  # LatentCache of the session's frozen encoder
         self._model: Any = None  # the torch model Stage 1 trains (the running version)
         self.last_error = ""
         self.cameras: tuple[str, ...] = ()
@@ -291,41 +292,54 @@ class IterationRunner:
     def _ensure_stage1(self) -> Any:
         if self._online is not None:
             return self._online
+        from irevla_ros.train.latents import LatentCache, encoder_key
         from irevla_ros.train.stage1 import OnlineRL, Stage1Config
 
+        cfg = self.config
         model, _, _ = self.models.load(self.record.running_version)
-        stage1 = Stage1Config(
-            algorithm=self.config.stage1_algorithm,
-            push_every_episodes=self.config.stage1_push_every_episodes,
-            push_every_seconds=self.config.stage1_push_every_seconds,
-            **self.config.stage1_overrides,
+        stage1 = Stage1Config.from_dict(
+            {
+                "algorithm": cfg.stage1_algorithm,
+                "push_every_episodes": cfg.stage1_push_every_episodes,
+                "push_every_seconds": cfg.stage1_push_every_seconds,
+                **cfg.stage1_overrides,
+            }
         )
         self._model = model
+        # a restart finds the checkpoint here and resumes: heads, optimiser, RNG, counters (never re-initialised)
         self._online = OnlineRL(model, stage1, self._iteration_dir() / "stage1")
-        if self.config.stage1_algorithm == "sacfd":
-            self._add_demos(self._online)
+        self._latents = LatentCache(self._latent_cache(), encoder_key(model))
+        if cfg.stage1_algorithm == "sacfd":
+            demos = self.store.trainable(source="expert", outcome="success")
+            demos += self.store.trainable(source="intervention", outcome="success")
+            if demos:
+                self._online.add_demos(self._latent_episodes(demos))
+        # Episodes fed before a restart but after the last checkpoint: OnlineRL ignores those it already has.
+        if self.record.session_episodes:
+            rows = [self.store.get(e) for e in self.record.session_episodes]
+            self._online.add_episodes(self._latent_episodes(rows))
         return self._online
 
-    def _add_demos(self, online: Any) -> None:
-        from irevla_ros.train.latents import from_transitions
+    def _latent_episodes(self, rows: list[StoredEpisode]) -> Any:
+        from irevla_ros.train.latents import latent_episodes_from_store
 
-        try:
-            demos = expert_set(self.store, self.cameras, cache_dir=self._cache_dir())
-        except DatasetError:
-            return
-        online.add_demos(from_transitions(self._model, demos, cache_dir=self._latent_cache()))
+        return latent_episodes_from_store(
+            self._model, self.store, rows, cache=self._latents, dataset_cache_dir=self._cache_dir()
+        )
 
     def _feed_session(self) -> None:
         rows = [r for r in self._session_rows() if self._belongs_to_session(r)]
         if not rows:
             return
         record = self.record
+        if self.config.stage1_enabled:
+            self._ensure_stage1()  # before the record lists these rows: a resume re-adds only older ones
         for row in rows:
             record.session_episodes.append(row.episode_id)
             record.session_successes.append(row.outcome == "success")
+        record.save(self._state_path)
         if self.config.stage1_enabled:
             self._stage1(rows)
-        record.save(self._state_path)
         n = len(record.session_successes)
         rate = sum(record.session_successes) / n
         if self.metrics is not None:
@@ -334,26 +348,23 @@ class IterationRunner:
                 self.metrics.scalar("session/episode_length", row.num_steps, n, iteration=record.iteration)
 
     def _stage1(self, rows: list[StoredEpisode]) -> None:
-        from irevla_ros.train.latents import from_transitions
-
         online = self._ensure_stage1()
-        data = load_transitions(self.store, rows, self.cameras, cache_dir=self._cache_dir())
-        online.add_episodes(from_transitions(self._model, data, cache_dir=self._latent_cache()))
+        online.add_episodes(self._latent_episodes(rows))
         stats = online.step()
         if stats:
-            self._progress("stage1", 0.0, f"RL update: {_brief(stats)}")
+            self._progress("stage1", 0.0, f"RL update {stats.get('updates', 0)}: {_brief(stats)}")
             if self.metrics is not None:
                 self.metrics.scalars(
                     "stage1", stats, int(stats.get("updates", 0)), iteration=self.record.iteration
                 )
         now = time.monotonic()
-        if stats and online.should_push(now):
+        if online.should_push(now):
             info = self.models.save_heads(
                 self._model,
                 parent=self.record.running_version,
                 stage="stage1_rl",
                 data={"episodes": list(self.record.session_episodes)},
-                metrics={k: v for k, v in stats.items() if isinstance(v, (int, float))},
+                metrics={k: v for k, v in (stats or {}).items() if isinstance(v, (int, float))},
             )
             online.mark_pushed(now)
             with self._lock:
@@ -366,6 +377,7 @@ class IterationRunner:
     # ---- the iteration proper ----
     def _finish_iteration(self, request: IterationRequest) -> None:
         record = self.record
+        self.last_error = ""
         try:
             if record.phase == "session":
                 record.end_reason = request.reason
@@ -410,13 +422,31 @@ class IterationRunner:
                 "why": f"cancelled: {exc}",
                 "cancelled": True,
             }
-        except (IterationError, DatasetError, InvalidVersionError, OSError) as exc:
-            # Stay in the phase: the worker retries (a remote host back up, more data stored) while the cell
-            # keeps running the current version.
-            request.result = {"promoted": False, "new_version": "", "why": f"{type(exc).__name__}: {exc}"}
-            request.done.set()
-            raise
+        except Exception as exc:
+            # The iteration failed (no expert data, a Stage 2 job that crashed, a remote host down...): it ends
+            # unpromoted like a failed validation, so the cell goes on with the running version and an automatic
+            # schedule does not retry in a loop; the operator can ask again with RunIteration.
+            why = f"{type(exc).__name__}: {exc}"
+            self._log(f"iteration {record.iteration} failed: {why}")
+            record.history.append({**self._verdict_base(), "promoted": False, "why": f"failed: {why}"})
+            self._next_session(promoted=None)
+            record.save(self._state_path)
+            self._write_report()
+            request.result = {"promoted": False, "new_version": "", "why": f"failed: {why}"}
+            self.last_error = why
         request.done.set()
+
+    def _verdict_base(self) -> dict[str, Any]:
+        record = self.record
+        return {
+            "iteration": record.iteration,
+            "candidate": record.candidate,
+            "running": record.running_version,
+            "base": record.base_version,
+            "end_reason": record.end_reason,
+            "session_episodes": len(record.session_episodes),
+            "session_success_rate": _rate(record.session_successes),
+        }
 
     def _next_session(self, promoted: str | None) -> None:
         record = self.record
@@ -465,40 +495,28 @@ class IterationRunner:
     def _validate(self, candidate: str, request: IterationRequest) -> dict[str, Any]:
         self._progress("validation", 0.0, f"validating {candidate}")
         record = self.record
-        verdict: dict[str, Any] = {
-            "iteration": record.iteration,
-            "candidate": candidate,
-            "running": record.running_version,
-            "base": record.base_version,
-            "end_reason": record.end_reason,
-            "session_episodes": len(record.session_episodes),
-            "session_success_rate": _rate(record.session_successes),
-            "stage2": self.models.get(candidate).metrics,
-        }
+        verdict = {**self._verdict_base(), "stage2": self.models.get(candidate).metrics}
         try:
             verdict["checks"] = self.models.validate(candidate)
         except InvalidVersionError as exc:
             return {**verdict, "promoted": False, "why": f"validation failed: {exc}"}
         cfg = self.config
         if cfg.validation_episodes and cfg.validation_tasks and self._evaluate is not None:
-            seed = cfg.validation_seed + 1000 * record.iteration
-            results = {}
+            from irevla_ros.train.evaluation import not_worse
+
+            seed = cfg.validation_seed + 1000 * record.iteration  # the same scenes for both versions
+            reports = []
             for i, version in enumerate((record.running_version, candidate)):
                 if request.cancel.is_set():
                     raise IterationCancelled("during validation")
-                self._progress("validation", 0.5 * i, f"evaluating {version}")
-                results[version] = self._evaluate(
-                    version, cfg.validation_tasks, cfg.validation_episodes, seed
-                )
-            old, new = results[record.running_version], results[candidate]
-            verdict["evaluation"] = {"running": old, "candidate": new}
-            if new["success_rate"] < old["success_rate"] - cfg.validation_margin:
-                return {
-                    **verdict,
-                    "promoted": False,
-                    "why": f"success rate {new['success_rate']:.2f} < running {old['success_rate']:.2f} "
-                    f"- margin {cfg.validation_margin}",
-                }
+                self._progress("validation", 0.5 * i, f"evaluating {version} in simulation")
+                reports.append(self._evaluate(version, cfg.validation_tasks, cfg.validation_episodes, seed))
+            running, new = reports
+            verdict["evaluation"] = {"running": running.to_dict(), "candidate": new.to_dict()}
+            ok, why = not_worse(new, running, cfg.validation_margin)
+            if not ok:
+                return {**verdict, "promoted": False, "why": f"evaluation: {why}"}
+            return {**verdict, "promoted": True, "why": f"validation passed; evaluation: {why}"}
         return {**verdict, "promoted": True, "why": "validation passed"}
 
     # ---- files ----
@@ -518,6 +536,18 @@ class IterationRunner:
             write_report(self.run_dir, self.record.history)
         except Exception as exc:  # a report is for people; never let plotting stop the loop
             self._log(f"report not written: {exc}")
+
+
+def simulation_evaluator(models_root: str | Path) -> Callable[[str, Sequence[str], int, int], Any]:
+    """(version, tasks, episodes per task, seed) -> EvalReport: deterministic episodes in the simulated cell,
+    run as the policy node runs the version (train/evaluation.py)."""
+
+    def run(version: str, tasks: Sequence[str], episodes: int, seed: int) -> Any:
+        from irevla_ros.train.evaluation import evaluate
+
+        return evaluate(version, tasks, episodes, seed, models=models_root)
+
+    return run
 
 
 def _rate(values: Sequence[bool]) -> float:

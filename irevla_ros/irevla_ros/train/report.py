@@ -16,7 +16,7 @@ from irevla_ros.train.metrics import read_metrics
 def _task_rates(evaluation: dict[str, Any] | None) -> dict[str, float]:
     if not evaluation:
         return {}
-    per_task = evaluation.get("per_task") or {}
+    per_task = evaluation.get("tasks") or {}
     out = {}
     for task, value in per_task.items():
         out[task] = float(value["success_rate"] if isinstance(value, dict) else value)

@@ -9,6 +9,18 @@
         manifest.json       sha256 and size of every file above
         meta.json           parent version, stage, data seen, metrics, ONNX check, and the manifest's sha256
 
+A heads-only version (Stage 1: online RL trains only the action head, the critic head and log_std, the
+backbone frozen) holds just those tensors and their graph: ~2 MB per push for the compact VLA, not ~224 MB:
+
+    <root>/v0004-stage1_rl/
+        heads.safetensors   action_head.*, critic_head.*, log_std
+        config.json         the base version's config, byte for byte
+        heads.onnx          latent -> action_mean, value, log_std
+        manifest.json, meta.json   as above; meta: heads_only true, base_version (the full version whose
+                            backbone and token learner it runs on, pinned by its manifest's sha256), parent
+
+Heads of heads resolve to the same base. `load` of a heads-only version returns the full model (base + heads).
+
 A version is built in a hidden temp folder next to the versions and renamed into place under a lock, so a
 reader never sees half a version and two writers never take the same number. `load` checks the manifest
 against meta, every file against the manifest, refuses unlisted files, non-finite weights and wrong shapes.
@@ -39,6 +51,10 @@ from irevla_ros.vla.config import VLAConfig, VLAConfigError
 from irevla_ros.vla.model import VLAModel
 
 WEIGHTS = "model.safetensors"
+HEADS_WEIGHTS = "heads.safetensors"
+HEADS_ONNX = "heads.onnx"
+# Top-level modules / parameters of VLAModel that a heads-only (Stage 1) version replaces.
+HEAD_MODULES = ("action_head", "critic_head", "log_std")
 CONFIG = "config.json"
 META = "meta.json"
 MANIFEST = "manifest.json"
@@ -75,6 +91,15 @@ class VersionInfo:
     manifest_sha256: str
     onnx: dict[str, Any] | None
     meta: dict[str, Any] = field(repr=False)
+
+    @property
+    def heads_only(self) -> bool:
+        return bool(self.meta.get("heads_only", False))
+
+    @property
+    def base_version(self) -> str:
+        """The full version whose backbone and token learner this version runs on (itself for a full one)."""
+        return str(self.meta["base_version"]) if self.heads_only else self.version_id
 
     @property
     def number(self) -> int:
@@ -157,6 +182,15 @@ def stored_state_dict(model: VLAModel) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if k not in base}
 
 
+def is_head_key(key: str) -> bool:
+    """A state-dict key that a heads-only version stores (and replaces)."""
+    return key.split(".", 1)[0] in HEAD_MODULES
+
+
+def heads_state_dict(model: VLAModel) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in stored_state_dict(model).items() if is_head_key(k)}
+
+
 def verify_version_dir(path: Path, meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Check manifest against meta and every file against the manifest; returns the manifest.
 
@@ -182,7 +216,7 @@ def verify_version_dir(path: Path, meta: Mapping[str, Any] | None = None) -> dic
             raise CorruptVersionError(f"{path.name}: file {name} is missing")
         if file.stat().st_size != entry.get("bytes") or sha256_file(file) != entry.get("sha256"):
             raise CorruptVersionError(f"{path.name}: checksum mismatch for {name}")
-    for required in (WEIGHTS, CONFIG):
+    for required in (HEADS_WEIGHTS if meta.get("heads_only") else WEIGHTS, CONFIG):
         if required not in files:
             raise CorruptVersionError(f"{path.name}: {required} is missing from {MANIFEST}")
     for name in (meta.get("onnx") or {}).get("files", {}).values():
@@ -203,9 +237,16 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def check_tensors(tensors: Mapping[str, torch.Tensor], model: VLAModel, where: str) -> None:
+def check_tensors(
+    tensors: Mapping[str, torch.Tensor], model: VLAModel, where: str, *, heads_only: bool = False
+) -> None:
     """Stored tensors against the model built from the config: same keys, same shapes, all finite."""
-    expected = stored_state_dict_shapes(model)
+    _check_shapes(tensors, stored_state_dict_shapes(model, heads_only=heads_only), where)
+
+
+def _check_shapes(
+    tensors: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]], where: str
+) -> None:
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
@@ -222,9 +263,13 @@ def check_tensors(tensors: Mapping[str, torch.Tensor], model: VLAModel, where: s
             raise InvalidVersionError(f"{where}: non-finite values (NaN/inf) in weights tensor {name}")
 
 
-def stored_state_dict_shapes(model: VLAModel) -> dict[str, tuple[int, ...]]:
+def stored_state_dict_shapes(model: VLAModel, *, heads_only: bool = False) -> dict[str, tuple[int, ...]]:
     base = {f"backbone.{k}" for k in (model.backbone.base_state_keys() or set())}
-    return {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in base}
+    return {
+        k: tuple(v.shape)
+        for k, v in model.state_dict().items()
+        if k not in base and (not heads_only or is_head_key(k))
+    }
 
 
 class ModelStore:
@@ -364,31 +409,170 @@ class ModelStore:
                 "bytes": {name: e["bytes"] for name, e in manifest["files"].items()},
                 "software": _software(),
             }
-            with self._lock():
-                numbers = [int(_VERSION_RE.fullmatch(p.name).group(1)) for p in self._version_dirs()]  # type: ignore[union-attr]
-                version_id = f"v{(max(numbers, default=0) + 1):04d}-{stage}"
-                meta = {
-                    **meta_base,
-                    "version_id": version_id,
-                    "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                }
-                _fsync_write(tmp / META, _json_bytes(meta))
-                os.rename(tmp, self.root / version_id)
-                dir_fd = os.open(self.root, os.O_RDONLY)
-                try:
-                    os.fsync(dir_fd)
-                finally:
-                    os.close(dir_fd)
+            version_id = self._commit(tmp, meta_base, stage)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return self.get(version_id)
+
+    def _commit(self, tmp: Path, meta_base: Mapping[str, Any], stage: str) -> str:
+        """Number the version, write its meta and rename the temp folder into place (under the lock)."""
+        with self._lock():
+            numbers = [int(_VERSION_RE.fullmatch(p.name).group(1)) for p in self._version_dirs()]  # type: ignore[union-attr]
+            version_id = f"v{(max(numbers, default=0) + 1):04d}-{stage}"
+            meta = {
+                **meta_base,
+                "version_id": version_id,
+                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            }
+            _fsync_write(tmp / META, _json_bytes(meta))
+            os.rename(tmp, self.root / version_id)
+            dir_fd = os.open(self.root, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        return version_id
+
+    def base_of(self, version_id: str) -> VersionInfo:
+        """The full version whose backbone a version runs on: itself, or the base of a heads-only version."""
+        info = self.get(version_id)
+        if not info.heads_only:
+            return info
+        base = self.get(info.base_version)
+        if base.heads_only:
+            raise CorruptVersionError(
+                f"{version_id}: its base {base.version_id} is itself heads-only (a base must be a full version)"
+            )
+        return base
+
+    def save_heads(
+        self,
+        model: VLAModel,
+        parent: str,
+        stage: str = "stage1_rl",
+        *,
+        data: Any = None,
+        metrics: Mapping[str, Any] | None = None,
+        check_frozen: bool = True,
+    ) -> VersionInfo:
+        """Write a heads-only version: the action head, critic head and log_std of `model` on the backbone of
+        `parent` (a full version, or a heads-only one: then its base). The base must have the model's config;
+        `check_frozen` compares every other stored tensor with the base's, so a model whose backbone moved is
+        refused (save it as a full version). Exports heads.onnx when the base has an ONNX export."""
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+
+        from irevla_ros.vla import onnx_export
+
+        if not isinstance(stage, str) or not _STAGE_RE.fullmatch(stage):
+            raise InvalidVersionError(
+                f"stage {stage!r} must be 1-40 characters from [a-z0-9_] (e.g. stage1_rl)"
+            )
+        if not isinstance(parent, str) or not parent:
+            raise InvalidVersionError("a heads-only version needs a parent version (its backbone's source)")
+        base = self.base_of(parent)  # raises UnknownVersionError
+        base_config = self.read_config(base.version_id)
+        ours = {k: v for k, v in model.config.to_dict().items() if k != "extra"}
+        theirs = {k: v for k, v in base_config.to_dict().items() if k != "extra"}
+        if ours != theirs:
+            diff = sorted(k for k in ours if ours[k] != theirs.get(k))
+            raise InvalidVersionError(
+                f"the model's config differs from its base {base.version_id} in {diff}: heads-only versions "
+                "need the base's architecture"
+            )
+        metrics = dict(metrics or {})
+        _check_json("data", data)
+        _check_json("metrics", metrics)
+        heads = heads_state_dict(model)
+        bad = [k for k, t in heads.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        if bad:
+            raise InvalidVersionError(f"refusing to save: non-finite values in {bad[:5]}")
+        if check_frozen:
+            self._check_frozen(model, base, safe_open)
+
+        tmp = self.root / f".tmp-{uuid.uuid4().hex}"
+        tmp.mkdir()
+        try:
+            save_file(heads, str(tmp / HEADS_WEIGHTS), metadata={"format": "pt"})
+            # The base's config byte for byte: the pair must never disagree on preprocessing or shapes.
+            shutil.copyfile(base.path / CONFIG, tmp / CONFIG)
+            onnx_meta = None
+            if base.onnx:
+                files = onnx_export.export_onnx(model, tmp, parts=("heads",))
+                onnx_meta = {
+                    "files": files,
+                    "opset": onnx_export.OPSET,
+                    "atol": onnx_export.ATOL,
+                    "rtol": onnx_export.RTOL,
+                    "max_abs_error": verify_heads_onnx(model, tmp / HEADS_ONNX),
+                }
+            manifest = {
+                "format": FORMAT,
+                "files": {
+                    name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
+                    for name in _files_under(tmp)
+                },
+            }
+            manifest_bytes = _json_bytes(manifest)
+            _fsync_write(tmp / MANIFEST, manifest_bytes)
+            groups = model.named_parameter_groups()
+            meta_base = {
+                "format": FORMAT,
+                "parent": parent,
+                "stage": stage,
+                "data": data,
+                "metrics": metrics,
+                "backbone": base_config.backbone,
+                "manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(),
+                "onnx": onnx_meta,
+                "heads_only": True,
+                "base_version": base.version_id,
+                "base_manifest_sha256": base.manifest_sha256,
+                "hf_base": None,  # the base version pins it
+                "parameters": {g: sum(p.numel() for _, p in groups[g]) for g in HEAD_MODULES},
+                "bytes": {name: e["bytes"] for name, e in manifest["files"].items()},
+                "software": _software(),
+            }
+            version_id = self._commit(tmp, meta_base, stage)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return self.get(version_id)
+
+    def _check_frozen(self, model: VLAModel, base: VersionInfo, safe_open: Any) -> None:
+        # Only the heads may differ from the base: anything else would give the heads a latent the base's
+        # encoder.onnx does not compute.
+        stored = {k: v for k, v in stored_state_dict(model).items() if not is_head_key(k)}
+        with safe_open(str(base.path / WEIGHTS), framework="pt") as f:
+            keys = set(f.keys())
+            missing = sorted(set(stored) - keys)
+            if missing:
+                raise InvalidVersionError(f"base {base.version_id} has no tensors {missing[:5]}")
+            for key, tensor in stored.items():
+                theirs = f.get_tensor(key)
+                if theirs.shape != tensor.shape or not torch.equal(theirs, tensor):
+                    raise InvalidVersionError(
+                        f"tensor {key} differs from base {base.version_id}: only the heads may change in a "
+                        "heads-only version (save a full version instead)"
+                    )
 
     # ---- loading ----
     def verify(self, version_id: str) -> VersionInfo:
         """Checksums only (manifest against meta, files against manifest, the hf base model's files)."""
         info = self.get(version_id)
         verify_version_dir(info.path, info.meta)
+        if info.heads_only:
+            base = self.base_of(version_id)
+            if base.manifest_sha256 != info.meta.get("base_manifest_sha256"):
+                raise CorruptVersionError(
+                    f"{version_id}: its base {base.version_id} has changed since it was saved "
+                    "(manifest checksum differs from the one recorded)"
+                )
+            self.verify(base.version_id)
+            if (info.path / CONFIG).read_bytes() != (base.path / CONFIG).read_bytes():
+                raise CorruptVersionError(f"{version_id}: {CONFIG} differs from its base {base.version_id}")
+            return info
         hf_base = info.meta.get("hf_base")
         if hf_base:
             base_dir = Path(hf_base["dir"])
@@ -415,6 +599,8 @@ class ModelStore:
         from safetensors.torch import load_file
 
         info = self.verify(version_id)
+        if info.heads_only:
+            return self._load_heads(info, device)
         config = self.read_config(version_id)
         try:
             tensors = load_file(str(info.path / WEIGHTS))
@@ -429,6 +615,99 @@ class ModelStore:
         model.to(device).eval()
         return model, config, info
 
+    def _load_heads(
+        self, info: VersionInfo, device: str | torch.device
+    ) -> tuple[VLAModel, VLAConfig, VersionInfo]:
+        """Base model (verified load) with this version's heads in place of its own."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        model, config, _ = self.load(info.base_version, device="cpu")
+        try:
+            tensors = load_file(str(info.path / HEADS_WEIGHTS))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise InvalidVersionError(f"{info.version_id}: {HEADS_WEIGHTS} cannot be read: {exc}") from exc
+        check_tensors(tensors, model, info.version_id, heads_only=True)
+        result = model.load_state_dict(tensors, strict=False)
+        if result.unexpected_keys:
+            raise InvalidVersionError(f"{info.version_id}: heads do not fit the model ({result})")
+        model.to(device).eval()
+        return model, config, info
+
+    def validate_heads(self, version_id: str, latents: np.ndarray | None = None) -> dict[str, Any]:
+        """The light check of a heads-only version for a node that already runs its base's encoder: its own
+        checksums, the base pinned by manifest checksum, the config byte-equal to the base's, the heads' keys,
+        shapes and finiteness, and heads.onnx against torch heads on `latents` (e.g. the running encoder's
+        latent of the probe observation) and random latents, all outputs finite. The base's weight files are
+        not re-hashed: the caller vouches for them (its runtime verified them when it loaded the base).
+        Milliseconds, no backbone in torch; `validate` is the full check."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        from irevla_ros.vla import onnx_export
+        from irevla_ros.vla.model import mlp
+
+        info = self.get(version_id)
+        if not info.heads_only:
+            raise InvalidVersionError(f"{version_id} is a full version, not heads-only")
+        verify_version_dir(info.path, info.meta)
+        base = self.base_of(version_id)
+        if sha256_file(base.path / MANIFEST) != info.meta.get("base_manifest_sha256"):
+            raise CorruptVersionError(
+                f"{version_id}: its base {base.version_id} has changed since it was saved "
+                "(manifest checksum differs from the one recorded)"
+            )
+        if (info.path / CONFIG).read_bytes() != (base.path / CONFIG).read_bytes():
+            raise CorruptVersionError(f"{version_id}: {CONFIG} differs from its base {base.version_id}")
+        config = self.read_config(version_id)
+        heads = torch.nn.Module()  # just the heads, named as in VLAModel, so VLAModel's head functions apply
+        heads.action_head = mlp(config.latent_dim, config.head_hidden, config.action_dim, final_std=0.01)
+        heads.critic_head = mlp(config.latent_dim, config.head_hidden, 1, final_std=0.01)
+        heads.log_std = torch.nn.Parameter(torch.zeros(config.action_dim))
+        try:
+            tensors = load_file(str(info.path / HEADS_WEIGHTS))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise InvalidVersionError(f"{version_id}: {HEADS_WEIGHTS} cannot be read: {exc}") from exc
+        _check_shapes(tensors, {k: tuple(v.shape) for k, v in heads.state_dict().items()}, version_id)
+        heads.load_state_dict(tensors, strict=True)
+        heads.eval()
+        g = torch.Generator().manual_seed(0)
+        z = torch.randn(3, config.latent_dim, generator=g)
+        if latents is not None:
+            given = torch.as_tensor(np.asarray(latents, np.float32)).reshape(-1, config.latent_dim)
+            if not torch.isfinite(given).all():
+                raise InvalidVersionError(f"{version_id}: the probe latents given are not finite")
+            z = torch.cat([given, z])
+        with torch.no_grad():
+            mean = VLAModel.action_mean(heads, z).numpy()  # type: ignore[arg-type]
+            value = VLAModel.value(heads, z).numpy()  # type: ignore[arg-type]
+        if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(value))):
+            raise InvalidVersionError(f"{version_id}: heads outputs are not finite on the probe latents")
+        report: dict[str, Any] = {
+            "version_id": version_id,
+            "checksums": "ok",
+            "weights": "ok",
+            "heads_only": True,
+            "base_version": base.version_id,
+            "probe_torch": {"action_mean": mean[0].tolist(), "value": float(value[0])},
+        }
+        if info.onnx:
+            try:
+                session = onnx_export.make_session(info.path / info.onnx["files"]["heads"], 1)
+                o_mean, o_value, o_log_std = session.run(None, {"latent": z.numpy()})  # type: ignore[attr-defined]
+                report["onnx_max_abs_error"] = {
+                    "action_mean": onnx_export.compare("action_mean", o_mean, mean),
+                    "value": onnx_export.compare("value", o_value, value),
+                    "log_std": onnx_export.compare(
+                        "log_std", o_log_std, np.broadcast_to(heads.log_std.detach().numpy(), mean.shape)
+                    ),
+                }
+            except onnx_export.OnnxMismatchError as exc:
+                raise InvalidVersionError(f"{version_id}: ONNX does not match torch: {exc}") from exc
+            except Exception as exc:  # onnxruntime's own errors: a broken or mismatched graph
+                raise InvalidVersionError(f"{version_id}: heads.onnx fails on the probe: {exc}") from exc
+        return report
+
     def validate(self, version_id: str) -> dict[str, Any]:
         """Everything `load` checks, plus a probe observation through torch and (if exported) ONNX Runtime:
         right shapes, finite outputs, ONNX within tolerance of torch. Raises InvalidVersionError with the reason;
@@ -438,7 +717,13 @@ class ModelStore:
 
         model, config, info = self.load(version_id)
         probe = probe_observation(config)
-        report: dict[str, Any] = {"version_id": version_id, "checksums": "ok", "weights": "ok"}
+        report: dict[str, Any] = {
+            "version_id": version_id,
+            "checksums": "ok",
+            "weights": "ok",
+            "heads_only": info.heads_only,
+            "base_version": info.base_version,
+        }
         torch_rt = TorchPolicyRuntime(model)
         mean, value, latent = torch_rt.act(*probe)
         _check_outputs(version_id, "torch", config, mean, value, latent)
@@ -461,6 +746,26 @@ class ModelStore:
             except onnx_export.OnnxMismatchError as exc:
                 raise InvalidVersionError(f"{version_id}: ONNX does not match torch: {exc}") from exc
         return report
+
+
+def verify_heads_onnx(model: VLAModel, heads_onnx: Path, seed: int = 1) -> dict[str, float]:
+    """heads.onnx against the model's torch heads on random latents; max abs error per output."""
+    from irevla_ros.vla import onnx_export
+
+    session = onnx_export.make_session(Path(heads_onnx), 1)
+    g = torch.Generator().manual_seed(seed)
+    latent = torch.randn(3, model.config.latent_dim, generator=g)
+    model = model.eval()
+    with torch.no_grad():
+        z = latent.to(model.log_std.device)
+        mean, value = model.action_mean(z).cpu().numpy(), model.value(z).cpu().numpy()
+        log_std = np.broadcast_to(model.log_std.detach().cpu().numpy(), mean.shape)
+    o_mean, o_value, o_log_std = session.run(None, {"latent": latent.numpy()})  # type: ignore[attr-defined]
+    return {
+        "action_mean": onnx_export.compare("action_mean", o_mean, mean),
+        "value": onnx_export.compare("value", o_value, value),
+        "log_std": onnx_export.compare("log_std", o_log_std, log_std),
+    }
 
 
 def probe_observation(config: VLAConfig) -> tuple[dict[str, np.ndarray], str, np.ndarray | None]:

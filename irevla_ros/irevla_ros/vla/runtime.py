@@ -4,6 +4,10 @@
     mean, value, latent = rt.act({"camera": rgb_uint8}, "press the button", proprio)
     action, log_prob = rt.sample(mean, rng, deterministic=False)
 
+A heads-only version (Stage 1) runs its base version's text and encoder graphs with its own heads.onnx;
+`make_runtime(heads_dir, reuse=running)` shares the text/encoder sessions (and the instruction cache) of an
+already loaded runtime on the same base, so swapping to a heads update loads only the ~1 MB heads graph.
+
 `encode_instruction(text)` is cached by text (LRU): an episode's instruction is tokenised and encoded once, and
 the same read-only array is returned after that. `latent` + `heads` are the two halves the RL stage uses
 separately (latents cached, heads trained).
@@ -130,6 +134,7 @@ class OnnxPolicyRuntime(_RuntimeBase):
         *,
         verify: bool = True,
         allow_spinning: bool = False,
+        reuse: _RuntimeBase | None = None,
     ) -> None:
         super().__init__()
         from irevla_ros.vla import model_store
@@ -147,11 +152,48 @@ class OnnxPolicyRuntime(_RuntimeBase):
             )
         self.version_id = str(meta.get("version_id", path.name))
         self.config = VLAConfig.from_json((path / model_store.CONFIG).read_text())
-        self.tokenizer = load_tokenizer(path / model_store.TOKENIZER_DIR)
-        files = onnx_meta["files"]
-        self.sessions: dict[str, Any] = {
-            k: make_session(path / files[k], intra_op_threads, allow_spinning=allow_spinning) for k in files
-        }
+        files = dict(onnx_meta["files"])
+
+        def session(file: Path) -> Any:
+            return make_session(file, intra_op_threads, allow_spinning=allow_spinning)
+
+        self.reused_encoder = False
+        if not meta.get("heads_only"):
+            # The full version runs its own text and encoder graphs.
+            self.encoder_version = self.version_id
+            self.encoder_manifest_sha256 = str(meta.get("manifest_sha256", ""))
+            self.tokenizer = load_tokenizer(path / model_store.TOKENIZER_DIR)
+            self.sessions: dict[str, Any] = {k: session(path / files[k]) for k in files}
+        else:
+            self.encoder_version = str(meta["base_version"])
+            self.encoder_manifest_sha256 = str(meta["base_manifest_sha256"])
+            if (
+                isinstance(reuse, OnnxPolicyRuntime)
+                and reuse.encoder_version == self.encoder_version
+                and reuse.encoder_manifest_sha256 == self.encoder_manifest_sha256
+                and reuse.config == self.config
+            ):
+                # The same base graphs, already verified and warm: share them (sessions are thread-safe).
+                self.reused_encoder = True
+                self.tokenizer = reuse.tokenizer
+                self.sessions = {"text": reuse.sessions["text"], "encoder": reuse.sessions["encoder"]}
+                self._text_cache = OrderedDict(reuse._text_cache)
+            else:
+                base_path = path.parent / self.encoder_version
+                base_meta = _base_meta(path.name, base_path, self.encoder_manifest_sha256, verify)
+                base_config = VLAConfig.from_json((base_path / model_store.CONFIG).read_text())
+                if base_config != self.config:
+                    raise model_store.CorruptVersionError(
+                        f"{path.name}: {model_store.CONFIG} differs from its base {self.encoder_version}"
+                    )
+                base_files = (base_meta.get("onnx") or {}).get("files", {})
+                if "text" not in base_files or "encoder" not in base_files:
+                    raise model_store.InvalidVersionError(
+                        f"{path.name}: its base {self.encoder_version} has no ONNX text/encoder graphs"
+                    )
+                self.tokenizer = load_tokenizer(base_path / model_store.TOKENIZER_DIR)
+                self.sessions = {k: session(base_path / base_files[k]) for k in ("text", "encoder")}
+            self.sessions["heads"] = session(path / files["heads"])
         self._check_graphs(path.name)
         # log_std does not depend on the input; read it once.
         probe = np.zeros((1, self.config.latent_dim), dtype=np.float32)
@@ -211,6 +253,26 @@ class OnnxPolicyRuntime(_RuntimeBase):
         return mean, value
 
 
+def _base_meta(name: str, base_path: Path, pinned_sha256: str, verify: bool) -> dict[str, Any]:
+    """The base version of heads-only version `name`: its meta, after checking it is the base that was pinned."""
+    from irevla_ros.vla import model_store
+
+    if not base_path.is_dir():
+        raise model_store.UnknownVersionError(
+            f"{name}: its base version {base_path.name} is not in the store"
+        )
+    base_meta = model_store._read_json(base_path / model_store.META)
+    if base_meta.get("heads_only"):
+        raise model_store.CorruptVersionError(f"{name}: its base {base_path.name} is itself heads-only")
+    if base_meta.get("manifest_sha256") != pinned_sha256:
+        raise model_store.CorruptVersionError(
+            f"{name}: its base {base_path.name} has changed since it was saved (manifest checksum)"
+        )
+    if verify:
+        model_store.verify_version_dir(base_path, base_meta)
+    return base_meta
+
+
 class TorchPolicyRuntime(_RuntimeBase):
     """The same API over a VLAModel in torch (fallback without ONNX, GPU machines, hf in bf16/quantised)."""
 
@@ -223,6 +285,9 @@ class TorchPolicyRuntime(_RuntimeBase):
             torch.set_num_threads(num_threads)
         self.model = model.eval()
         self.config = model.config
+        self.reused_encoder = False
+        self.version_id: str | None = None  # set by make_runtime for a stored version
+        self.encoder_version: str | None = None
         self.device = model.log_std.device
         self.log_std = model.log_std.detach().cpu().numpy().astype(np.float32)
 
@@ -252,8 +317,17 @@ class TorchPolicyRuntime(_RuntimeBase):
             return self.model.action_mean(z).float().cpu().numpy(), self.model.value(z).float().cpu().numpy()
 
 
-def make_runtime(version_dir: str | Path, *, prefer: str = "onnx", intra_op_threads: int = 2) -> _RuntimeBase:
-    """ONNX Runtime when the version has an export and onnxruntime imports; otherwise torch (verified load)."""
+def make_runtime(
+    version_dir: str | Path,
+    *,
+    prefer: str = "onnx",
+    intra_op_threads: int = 2,
+    reuse: _RuntimeBase | None = None,
+) -> _RuntimeBase:
+    """ONNX Runtime when the version has an export and onnxruntime imports; otherwise torch (verified load).
+
+    `reuse`: a loaded ONNX runtime whose text/encoder sessions a heads-only version on the same base shares
+    (ignored otherwise). The torch fallback always loads the whole model."""
     from irevla_ros.vla.model_store import META, ModelStore
 
     path = Path(version_dir)
@@ -264,6 +338,8 @@ def make_runtime(version_dir: str | Path, *, prefer: str = "onnx", intra_op_thre
         except ImportError:
             pass
         else:
-            return OnnxPolicyRuntime(path, intra_op_threads)
-    model, _, _ = ModelStore(path.parent).load(path.name)
-    return TorchPolicyRuntime(model, num_threads=intra_op_threads)
+            return OnnxPolicyRuntime(path, intra_op_threads, reuse=reuse)
+    model, _, info = ModelStore(path.parent).load(path.name)
+    runtime = TorchPolicyRuntime(model, num_threads=intra_op_threads)
+    runtime.version_id, runtime.encoder_version = info.version_id, info.base_version
+    return runtime

@@ -1,0 +1,486 @@
+"""One episode in a MetaWorldCell without ROS, with the pieces the node graph uses.
+
+The node graph's loop, step for step (the graph test `test_evaluation.py` checks the two agree):
+- observation as the policy node builds it: each camera node's MuJoCo camera rendered at the cell's resolution,
+  resized by the camera node to its own size, then by the policy node to the policy's input size (INTER_AREA);
+  proprioception [ee x, y, z, gripper opening] as float32 from the arm backend's state; the instruction the
+  reset returned; the simulator's expert action as an extra (for the scripted expert);
+- the same Policy object (`VLAPolicy` over a model-store version's runtime, or the scripted expert);
+- a hold when the policy cannot act (PolicyError) or returns a non-finite/wrong-shaped action;
+- the arm controller's conversion: `SafetyLayer.command(action, now, measured ee)` -> `SimArm.send_target`,
+  `SimArm.hold()` for holds and refused commands, `SafetyLayer.reset()` at the start of every episode;
+- the sim cell's control period: the command is one physics step, the rest of the period holds the commanded
+  target with the current gripper effort (`finish_control_period`, which the sim cell node calls too);
+- the episode manager's end rule: success as soon as the simulator reports it after a period, otherwise a
+  timeout after `episode_timeout / control_period` steps.
+
+All settings come from the graph's own parameter files (`RolloutSettings.from_graph`), so a changed yaml value
+changes both paths. Plain Python: no rclpy.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from irevla_ros.hardware.arm.sim import SimArm
+from irevla_ros.policies.base import ACTION_DIM, Observation, Policy, PolicyError
+from irevla_ros.policies.scripted import EXPERT_ACTION_KEY
+from irevla_ros.safety import SafetyLayer, SafetyLimits
+from irevla_ros.sim.cell import MetaWorldCell
+
+# The policy node's proprioception layout (its StepRecord.proprioception_names).
+PROPRIOCEPTION_NAMES = ("ee_x", "ee_y", "ee_z", "gripper_opening")
+_SAFETY_KEYS = (
+    "workspace_low",
+    "workspace_high",
+    "max_step",
+    "max_speed",
+    "gripper_min",
+    "gripper_max",
+    "watchdog_timeout",
+    "action_scale",
+    "max_abs_action",
+    "home",
+    "home_gripper",
+)
+
+
+class RolloutConfigError(ValueError):
+    """The graph's parameters describe something a direct rollout cannot reproduce (the message says what)."""
+
+
+@dataclass(frozen=True)
+class CameraSpec:
+    """One camera node of the graph: its name (the policy's camera name), the MuJoCo camera it renders, and
+    the size the camera node publishes."""
+
+    name: str
+    sim_camera: str
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class RolloutSettings:
+    cameras: tuple[CameraSpec, ...]
+    cell_cameras: tuple[str, ...]  # the MuJoCo cameras the sim cell is configured with
+    cell_width: int
+    cell_height: int
+    image_width: int  # policy input size
+    image_height: int
+    control_period: float  # simulated seconds per control tick (sim cell) == 1 / policy control_rate
+    episode_timeout: float  # simulated seconds (episode manager)
+    limits: SafetyLimits
+    cell_seed: int = 0
+
+    @property
+    def max_steps(self) -> int:
+        """Steps of an episode that times out: the episode manager ends it when `episode_timeout` has passed."""
+        return max(1, math.ceil(self.episode_timeout / self.control_period - 1e-9))
+
+    @property
+    def camera_names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.cameras)
+
+    def replace(self, **changes: Any) -> RolloutSettings:
+        import dataclasses
+
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_graph(
+        cls, cameras: Sequence[str] = ("camera",), overrides: Sequence[str] = ()
+    ) -> RolloutSettings:
+        """The effective parameters of the sim `collect` graph with camera nodes `cameras` and `--set`-style
+        `overrides`, validated exactly as `irevla bringup` validates them."""
+        from irevla_ros.bringup.graph import collect_graph, validate_graph, with_overrides
+
+        with tempfile.TemporaryDirectory() as tmp:
+            graph = with_overrides(collect_graph("sim", tuple(cameras)), list(overrides), Path(tmp))
+            effective = validate_graph(graph)
+        return cls.from_parameters(effective, cameras)
+
+    @classmethod
+    def from_parameters(
+        cls, effective: Mapping[str, Mapping[str, object]], cameras: Sequence[str]
+    ) -> RolloutSettings:
+        cell, policy = effective["/sim_cell"], effective["/policy"]
+        arm, manager = effective["/arm_controller"], effective["/episode_manager"]
+        specs = []
+        for name in cameras:
+            node = effective[f"/{name}/{name}"]
+            specs.append(CameraSpec(name, str(node["sim_camera"]), int(node["width"]), int(node["height"])))  # type: ignore[call-overload]
+        period = float(cell["control_period"])  # type: ignore[arg-type]
+        rate = float(policy["control_rate"])  # type: ignore[arg-type]
+        if abs(period * rate - 1.0) > 1e-9:
+            # The graph then runs policy ticks and control periods at different rates (ticks skip or wait);
+            # the lock-step rollout has one tick per period.
+            raise RolloutConfigError(
+                f"/sim_cell.control_period={period} and /policy.control_rate={rate} do not describe one tick "
+                "per control period"
+            )
+        cell_cameras = tuple(str(c) for c in cell["cameras"])  # type: ignore[union-attr]
+        missing = [c.sim_camera for c in specs if c.sim_camera not in cell_cameras]
+        if missing:
+            raise RolloutConfigError(
+                f"camera nodes render {missing}, not among /sim_cell.cameras {cell_cameras}"
+            )
+        limits = SafetyLimits.from_dict({k: _tuple_if_list(arm[k]) for k in _SAFETY_KEYS})
+        return cls(
+            cameras=tuple(specs),
+            cell_cameras=cell_cameras,
+            cell_width=int(cell["image_width"]),  # type: ignore[call-overload]
+            cell_height=int(cell["image_height"]),  # type: ignore[call-overload]
+            image_width=int(policy["image_width"]),  # type: ignore[call-overload]
+            image_height=int(policy["image_height"]),  # type: ignore[call-overload]
+            control_period=period,
+            episode_timeout=float(manager["episode_timeout"]),  # type: ignore[arg-type]
+            limits=limits,
+            cell_seed=int(cell["seed"]),  # type: ignore[call-overload]
+        )
+
+
+def _tuple_if_list(value: object) -> object:
+    return tuple(value) if isinstance(value, list) else value  # type: ignore[arg-type]
+
+
+def make_cell(settings: RolloutSettings, tasks: Sequence[str], seed: int | None = None) -> MetaWorldCell:
+    """A cell configured as the sim cell node configures its own (size, cameras, seed)."""
+    return MetaWorldCell(
+        tasks=tuple(tasks),
+        width=settings.cell_width,
+        height=settings.cell_height,
+        cameras=settings.cell_cameras,
+        seed=settings.cell_seed if seed is None else int(seed),
+    )
+
+
+# ---- the pieces shared with the nodes -------------------------------------------------------------------------
+
+
+def finish_control_period(cell: MetaWorldCell, period_start: float, period: float) -> int:
+    """Hold the commanded target, with the current gripper effort, for the rest of a control period that began
+    at simulated time `period_start`; returns the number of physics steps taken (the sim cell node's rule)."""
+    steps = 0
+    with cell.lock:
+        gripper = float(cell.data.ctrl[0]) if cell.data.ctrl.size else 0.0
+        while cell.sim_time < period_start + period - 1e-9:
+            cell.apply_action(np.array([0.0, 0.0, 0.0, np.clip(gripper, -1, 1)]))
+            steps += 1
+    return steps
+
+
+def resize_like_node(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """What the camera node and the policy node do to a frame of another size (INTER_AREA)."""
+    if image.shape[1] != width or image.shape[0] != height:
+        return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
+    return image
+
+
+def proprioception(ee_position: np.ndarray, gripper_opening: float) -> np.ndarray:
+    """The policy node's proprioception vector (float32 ee x, y, z in metres and the gripper opening)."""
+    p = np.asarray(ee_position, dtype=np.float64).reshape(3)
+    return np.array([p[0], p[1], p[2], gripper_opening], dtype=np.float32)
+
+
+def observe(
+    cell: MetaWorldCell, arm: SimArm, settings: RolloutSettings, instruction: str, now: float
+) -> Observation:
+    """The observation the policy node assembles at a tick, built straight from the cell."""
+    with cell.lock:
+        images = {}
+        for cam in settings.cameras:
+            frame = resize_like_node(cell.render(cam.sim_camera), cam.width, cam.height)
+            images[cam.name] = resize_like_node(frame, settings.image_width, settings.image_height)
+        state = arm.read_state()
+        expert = cell.expert_action()
+    # The arm state crosses ROS as float64 (pose) and float64 (joint_states) and becomes float32 in the node.
+    return Observation(
+        images,
+        proprioception(state.ee_position, state.gripper),
+        instruction,
+        now,
+        {EXPERT_ACTION_KEY: expert},
+    )
+
+
+# ---- episode records ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EpisodeResult:
+    """One episode as the graph would have recorded it (one row per step), plus what RL needs."""
+
+    task: str
+    instruction: str
+    seed: int | None  # the reset seed (None: drawn from the task's stream)
+    success: bool
+    steps: int
+    proprio: np.ndarray  # (T, 4) float32, before each action
+    actions: np.ndarray  # (T, 4) float32, what the policy output (zeros on holds)
+    log_probs: np.ndarray  # (T,) float32, NaN where the policy gave none
+    values: np.ndarray  # (T,) float32, NaN where the policy gave none
+    holds: np.ndarray  # (T,) bool
+    ee_after: np.ndarray  # (T, 3) float64, hand position at the end of each period
+    images: np.ndarray | None  # (T, n_cam, H, W, 3) uint8 when kept
+    latents: np.ndarray | None  # (T, d) float32 when the policy exposes them (LatentTap)
+    cameras: tuple[str, ...]
+    policy_version: str
+    hold_reasons: list[str] = field(default_factory=list)
+    wall_seconds: float = 0.0
+
+    @property
+    def outcome(self) -> str:
+        """The episode manager's outcome: success, or timeout when the time ran out."""
+        return "success" if self.success else "timeout"
+
+
+class LatentTap:
+    """A runtime wrapper that keeps the latent of the last `act` (VLAPolicy discards it; RL caches it).
+
+    Everything else is the wrapped runtime's, so VLAPolicy runs its ordinary code path."""
+
+    def __init__(self, runtime: Any) -> None:
+        self._runtime = runtime
+        self.last_latent: np.ndarray | None = None
+
+    def act(self, *args: Any, **kwargs: Any) -> tuple[np.ndarray, float, np.ndarray]:
+        mean, value, latent = self._runtime.act(*args, **kwargs)
+        self.last_latent = np.asarray(latent, dtype=np.float32).copy()
+        return mean, value, latent
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._runtime, name)
+
+
+def run_episode(
+    cell: MetaWorldCell,
+    policy: Policy,
+    settings: RolloutSettings,
+    task: str | None = None,
+    seed: int | None = None,
+    *,
+    keep_images: bool = True,
+    max_steps: int | None = None,
+    safety: SafetyLayer | None = None,
+    on_step: Callable[[int, Observation], None] | None = None,
+) -> EpisodeResult:
+    """Reset `cell` to `task` (None: the next configured one) with layout `seed`, run `policy` until success
+    or timeout, and return the episode. `max_steps` overrides the graph's timeout rule (shorter benchmarks)."""
+    started_wall = time.monotonic()
+    limit = settings.max_steps if max_steps is None else int(max_steps)
+    if limit < 1:
+        raise ValueError(f"max_steps must be >= 1, got {limit}")
+    layer = safety or SafetyLayer(settings.limits)
+    arm = SimArm(cell)
+    arm.connect()
+    with cell.lock:
+        cell.reset(task, seed)
+        task_name, instruction = cell.task, cell.instruction
+    layer.reset()  # the arm controller does this at START
+    policy.reset(instruction)
+    runtime = getattr(policy, "runtime", None)
+    tap = runtime if isinstance(runtime, LatentTap) else None
+    period = settings.control_period
+    rows: dict[str, list[Any]] = {
+        k: [] for k in ("proprio", "actions", "logp", "value", "hold", "ee", "img", "lat")
+    }
+    reasons: list[str] = []
+    success = False
+    now = 0.0  # ROS time of the tick; only differences matter to the safety layer
+    for step in range(limit):
+        obs = observe(cell, arm, settings, instruction, now)
+        if on_step is not None:
+            on_step(step, obs)
+        output = None
+        hold_reason = ""
+        try:
+            output = policy.act(obs)
+            action = np.asarray(output.action, dtype=np.float32)
+            if action.shape != (ACTION_DIM,) or not np.all(np.isfinite(action)):
+                hold_reason = f"policy output {action.tolist()} is not {ACTION_DIM} finite numbers"
+                output = None
+        except PolicyError as exc:
+            hold_reason = str(exc)
+        with cell.lock:
+            period_start = cell.sim_time
+            if output is None:
+                arm.hold()  # the policy published a hold; the controller holds the arm
+                reasons.append(hold_reason)
+                action = np.zeros(ACTION_DIM, np.float32)
+            else:
+                cmd = layer.command(action.astype(np.float64), now, arm.read_state().ee_position)
+                if cmd.moves and cmd.target is not None and cmd.gripper is not None:
+                    arm.send_target(cmd.target, cmd.gripper)
+                else:
+                    arm.hold()
+            finish_control_period(cell, period_start, period)
+            ee_after = cell.ee_position()
+            success = cell.success()
+        rows["proprio"].append(obs.proprioception)
+        rows["actions"].append(action)
+        rows["logp"].append(np.nan if output is None or output.log_prob is None else output.log_prob)
+        rows["value"].append(np.nan if output is None or output.value is None else output.value)
+        rows["hold"].append(output is None)
+        rows["ee"].append(ee_after)
+        if keep_images:
+            rows["img"].append(np.stack([obs.images[c] for c in settings.camera_names]))
+        if tap is not None:
+            rows["lat"].append(
+                tap.last_latent if output is not None and tap.last_latent is not None else None
+            )
+        now += period
+        if success:
+            break
+    latents = None
+    if tap is not None and rows["lat"] and all(x is not None for x in rows["lat"]):
+        latents = np.stack(rows["lat"]).astype(np.float32)
+    return EpisodeResult(
+        task=task_name,
+        instruction=instruction,
+        seed=seed,
+        success=bool(success),
+        steps=len(rows["actions"]),
+        proprio=np.stack(rows["proprio"]).astype(np.float32),
+        actions=np.stack(rows["actions"]).astype(np.float32),
+        log_probs=np.asarray(rows["logp"], np.float32),
+        values=np.asarray(rows["value"], np.float32),
+        holds=np.asarray(rows["hold"], bool),
+        ee_after=np.stack(rows["ee"]),
+        images=np.stack(rows["img"]) if keep_images else None,
+        latents=latents,
+        cameras=settings.camera_names,
+        policy_version=str(getattr(policy, "version", "")),
+        hold_reasons=reasons,
+        wall_seconds=time.monotonic() - started_wall,
+    )
+
+
+def episode_seed(seed: int, task: str, episode: int) -> int:
+    """A layout seed per (run seed, task, episode index): the same whatever the order tasks are run in."""
+    return int(
+        np.random.SeedSequence([int(seed), zlib.crc32(task.encode()), int(episode)]).generate_state(1)[0]
+    )
+
+
+# ---- into the datasets and the store --------------------------------------------------------------------------
+
+
+def to_transitions(episodes: Sequence[EpisodeResult], *, skip_holds: bool = True) -> Any:
+    """Episodes (with images) as `train.datasets.Transitions`, exactly as `load_transitions` would give them from
+    the store: holds skipped, sparse binary reward on the last step of a success, one instruction id per text."""
+    from irevla_ros.train.datasets import DatasetError, Transitions
+
+    parts = []
+    instructions: list[str] = []
+    ids: list[str] = []
+    for i, ep in enumerate(episodes):
+        if ep.images is None:
+            raise DatasetError(
+                f"episode {i} ({ep.task}) was run with keep_images=False: no images to train on"
+            )
+        keep = ~ep.holds if skip_holds else np.ones(ep.steps, bool)
+        if not keep.any():
+            continue
+        if ep.instruction not in instructions:
+            instructions.append(ep.instruction)
+        n = int(keep.sum())
+        reward = np.zeros(n, np.float32)
+        reward[-1] = 1.0 if ep.success else 0.0
+        parts.append(
+            {
+                "images": ep.images[keep],
+                "proprio": ep.proprio[keep],
+                "actions": ep.actions[keep],
+                "log_probs": ep.log_probs[keep],
+                "rewards": reward,
+                "ids": np.full(n, instructions.index(ep.instruction), np.int32),
+            }
+        )
+        ids.append(f"direct-{i:05d}-{ep.task}")
+    if not parts:
+        raise DatasetError("no trainable steps in the given episodes")
+    lengths = np.array([len(p["actions"]) for p in parts])
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    dones = np.zeros(int(lengths.sum()), bool)
+    dones[starts + lengths - 1] = True
+    return Transitions(
+        images=np.concatenate([p["images"] for p in parts]),
+        proprio=np.concatenate([p["proprio"] for p in parts]),
+        actions=np.concatenate([p["actions"] for p in parts]),
+        log_probs=np.concatenate([p["log_probs"] for p in parts]),
+        rewards=np.concatenate([p["rewards"] for p in parts]),
+        dones=dones,
+        instruction_ids=np.concatenate([p["ids"] for p in parts]),
+        instructions=instructions,
+        episode_ids=ids,
+        episode_starts=starts,
+    )
+
+
+def write_to_store(
+    store: Any,
+    episode: EpisodeResult,
+    *,
+    source: str,
+    episode_id: str | None = None,
+    started_ns: int | None = None,
+    period_ns: int | None = None,
+) -> Any:
+    """Store an episode (with images) through the episode store's public API, as the trainer node does:
+    one StepData per step, outcome and label source "simulator"; returns the catalogue row."""
+    import uuid
+
+    from irevla_ros.store.records import AssembledEpisode, EpisodeMeta, StepData
+
+    if episode.images is None:
+        raise ValueError(
+            "an episode run with keep_images=False cannot be stored (the store keeps observations)"
+        )
+    eid = episode_id or f"ep-direct-{uuid.uuid4().hex[:12]}"
+    period = period_ns if period_ns is not None else 100_000_000
+    t0 = time.time_ns() if started_ns is None else int(started_ns)
+    steps = []
+    for k in range(episode.steps):
+        stamp = t0 + k * period
+        steps.append(
+            StepData(
+                episode_id=eid,
+                step_index=k,
+                stamp_ns=stamp,
+                images={c: episode.images[k, i] for i, c in enumerate(episode.cameras)},
+                image_stamps_ns={c: stamp for c in episode.cameras},
+                proprioception=episode.proprio[k],
+                proprioception_names=list(PROPRIOCEPTION_NAMES),
+                instruction=episode.instruction,
+                action=episode.actions[k],
+                log_prob=None if math.isnan(float(episode.log_probs[k])) else float(episode.log_probs[k]),
+                value=None if math.isnan(float(episode.values[k])) else float(episode.values[k]),
+                policy_version=episode.policy_version,
+                intervention=False,
+                hold=bool(episode.holds[k]),
+            )
+        )
+    meta = EpisodeMeta(
+        episode_id=eid,
+        task=episode.task,
+        instruction=episode.instruction,
+        policy_version=episode.policy_version,
+        source=source,
+        started_ns=t0,
+        ended_ns=t0 + episode.steps * period,
+        outcome=episode.outcome,
+        label_source="simulator",
+        expected_steps=episode.steps,
+    )
+    return store.write(AssembledEpisode(meta=meta, steps=steps, complete=True))

@@ -1,0 +1,356 @@
+"""SACfD for Stage 1 on a real robot: off-policy actor-critic from demonstrations, in latent space.
+
+As the paper (and SERL / RLPD) do it: a replay buffer of latents with a demo part (D_e and/or the initial VLA's
+successful episodes) and an online part; every batch takes `demo_fraction` of its samples from the demo part
+(50/50 by default); twin Q critics with target networks (polyak averaging); the entropy temperature tuned
+towards a target entropy; a configurable update-to-data ratio (the caller decides how many updates to run per
+new transition, see stage1.OnlineRL).
+
+The actor is the VLA's own action head and log_std (the clipped Gaussian of vla/distribution.py), so what this
+trains deploys as-is. Samples are reparameterised (mean + std * noise, clipped to [-1, 1]); their log-probability
+is the clipped Gaussian's, whose bound mass stands in for a density at the bounds (the recorded log-probs of the
+robot use the same rule). The critics are an ensemble of MLPs of the action head's structure taking
+[latent, action]; the model's own critic head (a V function) is not used by SACfD.
+
+Transitions come from whole latent episodes: step t's next state is step t+1 of the same episode; a terminal
+last step (success) needs none; a truncated last step (timeout, failure label, abort) has no recorded next
+state and is left out of the buffer.
+
+Checkpoints: `state_dict()` holds the critics, targets, temperature, optimisers, sampling RNG and both buffers
+in full (latents are small: 256 float32 per step), so a restart needs nothing but the checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from irevla_ros.train.latents import LatentEpisodes
+from irevla_ros.vla.distribution import ClippedNormal
+from irevla_ros.vla.model import VLAModel, mlp
+
+
+class SACfDConfigError(ValueError):
+    """A SACfD hyperparameter is out of range; the message names it."""
+
+
+@dataclass
+class SACfDConfig:
+    gamma: float = 0.99
+    tau: float = 0.005  # polyak step of the target critics
+    actor_lr: float = 3e-4
+    critic_lr: float = 3e-4
+    alpha_lr: float = 3e-4
+    batch_size: int = 256
+    demo_fraction: float = 0.5  # share of each batch from the demo buffer (when both parts hold data)
+    utd_ratio: int = 1  # gradient updates per new online transition
+    n_critics: int = 2
+    init_temperature: float = 0.01  # the reward is 0/1: a large start temperature would drown it
+    target_entropy: float | None = None  # None: -action_dim / 2 (RLPD)
+    actor_delay: int = 1  # one actor/temperature update every this many critic updates
+    max_grad_norm: float = 10.0
+    min_transitions: int = 64  # no update before the buffers hold this many transitions
+    demo_capacity: int = 1_000_000  # transitions; the oldest whole episodes go first
+    online_capacity: int = 1_000_000
+
+    def __post_init__(self) -> None:
+        checks = {
+            "gamma": 0.0 <= self.gamma <= 1.0,
+            "tau": 0.0 < self.tau <= 1.0,
+            "actor_lr": self.actor_lr > 0,
+            "critic_lr": self.critic_lr > 0,
+            "alpha_lr": self.alpha_lr > 0,
+            "batch_size": self.batch_size >= 1,
+            "demo_fraction": 0.0 <= self.demo_fraction <= 1.0,
+            "utd_ratio": self.utd_ratio >= 1,
+            "n_critics": self.n_critics >= 2,
+            "init_temperature": self.init_temperature > 0,
+            "actor_delay": self.actor_delay >= 1,
+            "max_grad_norm": self.max_grad_norm > 0,
+            "min_transitions": self.min_transitions >= 1,
+            "demo_capacity": self.demo_capacity >= 1,
+            "online_capacity": self.online_capacity >= 1,
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise SACfDConfigError(
+                f"SACfD config: bad value for {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}"
+            )
+
+
+class QEnsemble(nn.Module):
+    """n Q(latent, action) critics, each an MLP of the action head's structure with one output."""
+
+    def __init__(self, latent_dim: int, action_dim: int, hidden: Sequence[int], n: int) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(
+            mlp(latent_dim + action_dim, hidden, 1, final_std=0.01) for _ in range(n)
+        )
+
+    def forward(self, latent: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([latent, action], dim=-1)
+        return torch.stack([m(x).squeeze(-1) for m in self.members])  # (n, B)
+
+
+def rsample(dist: ClippedNormal) -> torch.Tensor:
+    """A reparameterised sample of the clipped Gaussian (gradients flow to mean and log_std inside the box)."""
+    noise = torch.randn_like(dist.mean)
+    return (dist.mean + dist.std * noise).clamp(-1.0, 1.0)
+
+
+class LatentReplay:
+    """Transitions of whole latent episodes: latents stored once, `next_index` points at the next step."""
+
+    _ARRAYS = ("latents", "actions", "rewards", "terminals", "next_index", "episode_lengths")
+
+    def __init__(self, latent_dim: int, action_dim: int, capacity: int) -> None:
+        self.capacity = capacity
+        self.latents = np.zeros((0, latent_dim), np.float32)
+        self.actions = np.zeros((0, action_dim), np.float32)
+        self.rewards = np.zeros(0, np.float32)
+        self.terminals = np.zeros(0, bool)
+        self.next_index = np.zeros(0, np.int64)  # -1: no recorded next state (a truncated end: never sampled)
+        self.episode_lengths = np.zeros(0, np.int64)
+        self.episode_ids: list[str] = []
+        self._valid = np.zeros(0, np.int64)
+
+    def __len__(self) -> int:
+        """Sampleable transitions."""
+        return int(self._valid.shape[0])
+
+    @property
+    def steps(self) -> int:
+        return int(self.actions.shape[0])
+
+    def add(self, batch: LatentEpisodes) -> int:
+        """Append every episode of `batch`; returns the transitions added."""
+        before = len(self)
+        offset = self.steps
+        nexts = []
+        for s in batch.episode_slices():
+            idx = np.arange(s.start, s.stop, dtype=np.int64) + offset
+            nxt = idx + 1
+            nxt[-1] = idx[-1] if batch.terminals[s.stop - 1] else -1  # terminal: masked, any index will do
+            nexts.append(nxt)
+        self.latents = np.concatenate([self.latents, batch.latents])
+        self.actions = np.concatenate([self.actions, batch.actions])
+        self.rewards = np.concatenate([self.rewards, batch.rewards])
+        self.terminals = np.concatenate([self.terminals, batch.terminals])
+        self.next_index = np.concatenate([self.next_index, *nexts])
+        lengths = [s.stop - s.start for s in batch.episode_slices()]
+        self.episode_lengths = np.concatenate([self.episode_lengths, np.asarray(lengths, np.int64)])
+        self.episode_ids += list(batch.episode_ids)
+        self._evict()
+        self._valid = np.flatnonzero(self.next_index >= 0)
+        return len(self) - before
+
+    def _evict(self) -> None:
+        drop_episodes = 0
+        steps = self.steps
+        while steps > self.capacity and drop_episodes < len(self.episode_lengths) - 1:
+            steps -= int(self.episode_lengths[drop_episodes])
+            drop_episodes += 1
+        if not drop_episodes:
+            return
+        cut = int(self.episode_lengths[:drop_episodes].sum())
+        self.latents = self.latents[cut:]
+        self.actions = self.actions[cut:]
+        self.rewards = self.rewards[cut:]
+        self.terminals = self.terminals[cut:]
+        self.next_index = np.where(self.next_index[cut:] >= 0, self.next_index[cut:] - cut, -1)
+        self.episode_lengths = self.episode_lengths[drop_episodes:]
+        self.episode_ids = self.episode_ids[drop_episodes:]
+
+    def sample(self, n: int, generator: torch.Generator) -> dict[str, np.ndarray]:
+        pick = self._valid[torch.randint(len(self), (n,), generator=generator).numpy()]
+        return {
+            "latent": self.latents[pick],
+            "action": self.actions[pick],
+            "reward": self.rewards[pick],
+            "terminal": self.terminals[pick].astype(np.float32),
+            "next_latent": self.latents[self.next_index[pick]],
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            k: torch.from_numpy(np.ascontiguousarray(getattr(self, k))) for k in self._ARRAYS
+        }
+        state["episode_ids"] = list(self.episode_ids)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k in self._ARRAYS:
+            setattr(self, k, state[k].numpy().copy())
+        self.episode_ids = list(state["episode_ids"])
+        self._valid = np.flatnonzero(self.next_index >= 0)
+
+
+class SACfDLearner:
+    """Critics, temperature, buffers and optimisers of SACfD; the actor is `model`'s action head + log_std."""
+
+    def __init__(self, model: VLAModel, config: SACfDConfig | None = None, *, seed: int = 0) -> None:
+        self.model = model
+        self.config = cfg = config or SACfDConfig()
+        mc = model.config
+        model.set_trainable("heads")
+        device = model.log_std.device
+        self.actor_params = [
+            p for g in ("action_head", "log_std") for _, p in model.named_parameter_groups()[g]
+        ]
+        with torch.random.fork_rng(devices=[]):  # seeded critics without moving the caller's global RNG
+            torch.manual_seed(seed)
+            self.critic = QEnsemble(mc.latent_dim, mc.action_dim, mc.head_hidden, cfg.n_critics).to(device)
+        self.target = copy.deepcopy(self.critic).requires_grad_(False)
+        self.log_alpha = torch.tensor(float(np.log(cfg.init_temperature)), device=device, requires_grad=True)
+        self.target_entropy = (
+            -0.5 * mc.action_dim if cfg.target_entropy is None else float(cfg.target_entropy)
+        )
+        self.actor_optimiser = torch.optim.Adam(self.actor_params, lr=cfg.actor_lr)
+        self.critic_optimiser = torch.optim.Adam(self.critic.parameters(), lr=cfg.critic_lr)
+        self.alpha_optimiser = torch.optim.Adam([self.log_alpha], lr=cfg.alpha_lr)
+        self.demo = LatentReplay(mc.latent_dim, mc.action_dim, cfg.demo_capacity)
+        self.online = LatentReplay(mc.latent_dim, mc.action_dim, cfg.online_capacity)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.updates = 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.log_std.device
+
+    @property
+    def alpha(self) -> float:
+        return float(self.log_alpha.detach().exp())
+
+    def add_episodes(self, batch: LatentEpisodes, demo: bool) -> int:
+        """Whole latent episodes into the demo or the online buffer; returns the transitions added."""
+        if (
+            batch.latent_dim != self.model.config.latent_dim
+            or batch.action_dim != self.model.config.action_dim
+        ):
+            raise SACfDConfigError(
+                f"episodes have latent/action dims ({batch.latent_dim}, {batch.action_dim}), the model "
+                f"({self.model.config.latent_dim}, {self.model.config.action_dim})"
+            )
+        return (self.demo if demo else self.online).add(batch)
+
+    def ready(self) -> bool:
+        return len(self.demo) + len(self.online) >= self.config.min_transitions
+
+    def _sample(self) -> dict[str, torch.Tensor]:
+        cfg = self.config
+        n_demo = round(cfg.batch_size * cfg.demo_fraction)
+        if not len(self.online):
+            n_demo = cfg.batch_size
+        elif not len(self.demo):
+            n_demo = 0
+        parts = []
+        if n_demo:
+            parts.append(self.demo.sample(n_demo, self.generator))
+        if cfg.batch_size - n_demo:
+            parts.append(self.online.sample(cfg.batch_size - n_demo, self.generator))
+        return {k: torch.from_numpy(np.concatenate([p[k] for p in parts])).to(self.device) for k in parts[0]}
+
+    def update(self, num_updates: int) -> dict[str, float]:
+        """`num_updates` critic updates (and an actor + temperature update every `actor_delay` of them)."""
+        cfg = self.config
+        if num_updates < 1:
+            raise SACfDConfigError(f"num_updates must be >= 1, got {num_updates}")
+        if not self.ready():
+            raise SACfDConfigError(
+                f"the buffers hold {len(self.demo) + len(self.online)} transitions, fewer than "
+                f"min_transitions={cfg.min_transitions}"
+            )
+        model = self.model
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+
+        def record(**values: torch.Tensor) -> None:
+            for k, v in values.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+                counts[k] = counts.get(k, 0) + 1
+
+        for _ in range(num_updates):
+            b = self._sample()
+            alpha = self.log_alpha.detach().exp()
+
+            # Critics: soft Bellman target from the target critics' minimum.
+            with torch.no_grad():
+                next_dist = model.distribution(b["next_latent"])
+                next_action = rsample(next_dist)
+                next_log_prob = next_dist.log_prob(next_action)
+                next_q = self.target(b["next_latent"], next_action).min(dim=0).values
+                target_q = b["reward"] + cfg.gamma * (1.0 - b["terminal"]) * (next_q - alpha * next_log_prob)
+            q = self.critic(b["latent"], b["action"])
+            critic_loss = ((q - target_q.unsqueeze(0)) ** 2).mean(dim=1).sum()
+            self.critic_optimiser.zero_grad(set_to_none=True)
+            critic_loss.backward()
+            nn.utils.clip_grad_norm_(self.critic.parameters(), cfg.max_grad_norm)
+            self.critic_optimiser.step()
+            record(critic_loss=critic_loss.detach(), q_mean=q.detach().mean(), target_mean=target_q.mean())
+
+            if self.updates % cfg.actor_delay == 0:
+                # Actor: maximise min-Q minus alpha * log-prob of its own reparameterised sample.
+                dist = model.distribution(b["latent"])
+                action = rsample(dist)
+                log_prob = dist.log_prob(action)
+                q_pi = self.critic(b["latent"], action).min(dim=0).values
+                actor_loss = (alpha * log_prob - q_pi).mean()
+                self.actor_optimiser.zero_grad(set_to_none=True)
+                actor_loss.backward()
+                nn.utils.clip_grad_norm_(self.actor_params, cfg.max_grad_norm)
+                self.actor_optimiser.step()
+                # Temperature: towards the target entropy.
+                alpha_loss = -(self.log_alpha * (log_prob.detach() + self.target_entropy)).mean()
+                self.alpha_optimiser.zero_grad(set_to_none=True)
+                alpha_loss.backward()
+                self.alpha_optimiser.step()
+                record(actor_loss=actor_loss.detach(), entropy=-log_prob.detach().mean(), alpha=alpha)
+
+            with torch.no_grad():
+                for tp, p in zip(self.target.parameters(), self.critic.parameters(), strict=True):
+                    tp.lerp_(p, cfg.tau)
+            self.updates += 1
+
+        stats = {k: sums[k] / counts[k] for k in sums}
+        stats.update(
+            updates=float(self.updates),
+            demo_transitions=float(len(self.demo)),
+            online_transitions=float(len(self.online)),
+            log_std_mean=float(model.log_std.detach().mean()),
+        )
+        return stats
+
+    # ---- checkpoints ----
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "config": asdict(self.config),
+            "critic": self.critic.state_dict(),
+            "target": self.target.state_dict(),
+            "log_alpha": self.log_alpha.detach().clone(),
+            "actor_optimiser": self.actor_optimiser.state_dict(),
+            "critic_optimiser": self.critic_optimiser.state_dict(),
+            "alpha_optimiser": self.alpha_optimiser.state_dict(),
+            "generator": self.generator.get_state(),
+            "updates": self.updates,
+            "demo": self.demo.state_dict(),
+            "online": self.online.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.critic.load_state_dict(state["critic"])
+        self.target.load_state_dict(state["target"])
+        with torch.no_grad():
+            self.log_alpha.copy_(state["log_alpha"])
+        self.actor_optimiser.load_state_dict(state["actor_optimiser"])
+        self.critic_optimiser.load_state_dict(state["critic_optimiser"])
+        self.alpha_optimiser.load_state_dict(state["alpha_optimiser"])
+        self.generator.set_state(state["generator"])
+        self.updates = int(state["updates"])
+        self.demo.load_state_dict(state["demo"])
+        self.online.load_state_dict(state["online"])

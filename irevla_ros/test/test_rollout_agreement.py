@@ -49,7 +49,7 @@ def _common(tmp: Path, timeout: float) -> list[str]:
         f"/sim_cell.seed={SEED}",
         f"/episode_manager.episode_timeout={timeout}",
         f"/trainer.run_dir={tmp / 'trainer'}",
-        "/trainer.validation_episodes=0",
+        "/trainer.iterate=false",  # the trainer only stores episodes here
         "/sim_cell.max_wall_wait=6.0",
     ]
 

@@ -234,11 +234,13 @@ def run_iteration_sessions(
         print(
             "[demo:vla] session 1 done; the trainer runs Stage 2 and validation", file=sys.stderr, flush=True
         )
-        last_message = [""]
+        shown = {"stage": "", "at": 0.0}
 
         def iterated(m: SessionMonitor) -> bool:
-            if m.trainer_message and m.trainer_message != last_message[0]:
-                last_message[0] = m.trainer_message
+            # the trainer's progress: each new stage, then at most every 10 s
+            fresh = m.trainer_stage != shown["stage"] or time.monotonic() - shown["at"] > 10.0
+            if m.trainer_message and fresh:
+                shown.update(stage=m.trainer_stage, at=time.monotonic())
                 print(f"[demo:trainer] {m.trainer_stage}: {m.trainer_message}", file=sys.stderr, flush=True)
             return m.trainer_iteration >= 2
 

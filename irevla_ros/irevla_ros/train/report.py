@@ -10,7 +10,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from irevla_ros.train.metrics import read_metrics
+
+# PPO's and SACfD's own losses, and Stage 2's MSE
+PLOTTED_LOSSES = (
+    "stage1/policy_loss",
+    "stage1/value_loss",
+    "stage1/actor_loss",
+    "stage1/critic_loss",
+    "stage2/loss",
+)
 
 
 def _task_rates(evaluation: dict[str, Any] | None) -> dict[str, float]:
@@ -33,19 +44,22 @@ def write_report(run_dir: str | Path, history: Sequence[dict[str, Any]]) -> Path
     out = run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
 
-    # success rate per iteration: the session's own episodes, and (simulation) the evaluation per task
-    fig, ax = plt.subplots(figsize=(7, 4))
+    # (a) overall success rate per iteration; (b) per task and iteration (simulation evaluation of the candidate)
+    fig, (ax, hm) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1, 1.2]})
     its = [h["iteration"] for h in history]
-    ax.plot(
-        its, [h.get("session_success_rate", 0.0) for h in history], "o-", label="session (running policy)"
-    )
-    per_task: dict[str, list[tuple[int, float]]] = defaultdict(list)
-    for h in history:
-        ev = h.get("evaluation") or {}
-        for task, rate in _task_rates(ev.get("candidate")).items():
-            per_task[task].append((h["iteration"], rate))
-    for task, points in sorted(per_task.items()):
-        ax.plot([p[0] for p in points], [p[1] for p in points], "s--", label=f"eval {task} (candidate)")
+    curves = {
+        "session episodes (running policy)": [h.get("session_success_rate") for h in history],
+        "evaluation: running version": [
+            ((h.get("evaluation") or {}).get("running") or {}).get("success_rate") for h in history
+        ],
+        "evaluation: candidate": [
+            ((h.get("evaluation") or {}).get("candidate") or {}).get("success_rate") for h in history
+        ],
+    }
+    for (label, values), marker in zip(curves.items(), ("o", "s", "D"), strict=True):
+        points = [(i, v) for i, v in zip(its, values, strict=True) if v is not None]
+        if points:
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker=marker, label=label)
     ax.set_xlabel("iteration")
     ax.set_ylabel("success rate")
     ax.set_ylim(-0.05, 1.05)
@@ -53,7 +67,24 @@ def write_report(run_dir: str | Path, history: Sequence[dict[str, Any]]) -> Path
     if its:
         ax.set_xticks(its)
     ax.legend(fontsize=7)
-    ax.set_title("iRe-VLA: success rate per iteration")
+    ax.set_title("success rate per iteration")
+    tasks = sorted({t for h in history for t in _task_rates((h.get("evaluation") or {}).get("candidate"))})
+    if tasks:
+        grid = np.full((len(tasks), len(its)), np.nan)
+        for j, h in enumerate(history):
+            for task, rate in _task_rates((h.get("evaluation") or {}).get("candidate")).items():
+                grid[tasks.index(task), j] = rate
+        hm.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+        for (r, c), value in np.ndenumerate(grid):
+            if not np.isnan(value):
+                hm.text(c, r, f"{value:.2f}", ha="center", va="center", color="w" if value < 0.6 else "k")
+        hm.set_xticks(range(len(its)), [str(i) for i in its])
+        hm.set_yticks(range(len(tasks)), tasks, fontsize=8)
+        hm.set_xlabel("iteration")
+        hm.set_title("candidate's success rate per task (simulation)")
+    else:
+        hm.axis("off")
+        hm.text(0.5, 0.5, "no per-task evaluation (robot: checks only)", ha="center", va="center")
     fig.tight_layout()
     fig.savefig(out / "success_rate.png", dpi=110)
     plt.close(fig)
@@ -62,19 +93,17 @@ def write_report(run_dir: str | Path, history: Sequence[dict[str, Any]]) -> Path
     series: dict[str, list[tuple[int, float]]] = defaultdict(list)
     for row in read_metrics(run_dir):
         name = str(row.get("name", ""))
-        if row.get("value") is None or not name.endswith("loss"):
+        if row.get("value") is None or name not in PLOTTED_LOSSES:
             continue
-        key = f"{name} (it {row.get('iteration', '?')})"
-        series[key].append((int(row["step"]), float(row["value"])))
+        series[f"{name} (it {row.get('iteration', '?')})"].append((int(row["step"]), float(row["value"])))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for key, points in sorted(series.items()):
         ax = axes[0] if key.startswith("stage1/") else axes[1]
-        ax.plot([p[0] for p in points], [p[1] for p in points], label=key)
-    for ax, title in zip(
-        axes, ("Stage 1 (online RL, heads)", "Stage 2 (supervised, LoRA + action head)"), strict=True
-    ):
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3, label=key)
+    titles = ("Stage 1 (online RL, heads)", "Stage 2 (supervised, LoRA + action head)")
+    for ax, title, xlabel in zip(axes, titles, ("RL update", "optimiser step"), strict=True):
         ax.set_title(title)
-        ax.set_xlabel("update / step")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel("loss")
         ax.grid(alpha=0.3)
         if ax.lines:

@@ -9,7 +9,10 @@ runtime are warm-up.
 The runtimes are measured interleaved, in blocks of 10 steps in alternating order, so that on a shared machine
 both see the same background load (measured one after the other, a burst of load lands on one of them only).
 `breakdown` times the same pieces separately (preprocess, encoder = backbone + token learner, heads), p50 of
-each, to show where a step's time goes; `load_average` is os.getloadavg() before and after the run.
+each, to show where a step's time goes; `load_average` is os.getloadavg() before and after the run, and
+`quiet` says whether the 1-minute load before the run was under half the cores. On a busy machine the torch
+figures mostly measure OpenMP contention (torch's 2-thread parallel regions wait for a descheduled thread: p50
+~500 ms at load 6-7 on 2 cores, ~9 ms when quiet); compare runtimes only from a quiet run.
 """
 
 from __future__ import annotations
@@ -169,6 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "parameters": info.meta["parameters"],
             }
     results["load_average"]["after"] = list(os.getloadavg())
+    results["quiet"] = results["load_average"]["before"][0] < 0.5 * (os.cpu_count() or 1)
     print(json.dumps(results, indent=2))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")

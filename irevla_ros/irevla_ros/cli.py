@@ -129,9 +129,14 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Verb]]:
     p = sub.add_parser("demo", help="run a supervised session in the simulated cell and print a JSON summary")
     p.add_argument("--episodes", type=int, default=5, help="expert episodes to collect (default: 5)")
     p.add_argument(
-        "--vla-episodes", type=int, default=3, help="VLA episodes per session, before and after the iteration (0: skip)"
+        "--vla-episodes",
+        type=int,
+        default=3,
+        help="VLA episodes per session, before and after the iteration (0: skip)",
     )
-    p.add_argument("--sft-steps", type=int, default=150, help="Stage 0 and Stage 2 gradient steps (default: 150)")
+    p.add_argument(
+        "--sft-steps", type=int, default=150, help="Stage 0 and Stage 2 gradient steps (default: 150)"
+    )
     p.add_argument("--store", default="", help="episode store folder (default: runs/demo-<time>/store)")
     p.add_argument("--noise", type=float, default=0.1, help="std of the scripted expert's action noise")
     p.add_argument("--timeout", type=float, default=1200.0, help="give up after this many wall seconds")

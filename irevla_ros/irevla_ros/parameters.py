@@ -129,9 +129,13 @@ TRAINER = (
     ParamSpec("episodes_per_update", 2, "PPO: new policy episodes per Stage 1 update", min=1),
     ParamSpec("push_every_episodes", 2, "push Stage 1 head updates to the policy every N episodes", min=1),
     ParamSpec("push_every_seconds", 0.0, "... or every N seconds (0: by episodes only)", min=0.0),
-    ParamSpec("episode_budget", 0, "policy episodes per session, then Stage 2 (0: the operator decides)", min=0),
+    ParamSpec(
+        "episode_budget", 0, "policy episodes per session, then Stage 2 (0: the operator decides)", min=0
+    ),
     ParamSpec("plateau_window", 0, "end a session when N episodes did not beat the N before (0: off)", min=0),
-    ParamSpec("plateau_delta", 0.05, "success-rate gain below which a session has plateaued", min=0.0, max=1.0),
+    ParamSpec(
+        "plateau_delta", 0.05, "success-rate gain below which a session has plateaued", min=0.0, max=1.0
+    ),
     ParamSpec("auto_iterate", True, "start Stage 2 by itself when a session ends by budget or plateau"),
     ParamSpec("max_iterations", 0, "stop iterating after N iterations (0: never)", min=0),
     ParamSpec("sft_steps", 150, "Stage 2 optimiser steps", min=1),

@@ -13,7 +13,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from irevla_ros.bench import control_loop, plot, policy_node, sim_camera, transport
+from irevla_ros.bench import control_loop, plot, policy_node, sim_camera, trainer, transport
 from irevla_ros.bench.harness import RESULTS_DIR, log
 
 
@@ -36,6 +36,7 @@ def benchmarks(out: Path, work: Path, quick: bool) -> list[tuple[str, Callable[[
                     out, work / "policy_node", 1, settle_s=0.5, warmup_actions=5, full_swap=False
                 ),
             ),
+            ("trainer", lambda: trainer.run(out, work / "trainer", quick=True)),
         ]
     return [
         ("control_loop", lambda: control_loop.run(out, work / "control_loop", vla_seconds=75.0)),
@@ -44,6 +45,7 @@ def benchmarks(out: Path, work: Path, quick: bool) -> list[tuple[str, Callable[[
         ("plot", lambda: plot.plot_control_loop(out / "control_loop.json")),
         ("policy", lambda: policy_latency(out, steps=300)),
         ("policy_node", lambda: policy_node.run(out, work / "policy_node")),
+        ("trainer", lambda: trainer.run(out, work / "trainer", quick=False)),
     ]
 
 

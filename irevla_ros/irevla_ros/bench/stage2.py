@@ -3,7 +3,7 @@ new backbone layers, token learner, action head) vs full fine-tuning (every back
 
     python -m irevla_ros.bench.stage2 [--quick] [--json out.json]
 
-Each variant runs in its own child process, so its peak RSS (getrusage ru_maxrss of the child) is its own: the
+Each variant runs in its own child process, so its peak RSS (VmHWM of the child) is its own: the
 real pretrained compact VLAModel (one camera, 128x128 frames), the same synthetic D_e (raw uint8 frames as the
 episode store gives them) and D_RL, the same global batch and seed, the same `train_supervised` loop the trainer
 runs. The variants alternate over two rounds and each keeps its faster round (a shared machine's load changes
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -43,6 +42,16 @@ def _rss_mb() -> float:
     with open("/proc/self/statm") as f:
         pages = int(f.read().split()[1])
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_rss_mb() -> float:
+    """This process's own high-water mark (VmHWM). Not ru_maxrss: Linux carries the parent's maximum over fork
+    and exec, so a child of a large process (make bench's runner) would report the parent's peak."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("/proc/self/status has no VmHWM")
 
 
 def _data(n: int, size: int, seed: int, instructions: list[str]) -> Any:
@@ -103,7 +112,7 @@ def child(variant: str, steps: int, warmup: int, batch: int, threads: int, sampl
         # CPU seconds this process used per step (all its threads): what other processes' load changes least.
         "cpu_seconds_per_step": round(float(np.median(cpu)), 4),
         "rss_before_training_mb": round(rss_before, 1),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mb": round(_peak_rss_mb(), 1),
         "final_loss": report["final_loss"],
     }
 

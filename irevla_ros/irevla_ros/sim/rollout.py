@@ -379,11 +379,9 @@ def episode_seed(seed: int, task: str, episode: int) -> int:
 def to_transitions(episodes: Sequence[EpisodeResult], *, skip_holds: bool = True) -> Any:
     """Episodes (with images) as `train.datasets.Transitions`, exactly as `load_transitions` would give them from
     the store: holds skipped, sparse binary reward on the last step of a success, one instruction id per text."""
-    from irevla_ros.train.datasets import DatasetError, Transitions
+    from irevla_ros.train.datasets import DatasetError, transitions_from_episodes
 
     parts = []
-    instructions: list[str] = []
-    ids: list[str] = []
     for i, ep in enumerate(episodes):
         if ep.images is None:
             raise DatasetError(
@@ -392,40 +390,14 @@ def to_transitions(episodes: Sequence[EpisodeResult], *, skip_holds: bool = True
         keep = ~ep.holds if skip_holds else np.ones(ep.steps, bool)
         if not keep.any():
             continue
-        if ep.instruction not in instructions:
-            instructions.append(ep.instruction)
-        n = int(keep.sum())
-        reward = np.zeros(n, np.float32)
-        reward[-1] = 1.0 if ep.success else 0.0
-        parts.append(
-            {
-                "images": ep.images[keep],
-                "proprio": ep.proprio[keep],
-                "actions": ep.actions[keep],
-                "log_probs": ep.log_probs[keep],
-                "rewards": reward,
-                "ids": np.full(n, instructions.index(ep.instruction), np.int32),
-            }
-        )
-        ids.append(f"direct-{i:05d}-{ep.task}")
-    if not parts:
-        raise DatasetError("no trainable steps in the given episodes")
-    lengths = np.array([len(p["actions"]) for p in parts])
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-    dones = np.zeros(int(lengths.sum()), bool)
-    dones[starts + lengths - 1] = True
-    return Transitions(
-        images=np.concatenate([p["images"] for p in parts]),
-        proprio=np.concatenate([p["proprio"] for p in parts]),
-        actions=np.concatenate([p["actions"] for p in parts]),
-        log_probs=np.concatenate([p["log_probs"] for p in parts]),
-        rewards=np.concatenate([p["rewards"] for p in parts]),
-        dones=dones,
-        instruction_ids=np.concatenate([p["ids"] for p in parts]),
-        instructions=instructions,
-        episode_ids=ids,
-        episode_starts=starts,
-    )
+        arrays = {
+            "images": ep.images[keep],
+            "proprio": ep.proprio[keep],
+            "actions": ep.actions[keep],
+            "log_probs": ep.log_probs[keep],
+        }
+        parts.append((f"direct-{i:05d}-{ep.task}", ep.instruction, bool(ep.success), arrays))
+    return transitions_from_episodes(parts)
 
 
 def write_to_store(

@@ -8,7 +8,7 @@ Reading goes through the episode store (it verifies checksums); the cache holds 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,26 +86,36 @@ def load_transitions(
     cache_dir: Path | None = None,
 ) -> Transitions:
     """Flatten `rows` (catalogue rows, e.g. `store.trainable(source="expert")`) into transitions."""
-    parts: list[dict[str, np.ndarray]] = []
-    instructions: list[str] = []
-    instruction_ids: list[np.ndarray] = []
-    ids: list[str] = []
-    rewards: list[np.ndarray] = []
+    episodes = []
     for row in rows:
         if not row.trainable:
             raise DatasetError(f"episode {row.episode_id} is not trainable (incomplete or corrupt)")
         arrays = _episode_arrays(store, row, cameras, skip_holds, cache_dir)
-        if arrays is None:
-            continue
+        if arrays is not None:
+            episodes.append((row.episode_id, row.instruction, row.outcome == "success", arrays))
+    return transitions_from_episodes(episodes)
+
+
+def transitions_from_episodes(
+    episodes: Iterable[tuple[str, str, bool, Mapping[str, np.ndarray]]],
+) -> Transitions:
+    """(episode id, instruction, success, arrays: images, proprio, actions, log_probs) per episode, holds already
+    left out -> Transitions, with the sparse binary reward on each successful episode's last step."""
+    parts: list[Mapping[str, np.ndarray]] = []
+    instructions: list[str] = []
+    instruction_ids: list[np.ndarray] = []
+    ids: list[str] = []
+    rewards: list[np.ndarray] = []
+    for episode_id, instruction, success, arrays in episodes:
         n = arrays["actions"].shape[0]
-        if row.instruction not in instructions:
-            instructions.append(row.instruction)
-        instruction_ids.append(np.full(n, instructions.index(row.instruction), np.int32))
+        if instruction not in instructions:
+            instructions.append(instruction)
+        instruction_ids.append(np.full(n, instructions.index(instruction), np.int32))
         reward = np.zeros(n, np.float32)
-        reward[-1] = 1.0 if row.outcome == "success" else 0.0
+        reward[-1] = 1.0 if success else 0.0
         rewards.append(reward)
         parts.append(arrays)
-        ids.append(row.episode_id)
+        ids.append(episode_id)
     if not parts:
         raise DatasetError("no trainable steps in the selected episodes")
     lengths = np.array([p["actions"].shape[0] for p in parts])

@@ -156,6 +156,21 @@ def _json_bytes(obj: Any) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
 
 
+def _write_manifest(folder: Path) -> tuple[dict[str, Any], bytes]:
+    """sha256 and size of every file in `folder` -> manifest.json (fsync'd); returns it and its bytes (meta pins
+    their checksum)."""
+    manifest = {
+        "format": FORMAT,
+        "files": {
+            name: {"sha256": sha256_file(folder / name), "bytes": (folder / name).stat().st_size}
+            for name in _files_under(folder)
+        },
+    }
+    manifest_bytes = _json_bytes(manifest)
+    _fsync_write(folder / MANIFEST, manifest_bytes)
+    return manifest, manifest_bytes
+
+
 def _files_under(root: Path) -> list[str]:
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
 
@@ -385,15 +400,7 @@ class ModelStore:
                     "dir": str(cfg.hf_model_dir),
                     "files": {p.name: _sha256_cached(p) for p in files_b},
                 }
-            manifest = {
-                "format": FORMAT,
-                "files": {
-                    name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
-                    for name in _files_under(tmp)
-                },
-            }
-            manifest_bytes = _json_bytes(manifest)
-            _fsync_write(tmp / MANIFEST, manifest_bytes)
+            manifest, manifest_bytes = _write_manifest(tmp)
             groups = model.named_parameter_groups()
             meta_base = {
                 "format": FORMAT,
@@ -507,15 +514,7 @@ class ModelStore:
                     "rtol": onnx_export.RTOL,
                     "max_abs_error": verify_heads_onnx(model, tmp / HEADS_ONNX),
                 }
-            manifest = {
-                "format": FORMAT,
-                "files": {
-                    name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
-                    for name in _files_under(tmp)
-                },
-            }
-            manifest_bytes = _json_bytes(manifest)
-            _fsync_write(tmp / MANIFEST, manifest_bytes)
+            manifest, manifest_bytes = _write_manifest(tmp)
             groups = model.named_parameter_groups()
             meta_base = {
                 "format": FORMAT,

@@ -190,9 +190,8 @@ class TrainerNode(Node):
     def _iteration_loop(self) -> None:
         assert self.runner is not None
         initial = str(self.params["initial_version"])
-        while (
-            not self._stop.is_set()
-        ):  # no version yet (expert demonstrations first): keep storing, look again
+        # No version yet (expert demonstrations come first): keep storing, look again.
+        while not self._stop.is_set():
             try:
                 self.runner.start(initial)
                 break

@@ -52,6 +52,8 @@ def test_a_node_stops_cleanly_on_sigterm(child, tmp_path):
             "--ros-args",
             "-p",
             f"store_path:={tmp_path / 'store'}",
+            "-p",
+            f"run_dir:={tmp_path / 'trainer'}",
         ],
         name="trainer",
     )
@@ -72,3 +74,38 @@ def test_bad_configuration_stops_bringup_before_any_node_starts(tmp_path, capsys
     assert main(["bringup", "--set", "/arm_controller.max_speed=50.0", "--duration", "1"]) == 2
     err = capsys.readouterr().err
     assert "/arm_controller.ros__parameters.max_speed: 50.0 is above the maximum" in err
+
+
+def test_a_stopped_trainer_stores_the_episode_it_was_assembling(ros_context, child, spin, tmp_path):
+    """SIGINT in the middle of an episode: its steps are stored (marked incomplete), not dropped."""
+    from test_malformed_inputs import event, step_record
+
+    from irevla_interfaces.msg import EpisodeEvent, StepRecord
+    from irevla_ros import topics
+    from irevla_ros.nodes.common import RELIABLE_QOS
+    from irevla_ros.store.episode_store import EpisodeStore
+
+    trainer = child(
+        [shutil.which("trainer_node") or "trainer_node", "--ros-args", "-p", f"store_path:={tmp_path / 'store'}",
+         "-p", f"run_dir:={tmp_path / 'trainer'}"],
+        name="trainer",
+    )  # fmt: skip
+    node = Node("half_an_episode", context=ros_context)
+    events = node.create_publisher(EpisodeEvent, topics.EPISODE_EVENTS, RELIABLE_QOS)
+    steps = node.create_publisher(StepRecord, topics.STEP_RECORDS, RELIABLE_QOS)
+    executor = SingleThreadedExecutor(context=ros_context)
+    executor.add_node(node)
+    ready = lambda: events.get_subscription_count() > 0 and steps.get_subscription_count() > 0  # noqa: E731
+    assert spin(executor, ready, timeout=60), trainer.output()
+    events.publish(
+        event(EpisodeEvent.START, "ep-cut", task="button-press-v3", instruction="press the button")
+    )
+    for i in range(5):
+        steps.publish(step_record("ep-cut", i))
+    assert spin(executor, lambda: False, timeout=2.0) is False  # let them arrive; no END ever comes
+    assert trainer.stop(signal.SIGINT, timeout=30) == 0, trainer.output()
+    with EpisodeStore(tmp_path / "store", read_only=True) as store:
+        row = store.get("ep-cut")
+        assert row.num_steps == 5 and not row.complete and row.outcome == "aborted", row
+        assert any("stopped before the episode ended" in r for r in row.reasons)
+        assert [s.step_index for s in store.read("ep-cut").steps] == list(range(5))

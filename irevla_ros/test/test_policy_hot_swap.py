@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from diagnostic_msgs.msg import DiagnosticArray
 from geometry_msgs.msg import PoseStamped
-from rclpy.executors import MultiThreadedExecutor
+from rclpy.executors import MultiThreadedExecutor, SingleThreadedExecutor
 from rclpy.node import Node
 from safetensors.torch import load_file, save_file
 from sensor_msgs.msg import Image, JointState
@@ -222,7 +222,7 @@ class _Cell:
         self.rollback = node.create_client(Trigger, topics.ROLLBACK)
         self._rng = np.random.default_rng(0)
         node.create_timer(0.05, self._publish_sensors)
-        self.executor = MultiThreadedExecutor(context=context)
+        self.executor = SingleThreadedExecutor(context=context)  # the multi-threaded one busy-loops
         self.executor.add_node(node)
         threading.Thread(target=self.executor.spin, daemon=True).start()
 

@@ -378,7 +378,13 @@ def stored_ids(store_path: Path) -> set[str]:
 
     if not (store_path / "catalog.sqlite").exists():
         return set()
-    with EpisodeStore(store_path, read_only=True) as store:
+    try:
+        store = EpisodeStore(store_path, read_only=True)
+    except RuntimeError as exc:  # the trainer has created the file but not yet its schema
+        if "needs migration" in str(exc):
+            return set()
+        raise
+    with store:
         return {row.episode_id for row in store.list()}
 
 

@@ -183,7 +183,14 @@ def run_nodes(
     executor = SingleThreadedExecutor(context=context)
     code = 0
     try:
-        nodes = list(make_nodes(context))
+        try:
+            nodes = list(make_nodes(context))
+        except Exception:
+            if context.ok():
+                raise
+            # SIGINT/SIGTERM arrived while the node was being built (creating an entity on a shut-down context
+            # fails): that is a stop request, not a crash.
+            return code
         for node in nodes:
             executor.add_node(node)
         executor.spin()

@@ -16,6 +16,7 @@ operator's word, with progress feedback and cancel. The runner persists its phas
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import queue
 import threading
 import time
@@ -133,6 +134,15 @@ class TrainerNode(Node):
         self.stored = 0
         self.incomplete = 0
         group = MutuallyExclusiveCallbackGroup()
+        self.runner: IterationRunner | None = None
+        self._goal_handles: dict[bytes, tuple[object, IterationRequest]] = {}
+        self._stage_progress = ("collect", 0.0, "")
+        self._stop = threading.Event()
+        self._iteration_thread: threading.Thread | None = None
+        if p["iterate"]:
+            # Before the subscriptions: the episode manager starts a session once they exist, and this set-up
+            # (TensorBoard, the action server) takes seconds on a loaded machine while nothing would be spun.
+            self._start_iterations(group)
         self.create_subscription(
             StepRecord, topics.STEP_RECORDS, self._on_step, RELIABLE_QOS, callback_group=group
         )
@@ -148,13 +158,8 @@ class TrainerNode(Node):
         self._writer = threading.Thread(target=self._write_loop, name="episode-writer", daemon=True)
         self._writer.start()
         self.get_logger().info(f"episode store at {self.store_path}: {self.store.stats().total} episodes")
-        self.runner: IterationRunner | None = None
-        self._goal_handles: dict[bytes, tuple[object, IterationRequest]] = {}
-        self._stage_progress = ("collect", 0.0, "")
-        self._stop = threading.Event()
-        self._iteration_thread: threading.Thread | None = None
-        if p["iterate"]:
-            self._start_iterations(group)
+        if self._iteration_thread is not None:
+            self._iteration_thread.start()
 
     # --- iterations -----------------------------------------------------------------------------------------------
     def _start_iterations(self, group: MutuallyExclusiveCallbackGroup) -> None:
@@ -185,7 +190,6 @@ class TrainerNode(Node):
             callback_group=group,
         )
         self._iteration_thread = threading.Thread(target=self._iteration_loop, name="iterations", daemon=True)
-        self._iteration_thread.start()
 
     def _iteration_loop(self) -> None:
         assert self.runner is not None
@@ -355,6 +359,27 @@ class TrainerNode(Node):
                 del self._closing[episode_id]
                 self._writes.put(assembled)
 
+    def _store_unfinished(self) -> None:
+        """On shutdown, every episode still assembling is stored (incomplete unless it had fully ended): an
+        accepted step is never dropped because the node was stopped."""
+        with self._lock:
+            for episode_id in self.assembler.open_episode_ids():
+                closing = self._closing.pop(episode_id, None) or Closing()
+                assembled = self.assembler.end(
+                    episode_id,
+                    closing.outcome or "aborted",
+                    closing.label_source if closing.outcome else "none",
+                    closing.num_steps,
+                    closing.ended_ns or time.time_ns(),
+                )
+                if closing.outcome is None:
+                    assembled = dataclasses.replace(
+                        assembled,
+                        complete=False,
+                        reasons=[*assembled.reasons, "the trainer stopped before the episode ended"],
+                    )
+                self._writes.put(assembled)
+
     def _write_loop(self) -> None:
         while True:
             assembled = self._writes.get()
@@ -419,6 +444,7 @@ class TrainerNode(Node):
 
     def close(self) -> None:
         self._stop.set()
+        self._store_unfinished()
         self._writes.put(None)
         self._writer.join(timeout=30.0)
         if self._iteration_thread is not None:

@@ -420,7 +420,7 @@ class PPOReplay:
         return model.encode(images.to(device), text[ids], proprio)
 
     def update(self, episodes: Sequence[EpisodeResult]) -> dict[str, float]:
-        from irevla_ros.train.ppo import compute_gae, ppo_loss
+        from irevla_ros.train.ppo import ppo_loss, update_batch
 
         model, cfg, ppo = self.model, self.cfg, self.ppo
         data = to_transitions(episodes)
@@ -437,18 +437,9 @@ class PPOReplay:
                 latent = self._encode(data, index)
                 start_values[index] = model.value(latent)
                 start_log_probs[index] = model.distribution(latent).log_prob(actions[index])
-        behaviour = torch.from_numpy(data.log_probs).to(device)
-        behaviour = torch.where(torch.isnan(behaviour), start_log_probs, behaviour)
-        values = start_values.cpu().numpy()
-        adv, ret = compute_gae(data.rewards, values, data.dones, terminals, ppo.gamma, ppo.gae_lambda)
-        batch = {
-            "actions": actions,
-            "behaviour_log_probs": behaviour,
-            "start_log_probs": start_log_probs,
-            "advantages": torch.from_numpy(adv).to(device),
-            "returns": torch.from_numpy(ret).to(device),
-            "start_values": start_values,
-        }
+        batch = update_batch(
+            actions, data.log_probs, data.rewards, data.dones, terminals, start_values, start_log_probs, ppo
+        )
         losses, replay_losses = [], []
         for _ in range(ppo.update_epochs):
             perm = torch.randperm(n, generator=self.generator).numpy()

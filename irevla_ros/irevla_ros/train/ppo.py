@@ -140,6 +140,34 @@ def ppo_loss(
 LatentFn = Callable[[torch.Tensor], torch.Tensor]  # step indices (cpu int64) -> (len, latent_dim) latents
 
 
+def update_batch(
+    actions: torch.Tensor,
+    log_probs: np.ndarray,
+    rewards: np.ndarray,
+    dones: np.ndarray,
+    terminals: np.ndarray,
+    start_values: torch.Tensor,
+    start_log_probs: torch.Tensor,
+    cfg: PPOConfig,
+) -> dict[str, torch.Tensor]:
+    """What one PPO update trains on: behaviour log-probabilities (the policy's own before the update where the
+    step record has none), GAE advantages and returns from the values before the update."""
+    device = start_values.device
+    behaviour = torch.from_numpy(log_probs).to(device)
+    behaviour = torch.where(torch.isnan(behaviour), start_log_probs, behaviour)
+    advantages, returns = compute_gae(
+        rewards, start_values.cpu().numpy(), dones, terminals, cfg.gamma, cfg.gae_lambda
+    )
+    return {
+        "actions": actions,
+        "behaviour_log_probs": behaviour,
+        "start_log_probs": start_log_probs,
+        "advantages": torch.from_numpy(advantages).to(device),
+        "returns": torch.from_numpy(returns).to(device),
+        "start_values": start_values,
+    }
+
+
 class PPOLearner:
     """Optimiser and counters of PPO over the heads. Build it after model.fresh_critic(): it holds the
     parameters it was given."""
@@ -191,21 +219,17 @@ class PPOLearner:
                 latent = self._latents(batch, index, latent_fn)
                 start_values[index] = self.model.value(latent)
                 start_log_probs[index] = self.model.distribution(latent).log_prob(actions[index])
-        behaviour = torch.from_numpy(batch.log_probs).to(device)
-        behaviour = torch.where(torch.isnan(behaviour), start_log_probs, behaviour)
-
-        values_np = start_values.cpu().numpy()
-        advantages_np, returns_np = compute_gae(
-            batch.rewards, values_np, batch.dones, batch.terminals, cfg.gamma, cfg.gae_lambda
+        data = update_batch(
+            actions,
+            batch.log_probs,
+            batch.rewards,
+            batch.dones,
+            batch.terminals,
+            start_values,
+            start_log_probs,
+            cfg,
         )
-        data = {
-            "actions": actions,
-            "behaviour_log_probs": behaviour,
-            "start_log_probs": start_log_probs,
-            "advantages": torch.from_numpy(advantages_np).to(device),
-            "returns": torch.from_numpy(returns_np).to(device),
-            "start_values": start_values,
-        }
+        values_np, returns_np = start_values.cpu().numpy(), data["returns"].cpu().numpy()
 
         infos: list[dict[str, torch.Tensor]] = []
         stopped = False

@@ -81,6 +81,7 @@ POLICY = (
     ParamSpec(
         "max_camera_skew", 0.1, "largest stamp difference between cameras of one observation (s)", min=0.0
     ),
+    ParamSpec("max_state_age", 0.25, "an arm pose (~/ee_pose) older than this is stale (s)", min=0.0),
     ParamSpec(
         "action_noise", 0.0, "std of Gaussian noise added to the scripted expert (normalised units)", min=0.0
     ),

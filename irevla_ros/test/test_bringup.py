@@ -27,6 +27,8 @@ def test_bringup_starts_every_node_and_stops_cleanly_on_sigint(ros_context, chil
             ",".join(cameras),
             "--set",
             f"/trainer.store_path={tmp_path / 'store'}",
+            "--set",
+            f"/trainer.run_dir={tmp_path / 'trainer'}",
         ],
         name="bringup",
     )

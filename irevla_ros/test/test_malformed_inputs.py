@@ -169,8 +169,15 @@ def test_malformed_inputs_are_logged_and_the_graph_keeps_working(ros_context, si
 
     def nan_pose() -> None:
         msg = PoseStamped()
+        msg.header.stamp = now_stamp()  # current, so the policy reads it instead of calling it stale
         msg.header.frame_id = FAKE_FRAME
         msg.pose.position.x = math.nan
+        pubs["pose"].publish(msg)
+
+    def stale_pose() -> None:
+        msg = PoseStamped()  # stamped 0: an arm state from the start of time
+        msg.header.frame_id = FAKE_FRAME
+        msg.pose.position.y = 0.6
         pubs["pose"].publish(msg)
 
     good_image = image_to_msg(np.zeros((4, 4, 3), np.uint8), now_stamp(), "camera")
@@ -208,6 +215,7 @@ def test_malformed_inputs_are_logged_and_the_graph_keeps_working(ros_context, si
         Probe("huge action", command([1e30, 0.0, -1e30]), "sim_cell_node", "> max_abs_action"),
         # Robot state and the simulator's expert.
         Probe("NaN pose", nan_pose, "policy_node", "non-finite arm state [nan"),
+        Probe("stale pose", stale_pose, "policy_node", "arm state is stale: newest ~/ee_pose is"),
         Probe(
             "joint state lengths",
             lambda: pubs["joints"].publish(JointState(name=["j0", "gripper_opening"], position=[0.1])),

@@ -1,6 +1,6 @@
 """The VLA in the policy node: a 10 Hz loop keeps running through a hot swap (the version in the step records changes
 at one tick, no tick is missed), corrupt versions are refused while the running one stays, rollback works, and
-missing/stale camera frames and malformed images turn ticks into holds. Heads-only versions (Stage 1 pushes)
+missing/stale camera frames, malformed images and a stale arm state turn ticks into holds. Heads-only versions (Stage 1 pushes)
 swap the same way on the running encoder; a version whose own output is NaN on real observations makes every
 tick a hold with the reason logged."""
 
@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from diagnostic_msgs.msg import DiagnosticArray
 from geometry_msgs.msg import PoseStamped
+from rclpy.duration import Duration
 from rclpy.executors import MultiThreadedExecutor, SingleThreadedExecutor
 from rclpy.node import Node
 from safetensors.torch import load_file, save_file
@@ -101,8 +102,9 @@ def test_hot_swap_at_10hz_refusals_rollback_and_holds(ros_context, child, tmp_pa
     rng = np.random.default_rng(0)
 
     def publish_sensors() -> None:
-        stamp = peer.get_clock().now().to_msg()
-        if state["camera"] == "ok":
+        now = peer.get_clock().now()
+        stamp = now.to_msg()
+        if state["camera"] in ("ok", "stale_pose"):
             image_pub.publish(
                 image_to_msg(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8), stamp, "camera")
             )
@@ -112,6 +114,8 @@ def test_hot_swap_at_10hz_refusals_rollback_and_holds(ros_context, child, tmp_pa
             image_pub.publish(bad)
         pose = PoseStamped()
         pose.header.stamp = stamp
+        if state["camera"] == "stale_pose":  # an arm state stream that stopped a second ago
+            pose.header.stamp = (now - Duration(seconds=1.0)).to_msg()
         pose.pose.position.x = state["x"]
         pose_pub.publish(pose)
         joint_pub.publish(JointState(name=["gripper_opening"], position=[1.0]))
@@ -178,8 +182,12 @@ def test_hot_swap_at_10hz_refusals_rollback_and_holds(ros_context, child, tmp_pa
     assert wait(future.done, timeout=10) and future.result().success
     assert wait(lambda: versions()[-1] == v1, timeout=10)
 
-    # holds: malformed image, missing camera (stale); the loop keeps running
-    for condition, cause in (("malformed", "bytes"), ("missing", "stale")):
+    # holds: malformed image, missing camera (stale), old arm state; the loop keeps running
+    for condition, cause in (
+        ("malformed", "bytes"),
+        ("missing", "camera 'camera' is stale"),
+        ("stale_pose", "arm state is stale"),
+    ):
         state["camera"] = condition
         with lock:
             start = len(records)

@@ -3,12 +3,20 @@
 Every command passes the one SafetyLayer (workspace box, step and speed limits, gripper range, NaN/inf
 rejection, watchdog, latched e-stop). The node never imports a concrete backend: `backend` picks one from the
 registry. Publishes /joint_states, ~/ee_pose and /diagnostics; serves ~/estop, ~/clear_estop, ~/reset_home.
+
+The state (joints, pose) goes out at `state_rate` on the node's own ticker, or, where something else knows when
+the world has moved (the simulated cell, after each control period and before its /clock), whenever that driver
+calls `publish_state`: then the policy's tick at time t sees the arm at t, not a period late. Likewise the
+simulated cell hands in its own clock (`time_source`) for the safety layer's timing: a command for the tick at t
+then is timed at t even when this node's /clock subscription has not yet seen t (the speed limit would otherwise
+measure zero time since the last command and refuse to move).
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from typing import Literal
 
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
@@ -16,13 +24,14 @@ from geometry_msgs.msg import PoseStamped
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.node import Node
 from rclpy.task import Future
+from rclpy.time import Time
 from sensor_msgs.msg import JointState
 from std_srvs.srv import Trigger
 
 from irevla_interfaces.msg import ArmCommand, EpisodeEvent
 from irevla_ros import topics
 from irevla_ros.hardware.arm import ArmBackend, make_arm
-from irevla_ros.nodes.common import RELIABLE_QOS, RosTimePeriodic, declare_parameters, run_nodes
+from irevla_ros.nodes.common import RELIABLE_QOS, RosTimePeriodic, declare_parameters, run_nodes, time_to_ns
 from irevla_ros.parameters import ARM_CONTROLLER
 from irevla_ros.params import ParamValue
 from irevla_ros.safety import SafetyLayer, SafetyLimits
@@ -36,9 +45,15 @@ class ArmControllerNode(Node):
         self,
         backend_factory: Callable[[dict[str, ParamValue]], ArmBackend] | None = None,
         name: str = "arm_controller",
+        state_publisher: Literal["ticker", "external"] = "ticker",
+        time_source: Callable[[], float] | None = None,
         **kwargs: object,
     ) -> None:
         super().__init__(name, **kwargs)  # type: ignore[arg-type]
+        if state_publisher not in ("ticker", "external"):
+            raise ValueError(f"state_publisher must be 'ticker' or 'external', got {state_publisher!r}")
+        self._state_on_ticker = state_publisher == "ticker"
+        self._time_source = time_source
         p = declare_parameters(self, ARM_CONTROLLER)
         self.params = p
         self.safety = SafetyLayer(
@@ -81,6 +96,7 @@ class ArmControllerNode(Node):
         self._homing: Future | None = None  # set while a reset-to-home is running
         self._homing_deadline = 0.0
         self._quiet_since: float | None = None
+        self._reset_at: float | None = None  # ROS time of the newest safety-layer reset
         control = MutuallyExclusiveCallbackGroup()
         self.create_subscription(ArmCommand, topics.ACTION, self._on_action, 10, callback_group=control)
         self.create_subscription(
@@ -112,6 +128,8 @@ class ArmControllerNode(Node):
         return now - self._quiet_since >= self.safety.limits.watchdog_timeout
 
     def _now(self) -> float:
+        if self._time_source is not None:
+            return self._time_source()
         # The newest ROS time this node has seen (its clock and its control ticker read /clock separately).
         return max(self.get_clock().now().nanoseconds * 1e-9, self._ticker.now())
 
@@ -144,9 +162,24 @@ class ArmControllerNode(Node):
     def _on_event(self, msg: EpisodeEvent) -> None:
         if msg.type == EpisodeEvent.START:
             # The scene (and in simulation the arm) may have been reset or moved by hand since the last command:
-            # limits apply from where the arm is now.
+            # limits apply from where the arm is now. Not again if the reset already happened at the episode's
+            # first moment (the simulated cell's, see `scene_reset`): the first command may have come first.
+            start = time_to_ns(msg.header.stamp) * 1e-9
             with self._lock:
-                self.safety.reset()
+                if self._reset_at is None or self._reset_at < start - 1e-6:
+                    self._reset_safety(max(start, self._now()))
+
+    def scene_reset(self, stamp_s: float) -> None:
+        """The world was reset and its first observation is stamped `stamp_s`: limits apply from where the arm
+        is now, and the never-commanded hold waits a watchdog period from then (the simulated cell calls this
+        before it answers the reset, so it precedes the episode's first command)."""
+        with self._lock:
+            self._reset_safety(stamp_s)
+
+    def _reset_safety(self, now: float) -> None:
+        self.safety.reset()
+        self._reset_at = now
+        self._quiet_since = now
 
     def _on_timer(self) -> None:
         with self._lock:
@@ -154,11 +187,18 @@ class ArmControllerNode(Node):
                 self._step_home()
             elif self.safety.check_watchdog(self._now()) or self._never_commanded():
                 self._hold("no fresh action within the watchdog deadline")
-            self._publish_state()
+            if self._state_on_ticker:
+                self.publish_state()
+            self._publish_diagnostics()
 
-    def _publish_state(self) -> None:
+    def publish_state(self, stamp_s: float | None = None) -> None:
+        """Publish /joint_states and ~/ee_pose as the backend reads them now, stamped `stamp_s` (ROS seconds;
+        None: the node clock). Thread-safe: it touches no controller state, only the backend's read."""
         state = self.backend.read_state()
-        stamp = self.get_clock().now().to_msg()
+        if stamp_s is None:
+            stamp = self.get_clock().now().to_msg()
+        else:
+            stamp = Time(nanoseconds=round(stamp_s * 1e9), clock_type=self.get_clock().clock_type).to_msg()
         joints = JointState()
         joints.header.stamp = stamp
         joints.name = [*state.joint_names, "gripper_opening"]
@@ -179,8 +219,10 @@ class ArmControllerNode(Node):
             qw,
         )
         self._pose_pub.publish(pose)
+
+    def _publish_diagnostics(self) -> None:
         diag = DiagnosticArray()
-        diag.header.stamp = stamp
+        diag.header.stamp = self.get_clock().now().to_msg()
         level = DiagnosticStatus.ERROR if self.safety.estopped else DiagnosticStatus.OK
         diag.status = [
             DiagnosticStatus(
@@ -243,7 +285,7 @@ class ArmControllerNode(Node):
         if result is not None:
             self._homing.set_result(result)
             self._homing = None
-            self.safety.reset()
+            self._reset_safety(self._now())
 
     def close(self) -> None:
         try:

@@ -32,6 +32,8 @@ from irevla_ros.nodes.common import (
     image_to_msg,
     msg_to_image,
     run_nodes,
+    time_to_ns,
+    to_time_msg,
 )
 from irevla_ros.nodes.event_codes import OUTCOME_CODES, SOURCE_CODES
 from irevla_ros.parameters import EPISODE_MANAGER
@@ -215,7 +217,11 @@ class EpisodeManagerNode(Node):
             instruction = getattr(result, "instruction", "") or task.replace("-v3", "").replace("-", " ")
             task = getattr(result, "task", "") or task
             self._sim_success = False
-            self._apply(self.session.reset_done(self._now(), task, instruction))
+            # The simulator answers with its new scene's stamp (its first /clock tick, which this node may not
+            # have seen yet): the episode, and its timeout, start there. A robot's homing answers now.
+            scene = getattr(result, "stamp", None)
+            start = max(self._now(), time_to_ns(scene) * 1e-9 if scene is not None else 0.0)
+            self._apply(self.session.reset_done(start, task, instruction))
 
     # --- outputs --------------------------------------------------------------------------------------------------
     def _apply(self, events: list[SessionEvent]) -> None:
@@ -231,7 +237,11 @@ class EpisodeManagerNode(Node):
                 source=str(self.params["source"]),
                 policy_version=self._policy_version,
             )
-            msg.header.stamp = self.get_clock().now().to_msg()
+            if event.type == "start" and self.session.episode is not None:
+                # START carries the episode's start time: the policy acts on the observation of that moment.
+                msg.header.stamp = to_time_msg(self.session.episode.started)
+            else:
+                msg.header.stamp = self.get_clock().now().to_msg()
             self._event_pub.publish(msg)
             if event.type in ("end", "label"):
                 self.get_logger().info(

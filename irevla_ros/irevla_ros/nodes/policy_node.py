@@ -2,7 +2,9 @@
 per-step record.
 
 The observation is the newest frame of every configured camera (each no older than `max_image_age`, all within
-`max_camera_skew` of each other) plus the arm's end-effector pose and gripper. Anything missing, stale, malformed
+`max_camera_skew` of each other) plus the arm's end-effector pose (no older than `max_state_age`) and gripper.
+A START event carries the episode's first moment; a tick of that moment that ran before START arrived is run
+again at once. Anything missing, stale, malformed
 or non-finite turns the tick into a hold: the arm keeps still, the reason is logged, the step record says
 `hold`, and the node keeps running. Step indices are consecutive within an episode; when the episode manager
 ends an episode the node publishes STEPS_DONE with the number of records it emitted.
@@ -87,6 +89,7 @@ class PolicyNode(Node):
         self.holds = 0
         self.steps_published = 0
         self._last_tick: float | None = None
+        self._idle_tick: float | None = None  # ROS time of the newest tick that found no episode running
         self._last_hold_reason = ""
         inputs = MutuallyExclusiveCallbackGroup()
         for topic, cam in zip(self.topics, self.names, strict=True):
@@ -222,6 +225,17 @@ class PolicyNode(Node):
             self.episode = ActiveEpisode(msg.episode_id, msg.instruction)
             self.policy.reset(msg.instruction)
             self._last_tick = None
+            start, now, tolerance = (
+                time_to_ns(msg.header.stamp) * 1e-9,
+                self._ticker.now(),
+                0.01 * self.period,
+            )
+            ran_idle = self._idle_tick is not None and abs(self._idle_tick - start) < tolerance
+            if ran_idle and abs(now - start) < tolerance:
+                # The tick of the episode's first moment already ran, idle, before START arrived (in simulation
+                # the new scene's /clock precedes the reset's answer, and the clock waits for this command):
+                # act on that moment now rather than a period later.
+                self._on_tick()
         elif (
             msg.type == EpisodeEvent.END
             and self.episode is not None
@@ -274,6 +288,9 @@ class PolicyNode(Node):
             raise HoldTick(f"camera frames are {max(stamps) - min(stamps):.3f} s apart (max_camera_skew)")
         if pose is None or gripper is None:
             raise HoldTick("no arm state yet")
+        state_age = now - time_to_ns(pose.header.stamp) * 1e-9
+        if state_age > float(self.params["max_state_age"]):  # type: ignore[arg-type]
+            raise HoldTick(f"arm state is stale: newest ~/ee_pose is {state_age:.3f} s old")
         p = pose.pose.position
         proprio = np.array([p.x, p.y, p.z, gripper], dtype=np.float32)
         if not np.all(np.isfinite(proprio)):
@@ -290,7 +307,9 @@ class PolicyNode(Node):
             swapped.reset(self.episode.instruction)
         if self.episode is None:
             self._last_tick = None
+            self._idle_tick = now
             return
+        self._idle_tick = None
         if self._last_tick is not None and now - self._last_tick > 1.5 * self.period:
             missed = round((now - self._last_tick) / self.period) - 1
             self.missed_ticks += missed

@@ -6,12 +6,18 @@
   simulated time), the simulator's success signal and its scripted expert's action, and serves
   /sim/reset_episode (per-episode randomisation);
 - `camera` (CameraNode with the `sim` backend): publishes the frames the cell rendered;
-- `arm_controller` (ArmControllerNode with the `sim` backend): its commands step the cell.
+- `arm_controller` (ArmControllerNode with the `sim` backend): its commands step the cell; its state (pose,
+  joints) is published by the cell after every period, like the frames.
 
 Lock-step: a period ends when the arm controller has commanded it (its command steps the physics), or when
 `max_wall_wait` wall seconds pass without a command (the arm holds, like a real arm whose controller is late);
 the remaining physics substeps of the period hold the commanded target. So simulated time runs as fast as the
 graph can keep up, and rates, timeouts and the watchdog mean the same as on a robot.
+
+Everything observed at time t (camera frames, arm state, success, the expert's action) is published before the
+/clock message of t, so the policy's tick at t acts on the world at t, as the direct rollout (`sim/rollout.py`)
+does. A reset answers only after its new scene is out, with the scene's stamp: the episode starts, and its timeout
+counts, from that first observation.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import math
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from builtin_interfaces.msg import Time as TimeMsg
 from rclpy._rclpy_pybind11 import RCLError
@@ -108,7 +115,14 @@ class SimCellNode(Node):
         self.periods_without_command = 0
         self._stop = threading.Event()
         self._wake = threading.Event()  # a reset happened: publish the new scene now
+        self._scene_out = threading.Condition(self.cell.lock)  # the new scene was published (after _wake)
+        self._scenes_published = 0
+        self._scene_stamp_ns = 0
         self._reset_jump_ns = 0
+        # Called with the ROS time (s) of each period, on the cell's thread, before that period's /clock.
+        self.on_period: list[Callable[[float], Any]] = []
+        # Called with the new scene's stamp (s) after a reset, before the reset is answered.
+        self.on_reset: list[Callable[[float], Any]] = []
         self._thread = threading.Thread(target=self._run, name="sim-cell", daemon=True)
 
     def start(self) -> None:
@@ -139,15 +153,29 @@ class SimCellNode(Node):
                 )
                 response.task, response.instruction = self.cell.task, self.cell.instruction
                 # The reset's own physics time (Meta-World homes the hand) passes on the clock too, in whole
-                # periods; the cell's thread renders and publishes the new scene at once (all rendering happens
-                # on that thread, where the OpenGL contexts live), so no node acts on a pre-reset frame.
+                # periods; the cell's thread renders and publishes the new scene (all rendering happens on that
+                # thread, where the OpenGL contexts live). The answer waits for it: whoever starts the episode
+                # on this answer has the new scene's stamp, and every node has its first observation.
                 self._reset_jump_ns += self.period_ns * math.ceil(
                     (self.cell.sim_time - before) / self.period - 1e-6
                 )
+                published = self._scenes_published
                 self._wake.set()
+                if (
+                    not self._scene_out.wait_for(
+                        lambda: self._scenes_published > published or not self._thread.is_alive(),
+                        timeout=10.0,
+                    )
+                    or not self._thread.is_alive()
+                ):
+                    raise ValueError("the cell's thread did not publish the new scene")
+                stamp_ns = self._scene_stamp_ns
         except ValueError as exc:
             response.success, response.message = False, str(exc)
             return response
+        for callback in self.on_reset:
+            callback(stamp_ns * 1e-9)
+        response.stamp = TimeMsg(sec=stamp_ns // 10**9, nanosec=stamp_ns % 10**9)
         response.success, response.message = True, f"reset to {response.task}"
         return response
 
@@ -182,6 +210,9 @@ class SimCellNode(Node):
                     self.clock_ns += self._reset_jump_ns
                     self._reset_jump_ns = 0
                     self._publish_period()
+                    self._scene_stamp_ns = self.clock_ns
+                    self._scenes_published += 1
+                    self._scene_out.notify_all()
                 continue
             with self.cell.lock:
                 commanded = self.cell.sim_time != t0
@@ -210,6 +241,8 @@ class SimCellNode(Node):
             now = self.clock_ns * 1e-9
             success = self.cell.success()
             expert = self.cell.expert_action()
+            for callback in self.on_period:
+                callback(now)
         for name, frame in frames.items():
             if frame is not None:
                 self.cameras[name].offer(dataclasses.replace(frame, stamp=now))
@@ -219,10 +252,19 @@ class SimCellNode(Node):
             Clock(clock=TimeMsg(sec=self.clock_ns // 10**9, nanosec=self.clock_ns % 10**9))
         )
 
-    def close(self) -> None:
-        self._stop.set()
+    def stop(self) -> None:
+        """Stop advancing the world (idempotent): no more periods, frames or state after this returns."""
+        if not self._stop.is_set():
+            self._stop.set()
+            self.get_logger().info(
+                f"stopped after {self.periods} control periods, {self.periods_without_command} of them without an "
+                f"arm command (each waited max_wall_wait)"
+            )
         if self._thread.is_alive():
             self._thread.join(timeout=10.0)
+
+    def close(self) -> None:
+        self.stop()
         if not self._thread.is_alive():  # never pull the world from under a thread still rendering it
             self.cell.close()
 
@@ -239,12 +281,26 @@ def make_sim_nodes(context: object) -> list[Node]:
         for name in cell_node.params["camera_nodes"]  # type: ignore[union-attr]
     ]
     arm = ArmControllerNode(
-        backend_factory=lambda params: make_arm("sim", cell=cell_node.cell), context=context
+        backend_factory=lambda params: make_arm("sim", cell=cell_node.cell),
+        state_publisher="external",  # the cell publishes the arm's state of each period, before its /clock
+        time_source=lambda: cell_node.clock_ns * 1e-9,  # the world's clock, which waits for this arm
+        context=context,
     )
+    cell_node.on_period.append(arm.publish_state)
+    cell_node.on_reset.append(arm.scene_reset)
     cell_node.start()
     # Closed in this order: the arm and the cameras stop touching the cell before it shuts down.
     return [arm, *cameras, cell_node]
 
 
 def main(args: list[str] | None = None) -> int:
-    return run_nodes(make_sim_nodes, args)
+    cells: list[SimCellNode] = []
+
+    def make(context: object) -> list[Node]:
+        nodes = make_sim_nodes(context)
+        cells.extend(n for n in nodes if isinstance(n, SimCellNode))
+        return nodes
+
+    # The world stops first: the arm and cameras then close without a period in flight (the arm's close still
+    # holds it, on the open cell).
+    return run_nodes(make, args, on_shutdown=lambda: [cell.stop() for cell in cells])

@@ -36,6 +36,7 @@ def _nodes(context, *args, **kwargs):
             parameters=[str(p) for p in process_parameter_paths(graph, process)],
             output="screen",
             emulate_tty=True,
+            sigterm_timeout=str(process.stop_timeout),  # after SIGINT (Ctrl-C), before SIGTERM
         )
         for process in graph.processes
     ]

@@ -49,7 +49,7 @@ def test_session_stage2_validated_version_hot_swapped_into_the_running_policy(ro
 
     for session in (session1, session2):
         assert session["episodes"] == 1 and session["lost_steps"] == 0 and session["incomplete"] == 0, session
-    assert all(code == 0 for code in session2["exit_codes"].values()), session2
+    assert all(code == 0 for code in session2["exit_codes"].values()), session2["exit_codes"]
     record = IterationRecord.load(trainer_dir / "iteration.json")
     assert record.iteration == 2 and verdict["promoted"], verdict
     candidate = ModelStore(models).get(verdict["candidate"])

@@ -152,17 +152,20 @@ SCALES: dict[str, dict[str, Any]] = {
         "eval_episodes_per_task": 1,
     },
     "small": {
-        # Measured with noise 0.1: the scripted expert solves button-press in ~58 steps, faucet-open ~53,
-        # handle-press ~17, and the RL tasks in 62-68 (topdown) and ~51 (faucet-close): all fit 100 steps.
+        # The scripted expert (noise 0.1) solves the expert tasks in ~58 (button-press), ~53 (faucet-open) and ~17
+        # (handle-press) steps: demonstrations fit 100 steps. RL tasks are new variants the SFT policy solves
+        # sometimes: sparse-reward RL learns nothing from a task it never solves (the first reading, with
+        # button-press-topdown and faucet-close as RL tasks: 0 successes in 80 RL episodes for either method,
+        # bench/results/ire_vla_sim_rl_tasks_unsolved.md).
         "expert_tasks": ["button-press-v3", "faucet-open-v3", "handle-press-v3"],
-        "rl_tasks": ["button-press-topdown-v3", "faucet-close-v3"],
-        "unseen_tasks": ["coffee-button-v3", "button-press-wall-v3"],
+        "rl_tasks": ["button-press-wall-v3", "handle-press-side-v3"],
+        "unseen_tasks": ["coffee-button-v3", "button-press-topdown-v3", "faucet-close-v3"],
         "demos_per_task": 5,
         "max_steps": 100,
         "stage0_steps": 300,
         "stage2_steps": 150,
         "rl_episodes_per_task": 40,
-        "eval_episodes_per_task": 5,
+        "eval_episodes_per_task": 10,
     },
     "default": {
         # Not door-open: the scripted expert (noise 0.1) solved 0 of 4 in 150 steps.

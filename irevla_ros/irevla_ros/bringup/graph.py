@@ -53,6 +53,8 @@ class NodeSpec:
 class ProcessSpec:
     executable: str
     nodes: tuple[NodeSpec, ...]
+    # Seconds a process may take to stop after SIGINT before it is terminated (ros2 launch: sigterm_timeout).
+    stop_timeout: float = 10.0
 
     @property
     def parameter_files(self) -> tuple[str, ...]:
@@ -120,7 +122,9 @@ def collect_graph(hardware: str = "sim", cameras: Sequence[str] = DEFAULT_CAMERA
             *drivers,
             ProcessSpec("policy_node", (_node("policy", "policy", hardware),)),
             ProcessSpec("episode_manager_node", (_node("episode_manager", "episode_manager", hardware),)),
-            ProcessSpec("trainer_node", (_node("trainer", "trainer", hardware),)),
+            # Its close drains the episode writer (up to 30 s) and the iteration worker (up to 10 s): a
+            # termination before that would drop the episode it is assembling.
+            ProcessSpec("trainer_node", (_node("trainer", "trainer", hardware),), stop_timeout=45.0),
         ),
     )
 

@@ -41,6 +41,7 @@ def _die_with_parent() -> None:
 class Child:
     executable: str
     popen: subprocess.Popen[bytes]
+    stop_timeout: float = 10.0
 
 
 class GraphRunner:
@@ -91,18 +92,21 @@ class GraphRunner:
                 stderr=subprocess.STDOUT if out else None,
                 preexec_fn=_die_with_parent,
             )
-            self.children.append(Child(process.executable, popen))
+            self.children.append(Child(process.executable, popen, process.stop_timeout))
 
     def poll(self) -> Child | None:
         """The first child that has exited, if any."""
         return next((c for c in self.children if c.popen.poll() is not None), None)
 
-    def stop(self, grace: float = 10.0) -> dict[str, int]:
+    def stop(self, grace: float | None = None) -> dict[str, int]:
+        """SIGINT every child at once, wait for each up to its own `stop_timeout` (or `grace` for all), then
+        terminate and finally kill what is left; returns the exit codes."""
         for child in self.children:
             if child.popen.poll() is None:
                 child.popen.send_signal(signal.SIGINT)
-        deadline = time.monotonic() + grace
+        started = time.monotonic()
         for child in self.children:
+            deadline = started + (child.stop_timeout if grace is None else grace)
             try:
                 child.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:

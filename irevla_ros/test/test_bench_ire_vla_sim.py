@@ -54,6 +54,7 @@ def test_tiny_benchmark_writes_json_and_table_for_every_method(tmp_path: Path):
         assert len(stages["iRe-VLA"][task]["stage1"]["updates"]) == expected_updates
         assert math.isfinite(stages["iRe-VLA"][task]["stage2"]["final_loss"])
         assert len(stages["PPO-Replay"][task]["updates"]) == expected_updates
+    assert (out / "ire_vla_sim.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (out / "ire_vla_sim.md").read_text().splitlines()
     header = next(line for line in table if line.startswith("| Method"))
     assert (

@@ -21,8 +21,10 @@ Protocol (paper, Algorithm 1 and Table I), every episode a direct rollout of the
    expert tasks, each RL task and the UNSEEN tasks (never trained on).
 
 Results: bench/results/ire_vla_sim.json (every number, the environment episodes each method used, the stage
-logs) and bench/results/ire_vla_sim.md (the paper's table: rows = methods, columns = expert / each RL task /
-unseen). Progress on stderr. `--out DIR` writes both elsewhere (the tiny scale's default is scratch under runs/).
+logs), bench/results/ire_vla_sim.md (the paper's table: rows = methods, columns = expert / each RL task /
+unseen) and bench/results/ire_vla_sim.png (the same as bars with 95% intervals). Progress on stderr. `--out DIR`
+writes them elsewhere (the tiny scale's default is scratch under runs/); `--report RESULT_JSON` rebuilds the
+table and the plot of a result file.
 
 Departures from the paper, on purpose: Meta-World v3 tasks stand in for the paper's "-new" variants (an RL task
 is a different task of a skill the expert tasks teach, e.g. button-press-topdown after button-press); on a CPU
@@ -48,6 +50,7 @@ import torch
 import yaml
 
 from irevla_ros.bench.harness import RESULTS_DIR, log, write_result
+from irevla_ros.bench.plot import plot_ire_vla_sim
 from irevla_ros.policies.scripted import ScriptedExpertPolicy
 from irevla_ros.sim.rollout import (
     EpisodeResult,
@@ -539,13 +542,24 @@ def _cell(group: dict[str, Any]) -> str:
     return f"{group['success_rate']:.2f} ({group['successes']}/{group['episodes']})"
 
 
-def markdown(cfg: BenchConfig, methods: dict[str, dict[str, Any]]) -> str:
+def rl_training_successes(stages: dict[str, Any], method: str, rl_tasks: Sequence[str]) -> int | None:
+    """Successful episodes among a method's RL training episodes (None: the method runs no RL)."""
+    logs = stages.get(method)
+    if not logs:
+        return None
+    return sum(
+        int(logs[t]["stage1"]["successes"] if "stage1" in logs[t] else logs[t]["successes"]) for t in rl_tasks
+    )
+
+
+def markdown(cfg: BenchConfig, methods: dict[str, dict[str, Any]], stages: dict[str, Any]) -> str:
     head = [
         "Method",
         f"Expert ({len(cfg.expert_tasks)} tasks)",
         *cfg.rl_tasks,
         f"Unseen ({len(cfg.unseen_tasks)} tasks)" if cfg.unseen_tasks else "Unseen (none)",
         "Train episodes (demos + RL)",
+        "RL episodes solved in training",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in methods.items():
@@ -553,6 +567,8 @@ def markdown(cfg: BenchConfig, methods: dict[str, dict[str, Any]]) -> str:
         cells.append(_cell(m["unseen"]) if cfg.unseen_tasks else "-")
         e = m["environment_episodes"]
         cells.append(f"{e['train']} ({e['demos']} + {e['rl']})")
+        solved = rl_training_successes(stages, name, cfg.rl_tasks)
+        cells.append("-" if solved is None else f"{solved}/{e['rl']}")
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(
@@ -561,6 +577,31 @@ def markdown(cfg: BenchConfig, methods: dict[str, dict[str, Any]]) -> str:
         f"task; {cfg.rl_episodes_per_task} RL episodes per RL task; max {cfg.max_steps or 'graph'} steps."
     )
     return "\n".join(lines) + "\n"
+
+
+def write_report(result: Path) -> Path:
+    """The Markdown table (`.md`) and the bar chart (`.png`) of a result file, derived from it alone (so a table
+    can be rebuilt from a committed result: `irevla bench-sim --report bench/results/ire_vla_sim.json`)."""
+    doc = json_load(result)
+    cfg = BenchConfig.from_dict(doc["parameters"])
+    md = result.with_suffix(".md")
+    tmp = md.with_name(md.name + ".tmp")
+    tmp.write_text(
+        f"# iRe-VLA simulation benchmark ({doc.get('scale', 'custom')} scale)\n\n"
+        + markdown(cfg, doc["methods"], doc["stages"])
+    )
+    tmp.replace(md)
+    plot_ire_vla_sim(result)
+    return md
+
+
+def json_load(path: Path) -> dict[str, Any]:
+    import json
+
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict) or data.get("benchmark") != "ire_vla_sim":
+        raise BenchConfigError(f"{path} is not an ire_vla_sim result")
+    return data
 
 
 def run(cfg: BenchConfig, out_dir: Path, work: Path, scale: str = "custom") -> dict[str, Any]:
@@ -617,7 +658,7 @@ def run(cfg: BenchConfig, out_dir: Path, work: Path, scale: str = "custom") -> d
             },
             "seconds": round(timings[name], 1),
         }
-    table = markdown(cfg, methods)
+    table = markdown(cfg, methods, logs)
     body = {
         "scale": scale,
         "methods": methods,
@@ -627,11 +668,8 @@ def run(cfg: BenchConfig, out_dir: Path, work: Path, scale: str = "custom") -> d
         "table_markdown": table,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_result(out_dir / "ire_vla_sim.json", "ire_vla_sim", dataclasses.asdict(cfg), body)
-    md = out_dir / "ire_vla_sim.md"
-    tmp = md.with_name(md.name + ".tmp")
-    tmp.write_text(f"# iRe-VLA simulation benchmark ({scale} scale)\n\n" + table)
-    tmp.replace(md)
+    result = write_result(out_dir / "ire_vla_sim.json", "ire_vla_sim", dataclasses.asdict(cfg), body)
+    md = write_report(result)
     log(f"wrote {md}\n{table}")
     return body
 
@@ -672,7 +710,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--device", default=None, help="cpu, cuda or auto")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: 1)")
+    parser.add_argument(
+        "--report", type=Path, default=None, metavar="RESULT_JSON", help="only rebuild RESULT's .md and .png"
+    )
     args = parser.parse_args(argv)
+    if args.report is not None:
+        try:
+            print(write_report(args.report))
+        except (OSError, ValueError, KeyError) as exc:
+            print(f"irevla bench-sim: {args.report}: {exc}", file=sys.stderr)
+            return 2
+        return 0
     overrides = {
         k: getattr(args, k)
         for k in (

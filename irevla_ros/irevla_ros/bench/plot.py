@@ -58,11 +58,55 @@ def plot_control_loop(result: Path, image: Path | None = None) -> Path:
     return image
 
 
+def plot_ire_vla_sim(result: Path, image: Path | None = None) -> Path:
+    """Grouped bars of `irevla bench-sim`'s table: success rate per method on the expert tasks, each RL task and
+    the unseen tasks, with Wilson 95% intervals, and the environment episodes each method trained on."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    document = json.loads(result.read_text())
+    methods: dict[str, dict] = document["methods"]
+    params = document["parameters"]
+    columns = [("expert", f"expert ({len(params['expert_tasks'])} tasks)")]
+    columns += [(f"rl:{t}", f"RL: {t}") for t in params["rl_tasks"]]
+    if params.get("unseen_tasks"):
+        columns.append(("unseen", f"unseen ({len(params['unseen_tasks'])} tasks)"))
+    image = image or result.with_suffix(".png")
+    fig, ax = plt.subplots(figsize=(2.2 + 2.1 * len(columns), 4.2))
+    width = 0.8 / max(1, len(methods))
+    for i, (name, m) in enumerate(methods.items()):
+        groups = [m["rl"][key[3:]] if key.startswith("rl:") else m[key] for key, _ in columns]
+        rates = [g["success_rate"] for g in groups]
+        low = [g["success_rate"] - g["ci95"][0] for g in groups]
+        high = [g["ci95"][1] - g["success_rate"] for g in groups]
+        x = [c + (i - (len(methods) - 1) / 2) * width for c in range(len(columns))]
+        e = m["environment_episodes"]
+        ax.bar(x, rates, width, yerr=[low, high], capsize=3, label=f"{name} ({e['train']} train episodes)")
+    ax.set_xticks(range(len(columns)), [label for _, label in columns], fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("success rate (deterministic)")
+    ax.legend(fontsize=8, loc="upper right")
+    ax.set_title(
+        f"iRe-VLA simulation benchmark ({document.get('scale', '?')}): {params['eval_episodes_per_task']} evaluation "
+        f"episodes per task, Wilson 95% intervals",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(image, dpi=100)
+    plt.close(fig)
+    log(f"wrote {image}")
+    return image
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--results", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     plot_control_loop(args.results / "control_loop.json")
+    if (args.results / "ire_vla_sim.json").exists():
+        plot_ire_vla_sim(args.results / "ire_vla_sim.json")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,16 @@ from pathlib import Path
 from irevla_ros.bench.harness import RESULTS_DIR, log
 
 
+def _save(fig: object, image: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()  # type: ignore[attr-defined]
+    fig.savefig(image, dpi=100)  # type: ignore[attr-defined]
+    plt.close(fig)  # type: ignore[arg-type]
+    log(f"wrote {image}")
+    return image
+
+
 def plot_control_loop(result: Path, image: Path | None = None) -> Path:
     import matplotlib
 
@@ -51,11 +61,7 @@ def plot_control_loop(result: Path, image: Path | None = None) -> Path:
         f"{document.get('created_utc', '')}",
         fontsize=10,
     )
-    fig.tight_layout()
-    fig.savefig(image, dpi=100)
-    plt.close(fig)
-    log(f"wrote {image}")
-    return image
+    return _save(fig, image)
 
 
 def plot_ire_vla_sim(result: Path, image: Path | None = None) -> Path:
@@ -93,11 +99,7 @@ def plot_ire_vla_sim(result: Path, image: Path | None = None) -> Path:
         f"episodes per task, Wilson 95% intervals",
         fontsize=9,
     )
-    fig.tight_layout()
-    fig.savefig(image, dpi=100)
-    plt.close(fig)
-    log(f"wrote {image}")
-    return image
+    return _save(fig, image)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

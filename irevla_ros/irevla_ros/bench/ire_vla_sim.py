@@ -133,7 +133,7 @@ class BenchConfig:
 
 
 # Scales. "tiny" is a smoke run (a few minutes on 2 CPU cores: it checks the code paths, its success rates mean
-# nothing); "small" is a first reading (~1 h on 2 cores); "default" is the documented protocol at a CPU
+# nothing); "small" is a first reading (43 min on 2 cores, measured); "default" is the documented protocol at a CPU
 # workstation's scale (a day on 2 cores; hours on a GPU machine); "paper" is Table I's shape (expert: 25 tasks x
 # 50 demos) and needs a GPU.
 SCALES: dict[str, dict[str, Any]] = {

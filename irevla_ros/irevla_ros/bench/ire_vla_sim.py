@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import json
 import sys
 import time
 from collections.abc import Sequence
@@ -596,8 +597,6 @@ def write_report(result: Path) -> Path:
 
 
 def json_load(path: Path) -> dict[str, Any]:
-    import json
-
     data = json.loads(path.read_text())
     if not isinstance(data, dict) or data.get("benchmark") != "ire_vla_sim":
         raise BenchConfigError(f"{path} is not an ire_vla_sim result")

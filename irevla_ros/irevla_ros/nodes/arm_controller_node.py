@@ -250,7 +250,7 @@ class ArmControllerNode(Node):
     def _on_clear_estop(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
         with self._lock:
             self.safety.clear_estop()
-            self.safety.reset()
+            self._reset_safety(self._now())
         self.get_logger().info("e-stop cleared")
         response.success, response.message = True, "e-stop cleared"
         return response
@@ -259,7 +259,7 @@ class ArmControllerNode(Node):
         """Move home through the same step and speed limits, one command per control tick; answers when home."""
         done: Future = Future()
         with self._lock:
-            self.safety.reset()
+            self._reset_safety(self._now())
             self._homing = done
             self._homing_deadline = self._now() + _HOMING_TIMEOUT
         ok, message = await done

@@ -225,13 +225,10 @@ class PolicyNode(Node):
             self.episode = ActiveEpisode(msg.episode_id, msg.instruction)
             self.policy.reset(msg.instruction)
             self._last_tick = None
-            start, now, tolerance = (
-                time_to_ns(msg.header.stamp) * 1e-9,
-                self._ticker.now(),
-                0.01 * self.period,
-            )
+            start = time_to_ns(msg.header.stamp) * 1e-9
+            tolerance = 0.01 * self.period
             ran_idle = self._idle_tick is not None and abs(self._idle_tick - start) < tolerance
-            if ran_idle and abs(now - start) < tolerance:
+            if ran_idle and abs(self._ticker.now() - start) < tolerance:
                 # The tick of the episode's first moment already ran, idle, before START arrived (in simulation
                 # the new scene's /clock precedes the reset's answer, and the clock waits for this command):
                 # act on that moment now rather than a period later.

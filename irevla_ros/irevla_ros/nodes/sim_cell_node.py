@@ -161,13 +161,10 @@ class SimCellNode(Node):
                 )
                 published = self._scenes_published
                 self._wake.set()
-                if (
-                    not self._scene_out.wait_for(
-                        lambda: self._scenes_published > published or not self._thread.is_alive(),
-                        timeout=10.0,
-                    )
-                    or not self._thread.is_alive()
-                ):
+                self._scene_out.wait_for(
+                    lambda: self._scenes_published > published or not self._thread.is_alive(), timeout=10.0
+                )
+                if self._scenes_published == published:
                     raise ValueError("the cell's thread did not publish the new scene")
                 stamp_ns = self._scene_stamp_ns
         except ValueError as exc:

@@ -30,7 +30,6 @@ class ParamSpec:
     min: float | None = None
     max: float | None = None
     choices: tuple[str, ...] | None = None
-    read_only: bool = False
 
     @property
     def type_name(self) -> str:

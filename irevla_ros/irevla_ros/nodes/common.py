@@ -39,10 +39,14 @@ LATCHED_QOS = QoSProfile(
 
 
 def declare_parameters(node: Node, specs: Sequence[ParamSpec]) -> dict[str, ParamValue]:
-    """Declare `specs` with descriptors (description, ranges) and return their validated values."""
+    """Declare `specs` with descriptors (description, ranges) and return their validated values.
+
+    Every parameter is read-only: nodes read their parameters once, at construction, so a change at run time
+    (`ros2 param set`) would be reported as applied and change nothing. rclpy refuses it instead, with a reason;
+    values still come from parameter files and `--ros-args -p` (overrides apply at declaration)."""
     values: dict[str, ParamValue] = {}
     for spec in specs:
-        descriptor = ParameterDescriptor(description=spec.description, read_only=spec.read_only)
+        descriptor = ParameterDescriptor(description=spec.description, read_only=True)
         if spec.choices:
             descriptor.additional_constraints = "one of: " + ", ".join(spec.choices)
         if isinstance(spec.default, float) and (spec.min is not None or spec.max is not None):

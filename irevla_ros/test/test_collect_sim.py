@@ -1,7 +1,9 @@
 """The whole collection graph in simulation, end to end, over real DDS between real processes.
 
 Three episodes run through sim cell, camera, arm controller, policy, episode manager and trainer; the store holds
-them with the right step counts, outcomes and checksums, and what it returns is exactly what was published.
+them with the right step counts, outcomes and checksums, and what it returns is exactly what was published. An
+independent reader (mcap_ros2, not the store's code) checks every stored file's step timing: stamps one control
+period apart, no image captured after its step.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import threading
 
 import numpy as np
+from episode_timing_check import store_timing_problems
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 
@@ -53,6 +56,10 @@ def test_three_episodes_are_stored_exactly_as_published(ros_context, sim_graph, 
     assert finished and len(acks) >= 3, logs
     codes = runner.stop()
     assert all(code == 0 for code in codes.values()), (codes, logs)
+    period_ns = round(float(runner.effective_parameters["/sim_cell"]["control_period"]) * 1e9)
+    timing = store_timing_problems(tmp_path / "store", period_ns)
+    bad = {name: problems for name, problems in timing.items() if problems}
+    assert len(timing) == len(acks) and not bad, "\n".join(f"{n}: {p}" for n, p in bad.items())
 
     store = EpisodeStore(tmp_path / "store", read_only=True)
     rows = {row.episode_id: row for row in store.list()}

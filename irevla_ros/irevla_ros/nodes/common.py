@@ -150,12 +150,17 @@ class RosTimePeriodic:
         else:
             node.create_timer(period, callback, callback_group=callback_group)
 
-    def now(self) -> float:
-        """ROS time of the call in progress (seconds): the /clock message that triggered it in simulation (the
-        node's own clock may not have seen that message yet), the node clock otherwise."""
+    def now_ns(self) -> int:
+        """ROS time of the call in progress (ns): the /clock message that triggered it in simulation (the node's
+        own clock may not have seen that message yet: stamping with it gave a tick the previous period's time),
+        the node clock otherwise."""
         if self._clock_ns is not None:
-            return self._clock_ns * 1e-9
-        return self._node.get_clock().now().nanoseconds * 1e-9
+            return self._clock_ns
+        return self._node.get_clock().now().nanoseconds
+
+    def now(self) -> float:
+        """`now_ns` in seconds."""
+        return self.now_ns() * 1e-9
 
     def _on_clock(self, msg: Clock) -> None:
         now = time_to_ns(msg.clock)

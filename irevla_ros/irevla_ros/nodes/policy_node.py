@@ -13,10 +13,14 @@ ends an episode the node publishes STEPS_DONE with the number of records it emit
 from __future__ import annotations
 
 import threading
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import cv2
 import numpy as np
+from builtin_interfaces.msg import Time as TimeMsg
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import PoseStamped
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
@@ -49,6 +53,23 @@ from irevla_ros.policies.scripted import EXPERT_ACTION_KEY
 from irevla_ros.policies.slot import PolicySlot
 
 PROPRIOCEPTION_NAMES = ["ee_x", "ee_y", "ee_z", "gripper_opening"]
+# Messages kept per input: the tick of time t uses the newest one stamped no later than t, so an input of a later
+# period that arrived first (the world moved on while the tick waited) is never observed from the past.
+INPUT_HISTORY = 4
+
+T = TypeVar("T")
+
+
+def newest_until(history: Sequence[T], now_ns: int, stamp_ns: Callable[[T], int]) -> T | None:
+    """The newest message of `history` (oldest first) stamped no later than `now_ns`."""
+    for item in reversed(history):
+        if stamp_ns(item) <= now_ns:
+            return item
+    return None
+
+
+def _header_ns(msg: Image | PoseStamped) -> int:
+    return time_to_ns(msg.header.stamp)
 
 
 @dataclass
@@ -80,9 +101,9 @@ class PolicyNode(Node):
         if len(set(self.names)) != len(self.names):
             raise ValueError(f"camera topics {self.topics} do not have distinct camera names")
         self._lock = threading.Lock()
-        self._frames: dict[str, Image] = {}
-        self._pose: PoseStamped | None = None
-        self._gripper: float | None = None
+        self._frames: dict[str, deque[Image]] = {c: deque(maxlen=INPUT_HISTORY) for c in self.names}
+        self._poses: deque[PoseStamped] = deque(maxlen=INPUT_HISTORY)
+        self._grippers: deque[tuple[int, float]] = deque(maxlen=INPUT_HISTORY)  # (stamp ns, opening)
         self._expert: np.ndarray | None = None
         self.episode: ActiveEpisode | None = None
         self.missed_ticks = 0
@@ -198,16 +219,17 @@ class PolicyNode(Node):
     # --- inputs ---------------------------------------------------------------------------------------------------
     def _store_frame(self, camera: str, msg: Image) -> None:
         with self._lock:
-            self._frames[camera] = msg
+            self._frames[camera].append(msg)
 
     def _on_pose(self, msg: PoseStamped) -> None:
         with self._lock:
-            self._pose = msg
+            self._poses.append(msg)
 
     def _on_joints(self, msg: JointState) -> None:
         if "gripper_opening" in msg.name and len(msg.position) == len(msg.name):
+            gripper = float(msg.position[msg.name.index("gripper_opening")])
             with self._lock:
-                self._gripper = float(msg.position[msg.name.index("gripper_opening")])
+                self._grippers.append((time_to_ns(msg.header.stamp), gripper))
         else:
             self.get_logger().error(
                 "malformed /joint_states: names and positions differ or no gripper_opening",
@@ -253,21 +275,30 @@ class PolicyNode(Node):
         self.episode = None
 
     # --- the control tick -----------------------------------------------------------------------------------------
-    def _now(self) -> float:
-        return self.get_clock().now().nanoseconds * 1e-9
-
-    def _observation(self, now: float) -> tuple[Observation, list[Image]]:
+    def _observation(self, now_ns: int) -> tuple[Observation, dict[str, Image]]:
+        """The observation of the tick at `now_ns` from the newest inputs stamped no later than it, and the
+        frame messages it used."""
+        now = now_ns * 1e-9
         with self._lock:
-            frames = dict(self._frames)
-            pose, gripper, expert = self._pose, self._gripper, self._expert
+            histories = {cam: list(self._frames[cam]) for cam in self.names}
+            pose = newest_until(self._poses, now_ns, _header_ns)
+            newest_gripper = newest_until(self._grippers, now_ns, lambda g: g[0])
+            expert = self._expert
+        gripper = None if newest_gripper is None else newest_gripper[1]
         width, height = int(self.params["image_width"]), int(self.params["image_height"])  # type: ignore[arg-type]
         images: dict[str, np.ndarray] = {}
+        frames: dict[str, Image] = {}
         stamps: list[float] = []
         for cam in self.names:
-            msg = frames.get(cam)
+            msg = newest_until(histories[cam], now_ns, _header_ns)
             if msg is None:
+                if histories[cam]:
+                    ahead = (_header_ns(histories[cam][0]) - now_ns) * 1e-9
+                    raise HoldTick(
+                        f"camera {cam!r}: every frame is newer than the tick (by {ahead:.3f} s or more)"
+                    )
                 raise HoldTick(f"no frame from camera {cam!r} yet")
-            stamp = time_to_ns(msg.header.stamp) * 1e-9
+            stamp = _header_ns(msg) * 1e-9
             age = now - stamp
             if age > float(self.params["max_image_age"]):  # type: ignore[arg-type]
                 raise HoldTick(f"camera {cam!r} is stale: newest frame is {age:.3f} s old")
@@ -280,11 +311,12 @@ class PolicyNode(Node):
             if image.shape[:2] != (height, width):
                 image = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
             images[cam] = image
+            frames[cam] = msg
             stamps.append(stamp)
         if stamps and max(stamps) - min(stamps) > float(self.params["max_camera_skew"]):  # type: ignore[arg-type]
             raise HoldTick(f"camera frames are {max(stamps) - min(stamps):.3f} s apart (max_camera_skew)")
         if pose is None or gripper is None:
-            raise HoldTick("no arm state yet")
+            raise HoldTick("no arm state stamped at or before the tick yet")
         state_age = now - time_to_ns(pose.header.stamp) * 1e-9
         if state_age > float(self.params["max_state_age"]):  # type: ignore[arg-type]
             raise HoldTick(f"arm state is stale: newest ~/ee_pose is {state_age:.3f} s old")
@@ -295,10 +327,11 @@ class PolicyNode(Node):
         extras = {EXPERT_ACTION_KEY: expert} if expert is not None else {}
         assert self.episode is not None
         obs = Observation(images, proprio, self.episode.instruction, now, extras)
-        return obs, [frames[c] for c in self.names]
+        return obs, frames
 
     def _on_tick(self) -> None:
-        now = self._ticker.now()
+        now_ns = self._ticker.now_ns()
+        now = now_ns * 1e-9
         swapped = self.slot.take_swap()  # between two ticks: this tick acts with the new version
         if swapped is not None and self.episode is not None:
             swapped.reset(self.episode.instruction)
@@ -318,27 +351,36 @@ class PolicyNode(Node):
         self._last_tick = now
         output: PolicyOutput | None = None
         obs: Observation | None = None
+        frames: dict[str, Image] = {}
         try:
-            obs, _ = self._observation(now)
+            obs, frames = self._observation(now_ns)
             output = self.policy.act(obs)
             action = np.asarray(output.action, dtype=np.float32)
             if action.shape != (ACTION_DIM,) or not np.all(np.isfinite(action)):
                 raise HoldTick(f"policy output {action.tolist()} is not {ACTION_DIM} finite numbers")
         except (HoldTick, PolicyError) as exc:
-            self._publish(now, obs, None, hold_reason=str(exc))
+            self._publish(now_ns, obs, frames, None, hold_reason=str(exc))
             return
         # a policy bug (e.g. the runtime raising) holds the arm; the node keeps running
         except Exception as exc:
             reason = f"policy {self.policy.version} failed: {type(exc).__name__}: {exc}"
-            self._publish(now, obs, None, hold_reason=reason)
+            self._publish(now_ns, obs, frames, None, hold_reason=reason)
             return
-        self._publish(now, obs, output)
+        self._publish(now_ns, obs, frames, output)
 
     def _publish(
-        self, now: float, obs: Observation | None, output: PolicyOutput | None, hold_reason: str = ""
+        self,
+        now_ns: int,
+        obs: Observation | None,
+        frames: dict[str, Image],
+        output: PolicyOutput | None,
+        hold_reason: str = "",
     ) -> None:
         assert self.episode is not None
-        stamp = self.get_clock().now().to_msg()
+        # The tick's own time, the moment the observation is of: the node clock may lag the /clock message that
+        # triggered the tick (two steps then shared a stamp, and the frames of the second were "from the future").
+        sec, nanosec = divmod(now_ns, 1_000_000_000)
+        stamp = TimeMsg(sec=sec, nanosec=nanosec)
         hold = output is None
         action = (
             np.zeros(ACTION_DIM, dtype=np.float32)
@@ -374,7 +416,7 @@ class PolicyNode(Node):
         if obs is not None:
             record.camera_names = list(obs.images)
             record.images = [image_to_msg(img, stamp, cam) for cam, img in obs.images.items()]
-            record.image_stamps = [self._frames[cam].header.stamp for cam in obs.images]
+            record.image_stamps = [frames[cam].header.stamp for cam in obs.images]
             record.proprioception = [float(x) for x in obs.proprioception]
         if output is not None and output.log_prob is not None:
             record.has_log_prob, record.log_prob = True, float(output.log_prob)

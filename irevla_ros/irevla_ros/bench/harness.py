@@ -3,7 +3,6 @@ the machine description, percentile summaries and the JSON result file."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from irevla_ros import durable
 from irevla_ros.bench.observer import Observer
 from irevla_ros.bringup.domains import leased_domain
 
@@ -103,9 +103,7 @@ def write_result(path: Path, benchmark: str, parameters: dict[str, object], body
     }
     _check_finite(document, benchmark)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(path.name + ".tmp")
-    temp.write_text(json.dumps(document, indent=1) + "\n")
-    temp.replace(path)
+    durable.write_json(path, document, indent=1)
     log(f"wrote {path}")
     return path
 

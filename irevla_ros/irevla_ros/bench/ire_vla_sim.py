@@ -50,6 +50,7 @@ import numpy as np
 import torch
 import yaml
 
+from irevla_ros import durable
 from irevla_ros.bench.harness import RESULTS_DIR, log, write_result
 from irevla_ros.bench.plot import plot_ire_vla_sim
 from irevla_ros.policies.scripted import ScriptedExpertPolicy
@@ -586,12 +587,11 @@ def write_report(result: Path) -> Path:
     doc = json_load(result)
     cfg = BenchConfig.from_dict(doc["parameters"])
     md = result.with_suffix(".md")
-    tmp = md.with_name(md.name + ".tmp")
-    tmp.write_text(
+    durable.write_text(
+        md,
         f"# iRe-VLA simulation benchmark ({doc.get('scale', 'custom')} scale)\n\n"
-        + markdown(cfg, doc["methods"], doc["stages"])
+        + markdown(cfg, doc["methods"], doc["stages"]),
     )
-    tmp.replace(md)
     plot_ire_vla_sim(result)
     return md
 

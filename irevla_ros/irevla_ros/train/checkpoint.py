@@ -10,10 +10,10 @@
     ckpt.save(step, {"model": ..., "optimiser": optimiser.state_dict(), "rng": rng_state(), "counters": {...}})
 
 A checkpoint is `ckpt-<step>.pt` (torch.save of tensors, numbers, strings, lists and dicts only) plus
-`ckpt-<step>.json` (step, size, sha256), each written to a temp file, fsync'd and renamed; the JSON is written
-last, so a checkpoint without a matching JSON is a write that was interrupted and is ignored. Loading verifies the
-checksum and uses `torch.load(weights_only=True)`: nothing is unpickled beyond plain data. A corrupt newest
-checkpoint falls back to the one before it (so `keep` >= 2 always leaves a good one).
+`ckpt-<step>.json` (step, size, sha256), each written durably (`durable`: temp file, fsync, rename, directory
+fsync); the JSON is written last, so a checkpoint without a matching JSON is a write that was interrupted and is
+ignored. Loading verifies the checksum and uses `torch.load(weights_only=True)`: nothing is unpickled beyond plain
+data. A corrupt newest checkpoint falls back to the one before it (so `keep` >= 2 always leaves a good one).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import random
 import re
 from collections.abc import Mapping
@@ -32,23 +31,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from irevla_ros import durable
+
 _NAME_RE = re.compile(r"ckpt-(\d{9})\.json")
 _LOG = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
     """A checkpoint cannot be written or none of the existing ones can be read."""
-
-
-def _fsync_replace(tmp: Path, final: Path) -> None:
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    dir_fd = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 class Checkpointer:
@@ -77,16 +67,13 @@ class Checkpointer:
         torch.save(dict(state), buffer)
         data = buffer.getvalue()
         pt, meta = self._paths(step)
-        tmp_pt, tmp_meta = pt.with_suffix(".pt.tmp"), meta.with_suffix(".json.tmp")
-        tmp_pt.write_bytes(data)
-        _fsync_replace(tmp_pt, pt)
+        durable.write_bytes(pt, data)
         record = {"step": step, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-        tmp_meta.write_text(json.dumps(record))
-        _fsync_replace(tmp_meta, meta)
+        durable.write_json(meta, record)
         for old in self.steps()[: -self.keep]:
             for path in self._paths(old):
                 path.unlink(missing_ok=True)
-        for stray in self.directory.glob("*.tmp"):
+        for stray in self.directory.glob(f".*{durable.TEMP_SUFFIX}"):
             stray.unlink(missing_ok=True)
         return pt
 

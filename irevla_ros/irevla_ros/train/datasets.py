@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from irevla_ros import durable
 from irevla_ros.store.episode_store import EpisodeStore
 from irevla_ros.store.records import StoredEpisode
 
@@ -71,9 +72,8 @@ def _episode_arrays(
     }
     if cached is not None:
         cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_suffix(".tmp.npz")
-        np.savez_compressed(tmp, **arrays)
-        tmp.replace(cached)
+        with durable.atomic_file(cached) as f:
+            np.savez_compressed(f, **arrays)
     return arrays
 
 

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from irevla_ros import durable
 from irevla_ros.policies.base import Policy
 from irevla_ros.sim.rollout import EpisodeResult, RolloutSettings, episode_seed, make_cell, run_episode
 
@@ -311,8 +312,6 @@ def cmd_eval(args: Any) -> int:
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(document, indent=1) + "\n")
-        tmp.replace(path)
+        durable.write_json(path, document, indent=1)
     print(json.dumps(document), flush=True)
     return 0

@@ -20,7 +20,6 @@ announces; tests and the benchmark drive it directly.
 from __future__ import annotations
 
 import json
-import os
 import queue
 import threading
 import time
@@ -29,6 +28,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from irevla_ros import durable
 from irevla_ros.store.episode_store import EpisodeStore
 from irevla_ros.store.records import StoredEpisode
 from irevla_ros.train.datasets import DatasetError, expert_set, rl_set
@@ -134,12 +134,7 @@ class IterationRecord:
         return record
 
     def save(self, path: Path) -> None:
-        tmp = path.with_suffix(".json.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(asdict(self), f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        durable.write_json(path, asdict(self), indent=2)
 
 
 @dataclass

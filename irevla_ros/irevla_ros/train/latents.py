@@ -17,8 +17,6 @@ terminal is a parameter (`TERMINAL_OUTCOMES` by default).
 from __future__ import annotations
 
 import hashlib
-import os
-import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from irevla_ros import durable
 from irevla_ros.store.episode_store import EpisodeStore
 from irevla_ros.store.records import StoredEpisode
 from irevla_ros.train.datasets import DatasetError, Transitions, load_transitions
@@ -359,15 +358,14 @@ class LatentCache:
     ) -> Path:
         self.directory.mkdir(parents=True, exist_ok=True)
         final = self.path(episode_id, sha256)
-        tmp = final.with_name(f".{final.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp.npz")
-        np.savez(
-            tmp,
-            latents=latents,
-            actions=actions,
-            log_probs=log_probs,
-            key=np.array(f"{_CACHE_FORMAT}:{self.model_key}:{sha256}"),
-        )
-        os.replace(tmp, final)
+        with durable.atomic_file(final) as f:
+            np.savez(
+                f,
+                latents=latents,
+                actions=actions,
+                log_probs=log_probs,
+                key=np.array(f"{_CACHE_FORMAT}:{self.model_key}:{sha256}"),
+            )
         return final
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from irevla_ros import durable
 from irevla_ros.train.metrics import read_metrics
 
 # PPO's and SACfD's own losses, and Stage 2's MSE
@@ -121,6 +122,6 @@ def write_report(run_dir: str | Path, history: Sequence[dict[str, Any]]) -> Path
             f"{'yes' if h.get('promoted') else 'no'} | {h.get('why', '')} |"
         )
     lines += ["", "![success rate](success_rate.png)", "", "![losses](losses.png)", ""]
-    (out / "report.md").write_text("\n".join(lines))
-    (out / "report.json").write_text(json.dumps(list(history), indent=2, default=str))
+    durable.write_text(out / "report.md", "\n".join(lines))
+    durable.write_text(out / "report.json", json.dumps(list(history), indent=2, default=str))
     return out

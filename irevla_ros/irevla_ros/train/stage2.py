@@ -55,7 +55,6 @@ import sys
 import threading
 import time
 import traceback
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +63,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from irevla_ros import durable
 from irevla_ros.train import distributed
 from irevla_ros.train.datasets import Transitions
 from irevla_ros.train.sft import RUN_DEFINING_KEYS, SFTConfig, train_supervised, trainable_state
@@ -129,36 +129,14 @@ class Stage2TimeoutError(Stage2JobError):
 # ---------------------------------------------------------------- files
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def save_transitions(path: str | Path, data: Transitions) -> None:
     """Transitions -> one .npz of plain arrays (uncompressed: images are written once and read once)."""
     path = Path(path)
     arrays = {k: np.ascontiguousarray(getattr(data, k)) for k in _ARRAYS}
     arrays["instructions"] = np.array(list(data.instructions), dtype=np.str_)
     arrays["episode_ids"] = np.array(list(data.episode_ids), dtype=np.str_)
-    tmp = path.with_name(f".{path.stem}.tmp.npz")
-    with open(tmp, "wb") as f:
+    with durable.atomic_file(path) as f:
         np.savez(f, allow_pickle=False, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def load_transitions_npz(path: str | Path) -> Transitions:
@@ -234,6 +212,7 @@ def _write_parent(folder: Path, model: VLAModel, parent: VersionInfo) -> None:
     config, tokenizer, and parent.json with the checksum of each file."""
     from safetensors.torch import save_file
 
+    # Written into the job's temp folder: publish_dir makes every file durable before the folder is renamed.
     folder.mkdir(parents=True)
     save_file(stored_state_dict(model), str(folder / WEIGHTS), metadata={"format": "pt"})
     (folder / CONFIG).write_text(model.config.to_json() + "\n")
@@ -249,7 +228,7 @@ def _write_parent(folder: Path, model: VLAModel, parent: VersionInfo) -> None:
         "files": files,
         "hf_base": parent.meta.get("hf_base"),
     }
-    _atomic_write(folder / PARENT_FILE, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
+    (folder / PARENT_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
 def build_job(
@@ -277,26 +256,20 @@ def build_job(
     }
     spec_bytes = (json.dumps(spec, indent=2, sort_keys=True) + "\n").encode()
     if (final / JOB_FILE).is_file():
-        _atomic_write(final / JOB_FILE, spec_bytes)
+        durable.write_bytes(final / JOB_FILE, spec_bytes)
         return final
-    tmp = work / f".tmp-{uuid.uuid4().hex}"
-    tmp.mkdir()
-    try:
+    with durable.building_dir(work) as tmp:
         _write_parent(tmp / PARENT_DIR, model if isinstance(model, VLAModel) else model(), parent)
         save_transitions(tmp / EXPERT_FILE, expert)
         if has_rl:
             save_transitions(tmp / RL_FILE, rl)  # type: ignore[arg-type]
-        _atomic_write(tmp / JOB_FILE, spec_bytes)
+        (tmp / JOB_FILE).write_bytes(spec_bytes)
         try:
-            os.rename(tmp, final)
+            durable.publish_dir(tmp, final)
         except OSError:  # built concurrently by someone else: theirs is the same job
             if not (final / JOB_FILE).is_file():
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
-        _fsync_dir(work)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 
@@ -371,11 +344,10 @@ def _write_result(job: Path, model: VLAModel, report: Mapping[str, Any]) -> dict
 
     out = job / OUT_DIR
     out.mkdir(exist_ok=True)
-    tmp = out / f".{ADAPTER_FILE}.tmp"
-    save_file(trainable_state(model, str(report["config"]["trainable"])), str(tmp), metadata={"format": "pt"})
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, out / ADAPTER_FILE)
+    with durable.atomic_path(out / ADAPTER_FILE) as tmp:
+        save_file(
+            trainable_state(model, str(report["config"]["trainable"])), str(tmp), metadata={"format": "pt"}
+        )
     full = {
         **report,
         "format": JOB_FORMAT,
@@ -389,7 +361,7 @@ def _write_result(job: Path, model: VLAModel, report: Mapping[str, Any]) -> dict
         "torch": torch.__version__,
     }
     # The report is written last: its presence means the adapter next to it is complete.
-    _atomic_write(out / REPORT_FILE, (json.dumps(full, indent=2, allow_nan=False) + "\n").encode())
+    durable.write_json(out / REPORT_FILE, full, indent=2, allow_nan=False)
     return full
 
 

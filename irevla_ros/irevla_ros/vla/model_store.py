@@ -38,7 +38,6 @@ import math
 import os
 import re
 import shutil
-import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from irevla_ros import durable
 from irevla_ros.vla.config import VLAConfig, VLAConfigError
 from irevla_ros.vla.model import VLAModel
 
@@ -145,20 +145,13 @@ def _sha256_cached(path: Path) -> str:
     return _BASE_HASH_CACHE[key]
 
 
-def _fsync_write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _json_bytes(obj: Any) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
 
 
 def _write_manifest(folder: Path) -> tuple[dict[str, Any], bytes]:
-    """sha256 and size of every file in `folder` -> manifest.json (fsync'd); returns it and its bytes (meta pins
-    their checksum)."""
+    """sha256 and size of every file in `folder` -> manifest.json; returns it and its bytes (meta pins their
+    checksum)."""
     manifest = {
         "format": FORMAT,
         "files": {
@@ -167,7 +160,7 @@ def _write_manifest(folder: Path) -> tuple[dict[str, Any], bytes]:
         },
     }
     manifest_bytes = _json_bytes(manifest)
-    _fsync_write(folder / MANIFEST, manifest_bytes)
+    (folder / MANIFEST).write_bytes(manifest_bytes)
     return manifest, manifest_bytes
 
 
@@ -376,11 +369,9 @@ class ModelStore:
                 cfg.hf_dtype == "float32" and cfg.hf_quantization == "none"
             )
 
-        tmp = self.root / f".tmp-{uuid.uuid4().hex}"
-        tmp.mkdir()
-        try:
+        with durable.building_dir(self.root) as tmp:
             save_file(stored_state_dict(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
-            _fsync_write(tmp / CONFIG, cfg.to_json().encode() + b"\n")
+            (tmp / CONFIG).write_bytes(cfg.to_json().encode() + b"\n")
             model.tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))  # type: ignore[attr-defined]
             onnx_meta = None
             if export_onnx:
@@ -417,13 +408,11 @@ class ModelStore:
                 "software": _software(),
             }
             version_id = self._commit(tmp, meta_base, stage)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return self.get(version_id)
 
     def _commit(self, tmp: Path, meta_base: Mapping[str, Any], stage: str) -> str:
         """Number the version, write its meta and rename the temp folder into place (under the lock)."""
+        durable.sync_tree(tmp)  # the slow part of publish_dir, outside the lock (it finds little left to do)
         with self._lock():
             numbers = [int(_VERSION_RE.fullmatch(p.name).group(1)) for p in self._version_dirs()]  # type: ignore[union-attr]
             version_id = f"v{(max(numbers, default=0) + 1):04d}-{stage}"
@@ -432,13 +421,8 @@ class ModelStore:
                 "version_id": version_id,
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             }
-            _fsync_write(tmp / META, _json_bytes(meta))
-            os.rename(tmp, self.root / version_id)
-            dir_fd = os.open(self.root, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            (tmp / META).write_bytes(_json_bytes(meta))
+            durable.publish_dir(tmp, self.root / version_id)
         return version_id
 
     def base_of(self, version_id: str) -> VersionInfo:
@@ -498,9 +482,7 @@ class ModelStore:
         if check_frozen:
             self._check_frozen(model, base, safe_open)
 
-        tmp = self.root / f".tmp-{uuid.uuid4().hex}"
-        tmp.mkdir()
-        try:
+        with durable.building_dir(self.root) as tmp:
             save_file(heads, str(tmp / HEADS_WEIGHTS), metadata={"format": "pt"})
             # The base's config byte for byte: the pair must never disagree on preprocessing or shapes.
             shutil.copyfile(base.path / CONFIG, tmp / CONFIG)
@@ -534,9 +516,6 @@ class ModelStore:
                 "software": _software(),
             }
             version_id = self._commit(tmp, meta_base, stage)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return self.get(version_id)
 
     def _check_frozen(self, model: VLAModel, base: VersionInfo, safe_open: Any) -> None:

@@ -14,7 +14,9 @@ JOINT_STATES = "/joint_states"
 EE_POSE = "/arm_controller/ee_pose"  # geometry_msgs/PoseStamped
 JOY = "/joy"  # sensor_msgs/Joy (gamepad: labels, reset, pause)
 SIM_SUCCESS = "/sim/success"  # std_msgs/Bool, the simulator's success signal
-SIM_EXPERT_ACTION = "/sim/expert_action"  # std_msgs/Float32MultiArray, Meta-World's scripted expert
+SIM_EXPERT_ACTION = (
+    "/sim/expert_action"  # irevla_interfaces/ArmCommand (stamped), Meta-World's scripted expert
+)
 SIM_RESET = "/sim/reset_episode"  # irevla_interfaces/ResetEpisode
 ESTOP = "/arm_controller/estop"
 CLEAR_ESTOP = "/arm_controller/clear_estop"

@@ -19,7 +19,6 @@ from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 from rosgraph_msgs.msg import Clock
 from sensor_msgs.msg import Image, JointState, Joy
-from std_msgs.msg import Float32MultiArray
 
 from irevla_interfaces.msg import ArmCommand, EpisodeEvent, EpisodeStored, StepRecord, TrainerStatus
 from irevla_ros import topics
@@ -138,7 +137,7 @@ def test_malformed_inputs_are_logged_and_the_graph_keeps_working(ros_context, si
         "action": node.create_publisher(ArmCommand, topics.ACTION, 10),
         "joints": node.create_publisher(JointState, topics.JOINT_STATES, 10),
         "joy": node.create_publisher(Joy, topics.JOY, 10),
-        "expert": node.create_publisher(Float32MultiArray, topics.SIM_EXPERT_ACTION, 10),
+        "expert": node.create_publisher(ArmCommand, topics.SIM_EXPERT_ACTION, 10),
         "pose": node.create_publisher(PoseStamped, topics.EE_POSE, 10),
         "events": node.create_publisher(EpisodeEvent, topics.EPISODE_EVENTS, RELIABLE_QOS),
     }
@@ -166,6 +165,11 @@ def test_malformed_inputs_are_logged_and_the_graph_keeps_working(ros_context, si
 
     def command(delta: list[float], gripper: float = 0.0) -> Callable[[], None]:
         return lambda: pubs["action"].publish(ArmCommand(ee_delta=delta, gripper=gripper, episode_id="test"))
+
+    def nan_expert() -> None:
+        msg = ArmCommand(ee_delta=[0.5, math.nan, 0.0], gripper=0.5)
+        msg.header.stamp = now_stamp()  # current, so the policy's tick uses it
+        pubs["expert"].publish(msg)
 
     def nan_pose() -> None:
         msg = PoseStamped()
@@ -223,8 +227,8 @@ def test_malformed_inputs_are_logged_and_the_graph_keeps_working(ros_context, si
             "malformed /joint_states",
         ),
         Probe(
-            "expert action length",
-            lambda: pubs["expert"].publish(Float32MultiArray(data=[0.5, 0.5])),
+            "NaN expert action",
+            nan_expert,
             "policy_node",
             "malformed expert action",
         ),

@@ -13,6 +13,7 @@ ends an episode the node publishes STEPS_DONE with the number of records it emit
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -28,7 +29,6 @@ from rclpy.clock import Clock as RosClock
 from rclpy.clock import ClockType
 from rclpy.node import Node
 from sensor_msgs.msg import Image, JointState
-from std_msgs.msg import Float32MultiArray
 from std_srvs.srv import Trigger
 
 from irevla_interfaces.msg import ArmCommand, EpisodeEvent, PolicyVersion, StepRecord
@@ -56,6 +56,11 @@ PROPRIOCEPTION_NAMES = ["ee_x", "ee_y", "ee_z", "gripper_opening"]
 # Messages kept per input: the tick of time t uses the newest one stamped no later than t, so an input of a later
 # period that arrived first (the world moved on while the tick waited) is never observed from the past.
 INPUT_HISTORY = 4
+# Under simulated time the sim cell publishes everything observed at t (frames, arm state, the expert's action)
+# before /clock t, but DDS does not order messages across topics: /clock t can arrive before the pose of t, and
+# the tick then acted on the previous period's pose. Such a tick waits for the inputs stamped for it, at most this
+# long (wall seconds, well under the cell's max_wall_wait), then runs with what it has and holds if that is stale.
+SIM_INPUT_WAIT = 1.0
 
 T = TypeVar("T")
 
@@ -95,7 +100,7 @@ class PolicyNode(Node):
         p = declare_parameters(self, POLICY)
         self.params = p
         self.slot = PolicySlot(*make_policy_slot_parts(p))
-        self.period = 1.0 / float(p["control_rate"])  # type: ignore[arg-type]
+        self.period = float(p["control_period"])  # type: ignore[arg-type]
         self.topics = list(p["cameras"])  # type: ignore[arg-type]
         self.names = [camera_name(t) for t in self.topics]
         if len(set(self.names)) != len(self.names):
@@ -104,13 +109,19 @@ class PolicyNode(Node):
         self._frames: dict[str, deque[Image]] = {c: deque(maxlen=INPUT_HISTORY) for c in self.names}
         self._poses: deque[PoseStamped] = deque(maxlen=INPUT_HISTORY)
         self._grippers: deque[tuple[int, float]] = deque(maxlen=INPUT_HISTORY)  # (stamp ns, opening)
-        self._expert: np.ndarray | None = None
+        self._experts: deque[tuple[int, np.ndarray]] = deque(maxlen=INPUT_HISTORY)  # (stamp ns, action)
         self.episode: ActiveEpisode | None = None
         self.missed_ticks = 0
         self.holds = 0
         self.steps_published = 0
         self._last_tick: float | None = None
-        self._idle_tick: float | None = None  # ROS time of the newest tick that found no episode running
+        self._idle_tick_ns: int | None = None  # ROS time of the newest tick that found no episode running
+        self._sim_time = bool(self.get_parameter("use_sim_time").value)
+        self._pending_ns: int | None = None  # a simulated-time tick waiting for its inputs
+        self._pending_since = 0.0
+        self._late: set[str] = set()  # inputs that missed a wait: not waited for until they are current again
+        # Ticks run from the ticker, from START and from the input that completes a waiting tick.
+        self._tick_lock = threading.RLock()
         self._last_hold_reason = ""
         inputs = MutuallyExclusiveCallbackGroup()
         for topic, cam in zip(self.topics, self.names, strict=True):
@@ -120,7 +131,7 @@ class PolicyNode(Node):
         self.create_subscription(PoseStamped, topics.EE_POSE, self._on_pose, 10, callback_group=inputs)
         self.create_subscription(JointState, topics.JOINT_STATES, self._on_joints, 10, callback_group=inputs)
         self.create_subscription(
-            Float32MultiArray, topics.SIM_EXPERT_ACTION, self._on_expert, 10, callback_group=inputs
+            ArmCommand, topics.SIM_EXPERT_ACTION, self._on_expert, 10, callback_group=inputs
         )
         control = MutuallyExclusiveCallbackGroup()
         self.create_subscription(
@@ -131,6 +142,12 @@ class PolicyNode(Node):
         self._event_pub = self.create_publisher(EpisodeEvent, topics.EPISODE_EVENTS, RELIABLE_QOS)
         self._status_pub = self.create_publisher(DiagnosticArray, topics.POLICY_STATUS, 10)
         self._ticker = RosTimePeriodic(self, self.period, self._on_tick, callback_group=control)
+        steady = RosClock(clock_type=ClockType.STEADY_TIME)
+        # One-shot (reset when a tick starts waiting): the bound on that wait, in wall time.
+        self._wait_timer = self.create_timer(
+            SIM_INPUT_WAIT, self._on_wait_timeout, callback_group=control, clock=steady
+        )
+        self._wait_timer.cancel()
         self.create_timer(1.0, self._publish_status, callback_group=control)
         versions = ReentrantCallbackGroup()
         self.create_subscription(
@@ -220,46 +237,111 @@ class PolicyNode(Node):
     def _store_frame(self, camera: str, msg: Image) -> None:
         with self._lock:
             self._frames[camera].append(msg)
+        self._input_arrived()
 
     def _on_pose(self, msg: PoseStamped) -> None:
         with self._lock:
             self._poses.append(msg)
+        self._input_arrived()
 
     def _on_joints(self, msg: JointState) -> None:
         if "gripper_opening" in msg.name and len(msg.position) == len(msg.name):
             gripper = float(msg.position[msg.name.index("gripper_opening")])
             with self._lock:
                 self._grippers.append((time_to_ns(msg.header.stamp), gripper))
+            self._input_arrived()
         else:
             self.get_logger().error(
                 "malformed /joint_states: names and positions differ or no gripper_opening",
                 throttle_duration_sec=5.0,
             )
 
-    def _on_expert(self, msg: Float32MultiArray) -> None:
+    def _on_expert(self, msg: ArmCommand) -> None:
+        action = np.array([*msg.ee_delta, msg.gripper], dtype=np.float32)
         with self._lock:
-            self._expert = np.asarray(msg.data, dtype=np.float32)
+            self._experts.append((time_to_ns(msg.header.stamp), action))
+        self._input_arrived()
+
+    # --- waiting for the inputs of a simulated-time tick ------------------------------------------------------------
+    def _lagging(self, now_ns: int) -> list[str]:
+        """The inputs a tick at `now_ns` waits for: each one that has ever arrived but has no message stamped
+        `now_ns` or later yet (per topic, DDS keeps the publisher's order), unless it already missed a wait."""
+        with self._lock:
+            newest: dict[str, int | None] = {
+                **{cam: max(map(_header_ns, h), default=None) for cam, h in self._frames.items()},
+                "ee_pose": max(map(_header_ns, self._poses), default=None),
+                "joint_states": max((g[0] for g in self._grippers), default=None),
+                "expert_action": max((e[0] for e in self._experts), default=None),
+            }
+        lagging = []
+        for name, stamp in newest.items():
+            if stamp is None:
+                continue
+            if stamp >= now_ns:
+                self._late.discard(name)
+            elif name not in self._late:
+                lagging.append(name)
+        return lagging
+
+    def _input_arrived(self) -> None:
+        if self._pending_ns is None:
+            return
+        with self._tick_lock:
+            if self._pending_ns is not None and not self._lagging(self._pending_ns):
+                self._run_pending()
+
+    def _on_wait_timeout(self) -> None:
+        with self._tick_lock:
+            if self._pending_ns is None:
+                self._wait_timer.cancel()
+                return
+            if time.monotonic() - self._pending_since < 0.99 * SIM_INPUT_WAIT:
+                return  # a late fire meant for an earlier wait: this one's comes a period later
+            lagging = self._lagging(self._pending_ns)
+            self._late.update(lagging)
+            self.get_logger().warning(
+                f"inputs {lagging} of t={self._pending_ns * 1e-9:.3f} s did not arrive within {SIM_INPUT_WAIT} s "
+                "(wall): the tick runs with what it has",
+                throttle_duration_sec=5.0,
+            )
+            self._run_pending()
+
+    def _run_pending(self) -> None:
+        assert self._pending_ns is not None
+        now_ns, self._pending_ns = self._pending_ns, None
+        self._wait_timer.cancel()
+        self._tick(now_ns)
+
+    def _drop_pending(self) -> None:
+        self._pending_ns = None
+        self._wait_timer.cancel()
 
     def _on_event(self, msg: EpisodeEvent) -> None:
+        with self._tick_lock:
+            self._handle_event(msg)
+
+    def _handle_event(self, msg: EpisodeEvent) -> None:
         if msg.type == EpisodeEvent.START:
+            self._drop_pending()  # a tick of the previous episode still waiting: that episode is over
             if self.episode is not None:
                 self._finish_episode()
             self.episode = ActiveEpisode(msg.episode_id, msg.instruction)
             self.policy.reset(msg.instruction)
             self._last_tick = None
-            start = time_to_ns(msg.header.stamp) * 1e-9
-            tolerance = 0.01 * self.period
-            ran_idle = self._idle_tick is not None and abs(self._idle_tick - start) < tolerance
-            if ran_idle and abs(self._ticker.now() - start) < tolerance:
+            start_ns = time_to_ns(msg.header.stamp)
+            tolerance_ns = 0.01 * self.period * 1e9
+            ran_idle = self._idle_tick_ns is not None and abs(self._idle_tick_ns - start_ns) < tolerance_ns
+            if ran_idle and abs(self._ticker.now_ns() - start_ns) < tolerance_ns:
                 # The tick of the episode's first moment already ran, idle, before START arrived (in simulation
                 # the new scene's /clock precedes the reset's answer, and the clock waits for this command):
                 # act on that moment now rather than a period later.
-                self._on_tick()
+                self._begin_tick(start_ns)
         elif (
             msg.type == EpisodeEvent.END
             and self.episode is not None
             and msg.episode_id == self.episode.episode_id
         ):
+            self._drop_pending()  # the episode ended at that moment: no step after it
             self._finish_episode()
 
     def _finish_episode(self) -> None:
@@ -283,8 +365,9 @@ class PolicyNode(Node):
             histories = {cam: list(self._frames[cam]) for cam in self.names}
             pose = newest_until(self._poses, now_ns, _header_ns)
             newest_gripper = newest_until(self._grippers, now_ns, lambda g: g[0])
-            expert = self._expert
+            newest_expert = newest_until(self._experts, now_ns, lambda e: e[0])
         gripper = None if newest_gripper is None else newest_gripper[1]
+        expert = None if newest_expert is None else newest_expert[1]
         width, height = int(self.params["image_width"]), int(self.params["image_height"])  # type: ignore[arg-type]
         images: dict[str, np.ndarray] = {}
         frames: dict[str, Image] = {}
@@ -330,16 +413,29 @@ class PolicyNode(Node):
         return obs, frames
 
     def _on_tick(self) -> None:
-        now_ns = self._ticker.now_ns()
+        with self._tick_lock:
+            if self._pending_ns is not None:
+                self._run_pending()  # a newer period began before its inputs came: act on what arrived
+            self._begin_tick(self._ticker.now_ns())
+
+    def _begin_tick(self, now_ns: int) -> None:
+        """Run the tick of `now_ns` now, or, under simulated time, once the inputs stamped for it are in."""
+        if self.episode is not None and self._sim_time and self._lagging(now_ns):
+            self._pending_ns, self._pending_since = now_ns, time.monotonic()
+            self._wait_timer.reset()
+            return
+        self._tick(now_ns)
+
+    def _tick(self, now_ns: int) -> None:
         now = now_ns * 1e-9
         swapped = self.slot.take_swap()  # between two ticks: this tick acts with the new version
         if swapped is not None and self.episode is not None:
             swapped.reset(self.episode.instruction)
         if self.episode is None:
             self._last_tick = None
-            self._idle_tick = now
+            self._idle_tick_ns = now_ns
             return
-        self._idle_tick = None
+        self._idle_tick_ns = None
         if self._last_tick is not None and now - self._last_tick > 1.5 * self.period:
             missed = round((now - self._last_tick) / self.period) - 1
             self.missed_ticks += missed

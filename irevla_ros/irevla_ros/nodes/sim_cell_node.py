@@ -33,8 +33,9 @@ from builtin_interfaces.msg import Time as TimeMsg
 from rclpy._rclpy_pybind11 import RCLError
 from rclpy.node import Node
 from rosgraph_msgs.msg import Clock
-from std_msgs.msg import Bool, Float32MultiArray
+from std_msgs.msg import Bool
 
+from irevla_interfaces.msg import ArmCommand
 from irevla_interfaces.srv import ResetEpisode
 from irevla_ros import topics
 from irevla_ros.hardware.arm import make_arm
@@ -109,7 +110,7 @@ class SimCellNode(Node):
         self.cameras: dict[str, RenderedCamera] = {}
         self._clock_pub = self.create_publisher(Clock, "/clock", 10)
         self._success_pub = self.create_publisher(Bool, topics.SIM_SUCCESS, 10)
-        self._expert_pub = self.create_publisher(Float32MultiArray, topics.SIM_EXPERT_ACTION, 10)
+        self._expert_pub = self.create_publisher(ArmCommand, topics.SIM_EXPERT_ACTION, 10)
         self.create_service(ResetEpisode, topics.SIM_RESET, self._on_reset)
         self.periods = 0
         self.periods_without_command = 0
@@ -243,11 +244,13 @@ class SimCellNode(Node):
         for name, frame in frames.items():
             if frame is not None:
                 self.cameras[name].offer(dataclasses.replace(frame, stamp=now))
+        stamp = TimeMsg(sec=self.clock_ns // 10**9, nanosec=self.clock_ns % 10**9)
         self._success_pub.publish(Bool(data=bool(success)))
-        self._expert_pub.publish(Float32MultiArray(data=[float(x) for x in expert]))
-        self._clock_pub.publish(
-            Clock(clock=TimeMsg(sec=self.clock_ns // 10**9, nanosec=self.clock_ns % 10**9))
-        )
+        # Stamped, like the frames and the arm state: the policy's tick of t waits for the expert's action of t.
+        expert_msg = ArmCommand(ee_delta=[float(x) for x in expert[:3]], gripper=float(expert[3]))
+        expert_msg.header.stamp = stamp
+        self._expert_pub.publish(expert_msg)
+        self._clock_pub.publish(Clock(clock=stamp))
 
     def stop(self) -> None:
         """Stop advancing the world (idempotent): no more periods, frames or state after this returns."""

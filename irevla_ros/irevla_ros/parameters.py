@@ -119,6 +119,13 @@ EPISODE_MANAGER = (
 )
 
 TRAINER = (
+    ParamSpec(
+        "control_period",
+        0.1,
+        "seconds per control period: stored steps must be this far apart",
+        min=0.0125,
+        max=1.0,
+    ),
     ParamSpec("store_path", "data/store", "episode store folder"),
     ParamSpec("status_period", 1.0, "trainer status publish period (s)", min=0.05),
     ParamSpec("iterate", True, "run iRe-VLA iterations (Stage 1 during sessions, Stage 2 between them)"),

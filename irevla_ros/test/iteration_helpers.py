@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from irevla_ros.store.episode_store import EpisodeAssembler, EpisodeStore
+from irevla_ros.store.assembler import EpisodeAssembler
+from irevla_ros.store.episode_store import EpisodeStore
 from irevla_ros.store.records import EpisodeMeta, StepData
 from irevla_ros.vla.config import VLAConfig
 

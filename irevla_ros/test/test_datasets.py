@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from irevla_ros.store.episode_store import EpisodeAssembler, EpisodeStore
+from irevla_ros.store.assembler import EpisodeAssembler
+from irevla_ros.store.episode_store import EpisodeStore
 from irevla_ros.store.records import EpisodeMeta, StepData
 from irevla_ros.train.datasets import DatasetError, expert_set, load_transitions, rl_set
 

@@ -18,13 +18,14 @@ import pytest
 from mcap.reader import make_reader
 from mcap_ros2.decoder import DecoderFactory
 
+from irevla_ros.store import catalog
 from irevla_ros.store import episode_store as es
-from irevla_ros.store.episode_store import (
+from irevla_ros.store.assembler import EpisodeAssembler
+from irevla_ros.store.episode_store import EpisodeStore
+from irevla_ros.store.errors import (
     CorruptEpisodeError,
-    EpisodeAssembler,
     EpisodeConflictError,
     EpisodeStateError,
-    EpisodeStore,
     LateStepError,
     StoreLockedError,
     UnknownEpisodeError,
@@ -132,7 +133,7 @@ def test_write_read_round_trip_is_bitwise_and_catalogued(store: EpisodeStore):
     ).fetchone()
     assert row == ("button-press-v3", "success", "simulator", 12, 1, stored.sha256, stored.path)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert conn.execute("SELECT version FROM schema_version").fetchall() == [(es.SCHEMA_VERSION,)]
+    assert conn.execute("SELECT version FROM schema_version").fetchall() == [(catalog.SCHEMA_VERSION,)]
     conn.close()
 
 
@@ -373,7 +374,8 @@ def test_read_detects_corruption_that_happens_while_open(store: EpisodeStore):
 _CHILD = r"""
 import sys
 import numpy as np
-from irevla_ros.store.episode_store import EpisodeAssembler, EpisodeStore
+from irevla_ros.store.assembler import EpisodeAssembler
+from irevla_ros.store.episode_store import EpisodeStore
 from irevla_ros.store.records import EpisodeMeta, StepData
 
 root, prefix = sys.argv[1], sys.argv[2]
@@ -524,14 +526,15 @@ def test_schema_migration_hook_and_newer_schema_refused(tmp_path: Path, monkeypa
     def add_notes(conn: sqlite3.Connection) -> None:
         conn.execute("ALTER TABLE episodes ADD COLUMN notes TEXT NOT NULL DEFAULT ''")
 
-    monkeypatch.setattr(es, "MIGRATIONS", {**es.MIGRATIONS, 2: add_notes})
-    monkeypatch.setattr(es, "SCHEMA_VERSION", 2)
+    latest = catalog.SCHEMA_VERSION
+    monkeypatch.setattr(catalog, "MIGRATIONS", {**catalog.MIGRATIONS, latest + 1: add_notes})
+    monkeypatch.setattr(catalog, "SCHEMA_VERSION", latest + 1)
     with EpisodeStore(root) as store:
         assert store.get("ep-1").complete
         columns = [r[1] for r in store._conn.execute("PRAGMA table_info(episodes)")]
         assert "notes" in columns
-    monkeypatch.setattr(es, "SCHEMA_VERSION", 1)
-    with pytest.raises(RuntimeError, match="schema version 2"):
+    monkeypatch.setattr(catalog, "SCHEMA_VERSION", latest)
+    with pytest.raises(RuntimeError, match=f"schema version {latest + 1}"):
         EpisodeStore(root)
     EpisodeStore(root.parent / "other").close()  # a failed open released its lock
 
@@ -572,3 +575,101 @@ def test_catalogue_names_the_version_the_step_records_name(store: EpisodeStore):
     stored = store.write(assembler.end("swap", "success", "simulator", 4, T0 + 10**10))
     assert stored.policy_version == "v8" and store.list(policy_version="v8")[0].episode_id == "swap"
     assert [s.policy_version for s in store.read("swap").steps] == ["v8", "v8", "v9", "v9"]
+
+
+# --- step timing: stamps on the control grid, no observation from the future -------------------------------
+
+PERIOD = 50_000_000  # make_step's spacing
+
+
+def _assemble_with(eid: str, change: dict[int, dict[str, object]], period: int | None = PERIOD):
+    assembler = EpisodeAssembler(control_period_ns=period)
+    assembler.start(make_meta(eid))
+    for i in range(6):
+        step = make_step(eid, i)
+        assembler.add_step(dataclasses.replace(step, **change.get(i, {})))
+    return assembler.end(eid, "success", "simulator", 6, T0 + 10**10)
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        (
+            {3: {"stamp_ns": T0 + 2 * PERIOD}},
+            "1 step(s) not stamped after the previous step (first: step 3, +0.0 ms)",
+        ),
+        (
+            {3: {"stamp_ns": T0 + PERIOD}},
+            "1 step(s) not stamped after the previous step (first: step 3, -50.0 ms)",
+        ),
+        (
+            {3: {"stamp_ns": T0 + 5 * PERIOD}},
+            "not one control period (50 ms) after the previous one (first: step 3",
+        ),
+        (
+            {2: {"image_stamps_ns": {"front": T0 + 2 * PERIOD + 1, "wrist": T0 + 2 * PERIOD}}},
+            "1 image(s) captured after the step that acted on them (first: step 2, camera 'front', +0.0 ms)",
+        ),
+    ],
+    ids=["equal-stamps", "stamp-backwards", "off-grid", "image-from-the-future"],
+)
+def test_steps_breaking_time_are_stored_incomplete_with_the_reason(store: EpisodeStore, change, reason):
+    episode = _assemble_with("ep-t", change)
+    assert not episode.complete and episode.timing_errors >= 1
+    assert any(r.startswith("timing: ") and reason in r for r in episode.reasons), episode.reasons
+    stored = store.write(episode)
+    assert not stored.complete and stored.timing_errors == episode.timing_errors
+    assert store.trainable() == []
+    row = (
+        sqlite3.connect(store.root / "catalog.sqlite")
+        .execute("SELECT timing_errors FROM episodes")
+        .fetchone()
+    )
+    assert row == (episode.timing_errors,)
+    # Re-indexed from its own file (catalogue lost), the count comes back.
+    with sqlite3.connect(store.root / "catalog.sqlite") as conn:
+        conn.execute("DELETE FROM labels")
+        conn.execute("DELETE FROM episodes")
+    assert store.recover().reindexed == ["ep-t"]
+    assert store.get("ep-t").timing_errors == episode.timing_errors
+
+
+def test_steps_on_the_grid_within_jitter_are_complete():
+    jitter = {
+        i: {"stamp_ns": T0 + i * PERIOD + (i % 2) * PERIOD // 5} for i in range(6)
+    }  # +10 ms every other
+    episode = _assemble_with("ep-ok", jitter)
+    assert episode.complete and episode.timing_errors == 0, episode.reasons
+    # A missing step is reported as missing, not as a timing error of the step after it.
+    assembler = EpisodeAssembler(control_period_ns=PERIOD)
+    assembler.start(make_meta("ep-gap"))
+    for i in (0, 1, 3):
+        assembler.add_step(make_step("ep-gap", i))
+    gap = assembler.end("ep-gap", "success", "simulator", 4, T0)
+    assert gap.timing_errors == 0 and not any(r.startswith("timing") for r in gap.reasons), gap.reasons
+    # Without a known period only the order and the observation ages are checked.
+    assert _assemble_with("ep-np", {5: {"stamp_ns": T0 + 9 * PERIOD}}, period=None).complete
+
+
+def test_v1_catalogue_migrates_to_timing_errors(tmp_path: Path):
+    root = tmp_path / "store"
+    root.mkdir()
+    conn = sqlite3.connect(root / "catalog.sqlite")  # a catalogue as the code before the timing check left it
+    catalog.MIGRATIONS[1](conn)
+    conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    conn.execute("INSERT INTO schema_version (version) VALUES (1)")
+    conn.execute(
+        "INSERT INTO episodes (episode_id, task, instruction, outcome, label_source, policy_version, source, "
+        "num_steps, complete, reasons, sha256, path, size_bytes, started_ns, ended_ns, stored_ns) "
+        "VALUES ('ep-old', 't', 'i', 'success', 'simulator', 'v1', 'policy', 3, 1, '[]', 'x', 'p.mcap', 1, 0, 1, 2)"
+    )
+    conn.commit()
+    conn.close()
+    with EpisodeStore(root, verify_on_open=False) as store:
+        assert (
+            store._conn.execute("SELECT version FROM schema_version").fetchone()[0]
+            == catalog.SCHEMA_VERSION
+            == 2
+        )
+        stored = store.get("ep-old")
+        assert stored.timing_errors == 0 and stored.complete and stored.num_steps == 3

@@ -87,7 +87,8 @@ def step_record(episode_id: str, index: int, **fields: object) -> StepRecord:
         policy_version="test",
         hold=False,
     )
-    msg.header.stamp.sec = 1 + index
+    # One control period (0.1 s) apart: the store marks steps off the control grid incomplete.
+    msg.header.stamp.sec, msg.header.stamp.nanosec = 1 + index // 10, (index % 10) * 100_000_000
     for key, value in fields.items():
         setattr(msg, key, value)
     return msg

@@ -12,7 +12,8 @@ import pytest
 import torch
 from stage1_tasks import Reach, small_model
 
-from irevla_ros.store.episode_store import EpisodeAssembler, EpisodeStore
+from irevla_ros.store.assembler import EpisodeAssembler
+from irevla_ros.store.episode_store import EpisodeStore
 from irevla_ros.store.records import EpisodeMeta, StepData
 from irevla_ros.train.datasets import load_transitions
 from irevla_ros.train.latents import (

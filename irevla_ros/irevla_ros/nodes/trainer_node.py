@@ -2,10 +2,11 @@
 
 Episode-store half: step records + episode events in, durable episodes out.
 
-An episode is finalised when the episode manager has ended it (outcome) and the policy node has said how many
-records it emitted (STEPS_DONE), and either all of them arrived or a grace period passed (then it is stored as
-incomplete, never dropped). It is written by the store on a worker thread (atomic file + catalogue row), and only
-then acknowledged on /trainer/episode_stored. A restarted trainer recovers the store on open.
+The closing protocol (early steps, END + STEPS_DONE + every record, grace period, labels, shutdown) is
+`store.collector.EpisodeCollector`'s; this node feeds it messages and polls it. A finalised episode is written by
+the store on a worker thread (atomic file + catalogue row), and only then acknowledged on /trainer/episode_stored.
+LABELs for episodes already handed over go through the same queue, so they reach the store after their episode.
+A restarted trainer recovers the store on open.
 
 Iteration half (`iterate`): a worker thread runs `train.iteration.IterationRunner`: every stored policy episode
 feeds Stage 1 (online RL on the heads), head updates and promoted Stage 2 versions are announced on
@@ -16,11 +17,10 @@ operator's word, with progress feedback and cancel. The runner persists its phas
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from rclpy._rclpy_pybind11 import RCLError
@@ -52,7 +52,9 @@ from irevla_ros.nodes.common import (
 )
 from irevla_ros.nodes.event_codes import OUTCOME_CODES, OUTCOME_NAMES, SOURCE_NAMES
 from irevla_ros.parameters import TRAINER
-from irevla_ros.store.episode_store import EpisodeAssembler, EpisodeStore
+from irevla_ros.store.assembler import EpisodeAssembler
+from irevla_ros.store.collector import EpisodeCollector
+from irevla_ros.store.episode_store import EpisodeStore
 from irevla_ros.store.records import AssembledEpisode, EpisodeMeta, InvalidRecordError, StepData
 from irevla_ros.train.iteration import (
     IterationConfig,
@@ -65,22 +67,21 @@ from irevla_ros.train.metrics import MetricsLog
 from irevla_ros.train.sft import SFTConfig
 from irevla_ros.vla.model_store import InvalidVersionError, ModelStore, VersionInfo
 
-FINALISE_GRACE_S = 3.0
 PHASE_STATES = {
     "session": TrainerStatus.COLLECTING,
     "supervised": TrainerStatus.SUPERVISED,
     "validating": TrainerStatus.VALIDATING,
     "announcing": TrainerStatus.ANNOUNCING,
-}  # wall seconds to wait for in-flight step records after STEPS_DONE
+}
 
 
 @dataclass
-class Closing:
-    outcome: str | None = None
-    label_source: str = "none"
-    num_steps: int | None = None
-    ended_ns: int = 0
-    since: float = field(default_factory=time.monotonic)
+class _Relabel:
+    """A LABEL for an episode the collector already handed over: applied by the writer, after the episode."""
+
+    episode_id: str
+    outcome: str
+    label_source: str
 
 
 def step_from_msg(msg: StepRecord) -> StepData:
@@ -124,13 +125,12 @@ class TrainerNode(Node):
         report = self.store.last_recovery
         if report is not None and not report.clean:
             self.get_logger().warning(f"store recovery: {report}")
-        self.assembler = EpisodeAssembler()
-        self._closing: dict[str, Closing] = {}
-        self._lock = threading.Lock()
-        self._writes: queue.Queue[AssembledEpisode | None] = queue.Queue()
-        self.rejected_steps = 0
-        # Steps may overtake their episode's START (different topics have no common order): held briefly.
-        self._early: dict[str, list[tuple[float, StepData]]] = {}
+        self.collector = EpisodeCollector(
+            EpisodeAssembler(control_period_ns=round(float(p["control_period"]) * 1e9)),  # type: ignore[arg-type]
+            log=lambda message: self.get_logger().error(message),
+        )
+        self._writes: queue.Queue[AssembledEpisode | _Relabel | None] = queue.Queue()
+        self.malformed_steps = 0
         self.stored = 0
         self.incomplete = 0
         group = MutuallyExclusiveCallbackGroup()
@@ -274,117 +274,71 @@ class TrainerNode(Node):
     def _on_step(self, msg: StepRecord) -> None:
         try:
             step = step_from_msg(msg)
-            with self._lock:
-                if step.episode_id not in self.assembler.open_episode_ids() and not self._closing.get(
-                    step.episode_id
-                ):
-                    self._early.setdefault(step.episode_id, []).append((time.monotonic(), step))
-                    return
-                self.assembler.add_step(step)
-        except ValueError as exc:  # unknown/late episode, malformed record: log it, keep going
-            self.rejected_steps += 1
-            self.get_logger().error(
-                f"step {msg.step_index} of episode {msg.episode_id!r} rejected: {exc}",
-                throttle_duration_sec=2.0,
-            )
+        except ValueError as exc:
+            self.malformed_steps += 1
+            self._reject(msg, exc)
+            return
+        try:
+            self.collector.add_step(step)
+        except ValueError as exc:  # unknown/late episode (the collector counts it): log it, keep going
+            self._reject(msg, exc)
+
+    def _reject(self, msg: StepRecord, exc: ValueError) -> None:
+        self.get_logger().error(
+            f"step {msg.step_index} of episode {msg.episode_id!r} rejected: {exc}",
+            throttle_duration_sec=2.0,
+        )
 
     def _on_event(self, msg: EpisodeEvent) -> None:
-        with self._lock:
-            try:
-                if msg.type == EpisodeEvent.START:
-                    self.assembler.start(
-                        EpisodeMeta(
-                            episode_id=msg.episode_id,
-                            task=msg.task,
-                            instruction=msg.instruction,
-                            policy_version=msg.policy_version,
-                            source=msg.source or "policy",
-                            started_ns=time.time_ns(),
-                        )
+        try:
+            if msg.type == EpisodeEvent.START:
+                self.collector.start(
+                    EpisodeMeta(
+                        episode_id=msg.episode_id,
+                        task=msg.task,
+                        instruction=msg.instruction,
+                        policy_version=msg.policy_version,
+                        source=msg.source or "policy",
+                        started_ns=time.time_ns(),
                     )
-                    for _, step in self._early.pop(msg.episode_id, []):
-                        self.assembler.add_step(step)
-                elif msg.type == EpisodeEvent.END:
-                    closing = self._closing.setdefault(msg.episode_id, Closing())
-                    closing.outcome = OUTCOME_NAMES.get(msg.outcome, "unknown")
-                    closing.label_source = SOURCE_NAMES.get(msg.label_source, "none")
-                    closing.ended_ns = time.time_ns()
-                elif msg.type == EpisodeEvent.STEPS_DONE:
-                    self._closing.setdefault(msg.episode_id, Closing()).num_steps = int(msg.num_steps)
-                elif msg.type == EpisodeEvent.LABEL:
-                    self._label(msg)
-            except ValueError as exc:
-                self.get_logger().error(f"episode event {msg.type} for {msg.episode_id!r} rejected: {exc}")
-
-    def _label(self, msg: EpisodeEvent) -> None:
-        outcome, source = (
-            OUTCOME_NAMES.get(msg.outcome, "unknown"),
-            SOURCE_NAMES.get(msg.label_source, "none"),
-        )
-        pending = self._closing.get(msg.episode_id)
-        if pending is not None:
-            if source == "operator" or pending.label_source != "operator":
-                pending.outcome, pending.label_source = outcome, source
-            return
-        self.store.relabel(msg.episode_id, outcome, source, time.time_ns())
+                )
+            elif msg.type == EpisodeEvent.END:
+                self.collector.end(
+                    msg.episode_id,
+                    OUTCOME_NAMES.get(msg.outcome, "unknown"),
+                    SOURCE_NAMES.get(msg.label_source, "none"),
+                )
+            elif msg.type == EpisodeEvent.STEPS_DONE:
+                self.collector.steps_done(msg.episode_id, int(msg.num_steps))
+            elif msg.type == EpisodeEvent.LABEL:
+                outcome = OUTCOME_NAMES.get(msg.outcome, "unknown")
+                source = SOURCE_NAMES.get(msg.label_source, "none")
+                if not self.collector.label(msg.episode_id, outcome, source):
+                    self._writes.put(_Relabel(msg.episode_id, outcome, source))
+        except ValueError as exc:
+            self.get_logger().error(f"episode event {msg.type} for {msg.episode_id!r} rejected: {exc}")
 
     # --- finalising -----------------------------------------------------------------------------------------------
     def _finalise_ready(self) -> None:
-        with self._lock:
-            for episode_id, early in list(self._early.items()):
-                if time.monotonic() - early[0][0] > FINALISE_GRACE_S:
-                    del self._early[episode_id]
-                    self.rejected_steps += len(early)
-                    self.get_logger().error(
-                        f"{len(early)} step(s) for episode {episode_id!r} rejected: it was never started"
-                    )
-            open_ids = set(self.assembler.open_episode_ids())
-            for episode_id, closing in list(self._closing.items()):
-                if closing.outcome is None or closing.num_steps is None or episode_id not in open_ids:
-                    if episode_id not in open_ids and closing.outcome is not None:
-                        del self._closing[episode_id]  # END for an episode this trainer never saw start
-                        self.get_logger().error(f"END for unknown episode {episode_id!r} ignored")
-                    elif episode_id not in open_ids and time.monotonic() - closing.since > FINALISE_GRACE_S:
-                        del self._closing[episode_id]  # no END will ever finalise it: do not keep it forever
-                        self.get_logger().error(
-                            f"STEPS_DONE for unknown or already stored episode {episode_id!r} ignored"
-                        )
-                    continue
-                received = self.assembler.received_steps(episode_id)
-                if received < closing.num_steps and time.monotonic() - closing.since < FINALISE_GRACE_S:
-                    continue
-                assembled = self.assembler.end(
-                    episode_id, closing.outcome, closing.label_source, closing.num_steps, closing.ended_ns
-                )
-                del self._closing[episode_id]
-                self._writes.put(assembled)
+        for assembled in self.collector.poll():
+            self._writes.put(assembled)
 
-    def _store_unfinished(self) -> None:
-        """On shutdown, every episode still assembling is stored (incomplete unless it had fully ended): an
-        accepted step is never dropped because the node was stopped."""
-        with self._lock:
-            for episode_id in self.assembler.open_episode_ids():
-                closing = self._closing.pop(episode_id, None) or Closing()
-                assembled = self.assembler.end(
-                    episode_id,
-                    closing.outcome or "aborted",
-                    closing.label_source if closing.outcome else "none",
-                    closing.num_steps,
-                    closing.ended_ns or time.time_ns(),
-                )
-                if closing.outcome is None:
-                    assembled = dataclasses.replace(
-                        assembled,
-                        complete=False,
-                        reasons=[*assembled.reasons, "the trainer stopped before the episode ended"],
-                    )
-                self._writes.put(assembled)
+    def _relabel(self, label: _Relabel) -> None:
+        try:
+            self.store.relabel(label.episode_id, label.outcome, label.label_source, time.time_ns())
+        except ValueError as exc:  # an episode this store never had
+            self.get_logger().error(
+                f"episode event {EpisodeEvent.LABEL} for {label.episode_id!r} rejected: {exc}"
+            )
 
     def _write_loop(self) -> None:
         while True:
             assembled = self._writes.get()
             if assembled is None:
                 return
+            if isinstance(assembled, _Relabel):
+                self._relabel(assembled)
+                continue
             try:
                 stored = self.store.write(assembled)
             except Exception as exc:  # never lose the data silently: log loudly, keep the node up
@@ -421,9 +375,13 @@ class TrainerNode(Node):
             stage="collect",
             episodes_stored=stats.total,
             episodes_incomplete=stats.incomplete,
-            episodes_pending=len(self.assembler.open_episode_ids()) + self._writes.qsize(),
+            episodes_pending=self.collector.pending() + self._writes.qsize(),
             store_path=str(self.store_path),
-            metrics=[Metric(name="rejected_steps", value=float(self.rejected_steps))]
+            metrics=[
+                Metric(
+                    name="rejected_steps", value=float(self.collector.rejected_steps + self.malformed_steps)
+                )
+            ]
             + [Metric(name=f"outcome_{k}", value=float(v)) for k, v in stats.by_outcome.items()],
         )
         if self.runner is not None:
@@ -444,7 +402,9 @@ class TrainerNode(Node):
 
     def close(self) -> None:
         self._stop.set()
-        self._store_unfinished()
+        # An accepted step is never dropped because the node was stopped: open episodes are stored incomplete.
+        for assembled in self.collector.shutdown():
+            self._writes.put(assembled)
         self._writes.put(None)
         self._writer.join(timeout=30.0)
         if self._iteration_thread is not None:

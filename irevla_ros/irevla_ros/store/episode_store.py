@@ -1,4 +1,5 @@
-"""Episode assembly and durable storage: the one owner of episode files and the episode catalogue.
+"""Durable episode storage: the one owner of episode files and the episode catalogue (schema: `catalog`;
+assembly of episodes from steps: `assembler`, `collector`).
 
 On disk (`root/`):
 - `episodes/<YYYY-MM-DD>/<episode_id>.mcap`: one immutable rosbag2-compatible MCAP per episode (UTC date of
@@ -7,8 +8,9 @@ On disk (`root/`):
 - `.lock`: flock held by the single writing `EpisodeStore` of this root.
 
 Write order (the acknowledgement point is the return of `EpisodeStore.write`): temp file in the final
-directory -> fsync -> rename -> fsync directory -> catalogue commit. A crash leaves either an orphan temp file
-(deleted on the next open) or a final file without a row (re-indexed from its own metadata on the next open).
+directory -> fsync -> rename -> fsync directory (`durable`) -> catalogue commit. A crash leaves either an orphan
+temp file (deleted on the next open) or a final file without a row (re-indexed from its own metadata on the next
+open).
 """
 
 from __future__ import annotations
@@ -22,14 +24,19 @@ import os
 import sqlite3
 import threading
 import time
-import uuid
-from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from irevla_ros import durable
+from irevla_ros.store import catalog
+from irevla_ros.store.errors import (
+    CorruptEpisodeError,
+    EpisodeConflictError,
+    StoreLockedError,
+    UnknownEpisodeError,
+)
 from irevla_ros.store.mcap_format import (
     COMPRESSIONS,
     EpisodeFormatError,
@@ -46,268 +53,17 @@ from irevla_ros.store.records import (
     InvalidRecordError,
     LabelEntry,
     RecoveryReport,
-    StepData,
     StoredEpisode,
     StoreStats,
     check_episode_id,
+    label_wins,
 )
 
-__all__ = [
-    "CorruptEpisodeError",
-    "EpisodeAssembler",
-    "EpisodeConflictError",
-    "EpisodeStateError",
-    "EpisodeStore",
-    "LateStepError",
-    "StoreLockedError",
-    "UnknownEpisodeError",
-]
+__all__ = ["EpisodeStore"]
 
-TEMP_SUFFIX = ".tmp"
+TEMP_SUFFIX = durable.TEMP_SUFFIX
 EPISODES_DIR = "episodes"
 CATALOG_NAME = "catalog.sqlite"
-
-# An operator's judgement is ground truth; simulator and classifier labels are equally trusted guesses.
-_LABEL_PRIORITY = {"operator": 2, "simulator": 1, "classifier": 1, "none": 0}
-
-
-class UnknownEpisodeError(ValueError):
-    """The episode id was never started (assembler) or is not in the catalogue (store)."""
-
-
-class LateStepError(ValueError):
-    """A step arrived for an episode that has already ended; it is not part of the stored episode."""
-
-
-class EpisodeStateError(ValueError):
-    """An episode event contradicts what is already known (second START with other metadata, END twice)."""
-
-
-class EpisodeConflictError(ValueError):
-    """An episode id is written again with different content; the stored one is kept."""
-
-
-class CorruptEpisodeError(RuntimeError):
-    """An episode file is missing, fails its checksum, or cannot be decoded."""
-
-
-class StoreLockedError(RuntimeError):
-    """Another EpisodeStore (this or another process) already writes to this root."""
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Assembly
-
-
-@dataclass
-class _OpenEpisode:
-    meta: EpisodeMeta
-    steps: dict[int, StepData] = field(default_factory=dict)
-    duplicates_dropped: int = 0
-    conflicting: set[int] = field(default_factory=set)
-    out_of_order: int = 0
-    max_index: int = -1
-
-
-def _ranges(indices: list[int]) -> str:
-    """[1, 2, 3, 7] -> '1-3, 7' so a long gap stays a short message."""
-    parts: list[str] = []
-    start = prev = None
-    for i in indices:
-        if prev is not None and i == prev + 1:
-            prev = i
-            continue
-        if start is not None:
-            parts.append(f"{start}-{prev}" if prev != start else f"{start}")
-        start = prev = i
-    if start is not None:
-        parts.append(f"{start}-{prev}" if prev != start else f"{start}")
-    return ", ".join(parts)
-
-
-class EpisodeAssembler:
-    """Collects steps of many concurrent episodes in memory and judges completeness at END.
-
-    Thread-safe. Memory is held until `end` or `discard`; remembering ended ids (bounded) lets late steps
-    be told apart from steps of never-started episodes.
-    """
-
-    def __init__(self, remember_ended: int = 10_000) -> None:
-        self._lock = threading.Lock()
-        self._open: dict[str, _OpenEpisode] = {}
-        self._ended: OrderedDict[str, None] = OrderedDict()
-        self._remember_ended = remember_ended
-        self.late_steps = 0
-        self.unknown_steps = 0
-
-    def start(self, meta: EpisodeMeta) -> None:
-        """Open an episode. A repeated START with identical metadata is ignored (re-sent events)."""
-        with self._lock:
-            eid = meta.episode_id
-            if eid in self._ended:
-                raise EpisodeStateError(f"episode {eid!r} already ended; START ignored")
-            current = self._open.get(eid)
-            if current is not None:
-                if current.meta != meta:
-                    raise EpisodeStateError(
-                        f"episode {eid!r} already started with different metadata: {current.meta} vs {meta}"
-                    )
-                return
-            self._open[eid] = _OpenEpisode(meta=dataclasses.replace(meta))
-
-    def add_step(self, step: StepData) -> None:
-        with self._lock:
-            eid = step.episode_id
-            episode = self._open.get(eid)
-            if episode is None:
-                if eid in self._ended:
-                    self.late_steps += 1
-                    raise LateStepError(
-                        f"step {step.step_index} of episode {eid!r} arrived after its END; not stored"
-                    )
-                self.unknown_steps += 1
-                raise UnknownEpisodeError(
-                    f"step {step.step_index} for episode {eid!r}, which was never started"
-                )
-            index = int(step.step_index)
-            previous = episode.steps.get(index)
-            if previous is not None:
-                if previous.same_as(step):
-                    episode.duplicates_dropped += 1
-                else:
-                    episode.conflicting.add(index)
-                return
-            if index < episode.max_index:
-                episode.out_of_order += 1
-            episode.max_index = max(episode.max_index, index)
-            episode.steps[index] = step
-
-    def end(
-        self,
-        episode_id: str,
-        outcome: str,
-        label_source: str,
-        num_steps: int | None,
-        ended_ns: int,
-    ) -> AssembledEpisode:
-        """Close an episode; `num_steps` is the count the producer says it emitted (None: unknown)."""
-        with self._lock:
-            episode = self._open.get(episode_id)
-            if episode is None:
-                if episode_id in self._ended:
-                    raise EpisodeStateError(f"episode {episode_id!r} already ended")
-                raise UnknownEpisodeError(f"END for episode {episode_id!r}, which was never started")
-            # Validates outcome/label_source before the episode is taken out of the open set.
-            meta = dataclasses.replace(
-                episode.meta,
-                outcome=outcome,
-                label_source=label_source,
-                ended_ns=ended_ns,
-                expected_steps=num_steps,
-            )
-            del self._open[episode_id]
-            self._ended[episode_id] = None
-            while len(self._ended) > self._remember_ended:
-                self._ended.popitem(last=False)
-        indices = sorted(episode.steps)
-        # The catalogue names the version that produced the actions (the step records say; START may not know).
-        versions = [episode.steps[i].policy_version for i in indices if episode.steps[i].policy_version]
-        if versions:
-            meta = dataclasses.replace(meta, policy_version=versions[0])
-        reasons: list[str] = []
-        if not indices:
-            reasons.append("no steps received")
-        upper = max(num_steps or 0, episode.max_index + 1)
-        missing = sorted(set(range(upper)) - set(indices))
-        if missing:
-            reasons.append(f"missing step indices {_ranges(missing)} ({len(missing)} of {upper})")
-        if num_steps is not None and len(indices) != num_steps:
-            reasons.append(f"received {len(indices)} distinct steps but the producer reported {num_steps}")
-        if episode.conflicting:
-            reasons.append(
-                f"conflicting duplicates at step indices {_ranges(sorted(episode.conflicting))} "
-                "(first arrival kept)"
-            )
-        return AssembledEpisode(
-            meta=meta,
-            steps=[episode.steps[i] for i in indices],
-            complete=not reasons,
-            reasons=reasons,
-            duplicates_dropped=episode.duplicates_dropped,
-            conflicting_duplicates=len(episode.conflicting),
-            out_of_order=episode.out_of_order,
-        )
-
-    def discard(self, episode_id: str) -> int:
-        """Forget an open episode (e.g. its END will never come); returns the number of steps dropped."""
-        with self._lock:
-            episode = self._open.pop(episode_id, None)
-            if episode is None:
-                raise UnknownEpisodeError(f"episode {episode_id!r} is not open")
-            return len(episode.steps)
-
-    def open_episode_ids(self) -> list[str]:
-        with self._lock:
-            return list(self._open)
-
-    def received_steps(self, episode_id: str) -> int:
-        """Distinct step indices received so far for an open episode."""
-        with self._lock:
-            episode = self._open.get(episode_id)
-            if episode is None:
-                raise UnknownEpisodeError(f"episode {episode_id!r} is not open")
-            return len(episode.steps)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Catalogue schema
-
-Migration = Callable[[sqlite3.Connection], None]
-
-
-def _migrate_to_v1(conn: sqlite3.Connection) -> None:
-    conn.execute(
-        """CREATE TABLE episodes (
-            episode_id TEXT PRIMARY KEY,
-            task TEXT NOT NULL,
-            instruction TEXT NOT NULL,
-            outcome TEXT NOT NULL,
-            label_source TEXT NOT NULL,
-            policy_version TEXT NOT NULL,
-            source TEXT NOT NULL,
-            num_steps INTEGER NOT NULL,
-            complete INTEGER NOT NULL CHECK (complete IN (0, 1)),
-            reasons TEXT NOT NULL,
-            sha256 TEXT NOT NULL,
-            path TEXT NOT NULL UNIQUE,
-            size_bytes INTEGER NOT NULL,
-            started_ns INTEGER NOT NULL,
-            ended_ns INTEGER,
-            stored_ns INTEGER NOT NULL,
-            corrupt INTEGER NOT NULL DEFAULT 0 CHECK (corrupt IN (0, 1)),
-            corrupt_reason TEXT NOT NULL DEFAULT ''
-        )"""
-    )
-    conn.execute("CREATE INDEX episodes_by_task ON episodes (task, outcome, complete)")
-    conn.execute(
-        """CREATE TABLE labels (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            episode_id TEXT NOT NULL REFERENCES episodes (episode_id),
-            outcome TEXT NOT NULL,
-            label_source TEXT NOT NULL,
-            stamp_ns INTEGER NOT NULL,
-            applied INTEGER NOT NULL CHECK (applied IN (0, 1))
-        )"""
-    )
-    conn.execute("CREATE INDEX labels_by_episode ON labels (episode_id)")
-
-
-# Version N is reached by running MIGRATIONS[N] on a catalogue at version N-1, each in its own transaction.
-MIGRATIONS: dict[int, Migration] = {1: _migrate_to_v1}
-SCHEMA_VERSION = max(MIGRATIONS)
-_INSERT_LABEL = (
-    "INSERT INTO labels (episode_id, outcome, label_source, stamp_ns, applied) VALUES (?, ?, ?, ?, ?)"
-)
 
 
 class _HashingWriter:
@@ -343,14 +99,6 @@ def _file_sha256(path: Path) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise InvalidRecordError(f"{name} {value!r} is not one of {allowed}")
@@ -358,10 +106,6 @@ def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
 
 class _SimulatedCrash(BaseException):
     """Raised by test fault hooks: a BaseException so write()'s cleanup does not run, as in a real crash."""
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Store
 
 
 class EpisodeStore:
@@ -412,7 +156,9 @@ class EpisodeStore:
             self._conn.execute("PRAGMA foreign_keys=ON")
             self._migrate()
             if not read_only:
-                _fsync_dir(self.root)  # a freshly created catalogue's directory entry must be durable too
+                durable.fsync_dir(
+                    self.root
+                )  # a freshly created catalogue's directory entry must be durable too
             self.last_recovery = (
                 RecoveryReport() if read_only else self.recover(verify_checksums=verify_on_open)
             )
@@ -438,33 +184,12 @@ class EpisodeStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        self._conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._conn
-        except BaseException:
-            self._conn.execute("ROLLBACK")
-            raise
-        self._conn.execute("COMMIT")
+    def _transaction(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return catalog.transaction(self._conn)
 
     def _migrate(self) -> None:
         with self._lock:
-            self._conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-            row = self._conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
-            current = row[0] or 0
-            if current > SCHEMA_VERSION:
-                raise RuntimeError(
-                    f"catalogue {self.root / CATALOG_NAME} has schema version {current}, "
-                    f"this code knows up to {SCHEMA_VERSION}"
-                )
-            if current < SCHEMA_VERSION and self.read_only:
-                raise RuntimeError(f"catalogue schema {current} needs migration; open it writable first")
-            for version in range(current + 1, SCHEMA_VERSION + 1):
-                with self._transaction() as conn:
-                    MIGRATIONS[version](conn)
-                    conn.execute("DELETE FROM schema_version")
-                    conn.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+            catalog.migrate(self._conn, read_only=self.read_only, where=str(self.root / CATALOG_NAME))
 
     def _check_writable(self) -> None:
         if self.read_only:
@@ -513,7 +238,14 @@ class EpisodeStore:
                 else:
                     self._publish(temp, final)
                 stored = self._insert(
-                    episode.meta, episode.complete, episode.reasons, len(episode.steps), sha, rel, size
+                    episode.meta,
+                    episode.complete,
+                    episode.reasons,
+                    len(episode.steps),
+                    sha,
+                    rel,
+                    size,
+                    episode.timing_errors,
                 )
                 self._hook("after_commit")
                 return stored
@@ -549,29 +281,24 @@ class EpisodeStore:
             return
         directory.mkdir(parents=True, exist_ok=True)
         # The new directory entry itself must be durable, not only the files in it.
-        _fsync_dir(directory.parent)
-        _fsync_dir(self.root)
+        durable.fsync_dir(directory.parent)
+        durable.fsync_dir(self.root)
 
     def _write_temp(self, episode: AssembledEpisode, final: Path) -> tuple[Path, str, int]:
-        temp = final.with_name(f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}")
+        temp = durable.temp_path(final)
         self._inflight_temps.add(temp)
         try:
-            with open(temp, "xb") as f:
+            with durable.synced_file(temp) as f:
                 hashing = _HashingWriter(f)
                 write_episode(hashing, episode, self.compression)
-                f.flush()
-                os.fsync(f.fileno())
         except Exception:
-            temp.unlink(missing_ok=True)
             self._inflight_temps.discard(temp)
             raise
         self._hook("after_temp_fsync")
         return temp, hashing.hexdigest(), hashing.size
 
     def _publish(self, temp: Path, final: Path) -> None:
-        os.replace(temp, final)
-        self._hook("after_rename")
-        _fsync_dir(final.parent)
+        durable.publish(temp, final, hook=self._hook)
         self._hook("after_dir_fsync")
 
     def _insert(
@@ -583,13 +310,12 @@ class EpisodeStore:
         sha: str,
         rel: str,
         size: int,
+        timing_errors: int,
     ) -> StoredEpisode:
         stored_ns = time.time_ns()
         with self._transaction() as conn:
             conn.execute(
-                """INSERT INTO episodes (episode_id, task, instruction, outcome, label_source, policy_version,
-                    source, num_steps, complete, reasons, sha256, path, size_bytes, started_ns, ended_ns,
-                    stored_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                catalog.INSERT_EPISODE,
                 (
                     meta.episode_id,
                     meta.task,
@@ -607,10 +333,11 @@ class EpisodeStore:
                     meta.started_ns,
                     meta.ended_ns,
                     stored_ns,
+                    timing_errors,
                 ),
             )
             conn.execute(
-                _INSERT_LABEL,
+                catalog.INSERT_LABEL,
                 (meta.episode_id, meta.outcome, meta.label_source, meta.ended_ns or stored_ns, 1),
             )
         stored = self._row(meta.episode_id)
@@ -643,33 +370,10 @@ class EpisodeStore:
 
     # -- queries ----------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _to_stored(row: sqlite3.Row) -> StoredEpisode:
-        return StoredEpisode(
-            episode_id=row["episode_id"],
-            task=row["task"],
-            instruction=row["instruction"],
-            outcome=row["outcome"],
-            label_source=row["label_source"],
-            policy_version=row["policy_version"],
-            source=row["source"],
-            num_steps=row["num_steps"],
-            complete=bool(row["complete"]),
-            reasons=json.loads(row["reasons"]),
-            sha256=row["sha256"],
-            path=row["path"],
-            size_bytes=row["size_bytes"],
-            started_ns=row["started_ns"],
-            ended_ns=row["ended_ns"],
-            stored_ns=row["stored_ns"],
-            corrupt=bool(row["corrupt"]),
-            corrupt_reason=row["corrupt_reason"],
-        )
-
     def _row(self, episode_id: str) -> StoredEpisode | None:
         with self._lock:
             row = self._conn.execute("SELECT * FROM episodes WHERE episode_id = ?", (episode_id,)).fetchone()
-        return None if row is None else self._to_stored(row)
+        return None if row is None else catalog.to_stored(row)
 
     def get(self, episode_id: str) -> StoredEpisode:
         stored = self._row(episode_id)
@@ -715,7 +419,7 @@ class EpisodeStore:
             rows = self._conn.execute(
                 f"SELECT * FROM episodes {where} ORDER BY started_ns, episode_id", params
             ).fetchall()
-        return [self._to_stored(r) for r in rows]
+        return [catalog.to_stored(r) for r in rows]
 
     def trainable(
         self,
@@ -826,10 +530,10 @@ class EpisodeStore:
         _check_choice("label_source", label_source, LABEL_SOURCES)
         with self._lock:
             stored = self.get(episode_id)
-            applied = _LABEL_PRIORITY[label_source] >= _LABEL_PRIORITY[stored.label_source]
+            applied = label_wins(label_source, stored.label_source)
             with self._transaction() as conn:
                 conn.execute(
-                    _INSERT_LABEL,
+                    catalog.INSERT_LABEL,
                     (episode_id, outcome, label_source, stamp_ns, int(applied)),
                 )
                 if applied:
@@ -877,7 +581,9 @@ class EpisodeStore:
             report.unreadable_files.append(rel)
             return
         sha = hashlib.sha256(data).hexdigest()
-        self._insert(info.meta, info.complete, info.reasons, info.num_steps, sha, rel, len(data))
+        self._insert(
+            info.meta, info.complete, info.reasons, info.num_steps, sha, rel, len(data), info.timing_errors
+        )
         report.reindexed.append(info.meta.episode_id)
 
     def _verify(self, stored: StoredEpisode, verify_checksums: bool, report: RecoveryReport) -> None:

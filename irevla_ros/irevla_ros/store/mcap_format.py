@@ -99,6 +99,7 @@ class EpisodeFileInfo:
     duplicates_dropped: int
     conflicting_duplicates: int
     out_of_order: int
+    timing_errors: int = 0
 
 
 @dataclass
@@ -224,6 +225,7 @@ def write_episode(stream: IO[bytes], episode: AssembledEpisode, compression: str
             "duplicates_dropped": str(episode.duplicates_dropped),
             "conflicting_duplicates": str(episode.conflicting_duplicates),
             "out_of_order": str(episode.out_of_order),
+            "timing_errors": str(episode.timing_errors),
         },
     )
     writer.finish()
@@ -253,6 +255,7 @@ def _read_info(reader: Any) -> EpisodeFileInfo:
         duplicates_dropped=int(assembly["duplicates_dropped"]),
         conflicting_duplicates=int(assembly["conflicting_duplicates"]),
         out_of_order=int(assembly["out_of_order"]),
+        timing_errors=int(assembly.get("timing_errors", "0")),  # files from before the timing check: 0
     )
 
 

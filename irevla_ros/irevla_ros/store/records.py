@@ -16,6 +16,19 @@ SOURCES = ("expert", "policy", "intervention")
 OUTCOMES = ("success", "failure", "timeout", "aborted", "unknown")
 LABEL_SOURCES = ("operator", "simulator", "classifier", "none")
 
+# An operator's judgement is ground truth; simulator and classifier labels are equally trusted guesses.
+_LABEL_PRIORITY = {"operator": 2, "simulator": 1, "classifier": 1, "none": 0}
+
+
+def label_wins(new_source: str, current_source: str) -> bool:
+    """Whether a label from `new_source` replaces an episode's outcome decided by `current_source`: an operator
+    label always wins over an automatic one and is never replaced by one; among equals the later label wins."""
+    for source in (new_source, current_source):
+        if source not in _LABEL_PRIORITY:
+            raise InvalidRecordError(f"label_source {source!r} is not one of {LABEL_SOURCES}")
+    return _LABEL_PRIORITY[new_source] >= _LABEL_PRIORITY[current_source]
+
+
 # Episode ids become file names, so they are restricted to characters that are safe in one path component.
 _EPISODE_ID_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]{0,199}")
 _CAMERA_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
@@ -170,6 +183,7 @@ class AssembledEpisode:
     duplicates_dropped: int = 0  # identical repeats
     conflicting_duplicates: int = 0  # repeats with different content (first one kept)
     out_of_order: int = 0  # steps that arrived after a higher index (harmless once sorted)
+    timing_errors: int = 0  # steps off time order or the control grid, images newer than their step
 
 
 @dataclass
@@ -206,6 +220,7 @@ class StoredEpisode:
     stored_ns: int
     corrupt: bool
     corrupt_reason: str
+    timing_errors: int = 0  # see AssembledEpisode; such an episode is incomplete
 
     @property
     def trainable(self) -> bool:

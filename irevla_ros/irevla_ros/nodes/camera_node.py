@@ -17,6 +17,7 @@ from sensor_msgs.msg import CameraInfo, Image
 
 from irevla_ros.hardware.camera import CameraBackend, CameraInfoData, make_camera
 from irevla_ros.nodes.common import SENSOR_QOS, declare_parameters, image_to_msg, run_nodes
+from irevla_ros.observation import resize_area
 from irevla_ros.parameters import CAMERA
 from irevla_ros.params import ParamValue
 
@@ -108,10 +109,8 @@ class CameraNode(Node):
             return
         stamp = self._stamp(frame.stamp).to_msg()
         frame_id = str(self.params["frame_id"])
-        color = frame.color
         width, height = self._size
-        if color.shape[1] != width or color.shape[0] != height:
-            color = cv2.resize(color, (width, height), interpolation=cv2.INTER_AREA)
+        color = resize_area(frame.color, width, height)  # the direct rollout resizes with it too
         self._color_pub.publish(image_to_msg(color, stamp, frame_id))
         self._color_info_pub.publish(self._camera_info(self.backend.info, width, height, stamp, frame_id))
         if frame.depth is not None and self._depth_pub is not None and self._depth_info_pub is not None:

@@ -19,7 +19,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-import cv2
 import numpy as np
 from builtin_interfaces.msg import Time as TimeMsg
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
@@ -46,13 +45,23 @@ from irevla_ros.nodes.common import (
     run_nodes,
     time_to_ns,
 )
+from irevla_ros.observation import (
+    PROPRIOCEPTION_NAMES,
+    ArmState,
+    Decision,
+    Frame,
+    HoldTick,
+    ObservationRules,
+    assemble,
+    decide,
+    holding,
+)
 from irevla_ros.parameters import POLICY
 from irevla_ros.policies import make_policy_slot_parts
-from irevla_ros.policies.base import ACTION_DIM, Observation, Policy, PolicyError, PolicyOutput
+from irevla_ros.policies.base import Observation, Policy
 from irevla_ros.policies.scripted import EXPERT_ACTION_KEY
 from irevla_ros.policies.slot import PolicySlot
 
-PROPRIOCEPTION_NAMES = ["ee_x", "ee_y", "ee_z", "gripper_opening"]
 # Messages kept per input: the tick of time t uses the newest one stamped no later than t, so an input of a later
 # period that arrived first (the world moved on while the tick waited) is never observed from the past.
 INPUT_HISTORY = 4
@@ -84,10 +93,6 @@ class ActiveEpisode:
     steps: int = 0
 
 
-class HoldTick(Exception):
-    """This tick cannot act; the message says why."""
-
-
 def camera_name(topic: str) -> str:
     """'/camera/camera/color/image_raw' -> 'camera'; '/wrist/wrist/color/image_raw' -> 'wrist'."""
     parts = [p for p in topic.split("/") if p]
@@ -105,6 +110,14 @@ class PolicyNode(Node):
         self.names = [camera_name(t) for t in self.topics]
         if len(set(self.names)) != len(self.names):
             raise ValueError(f"camera topics {self.topics} do not have distinct camera names")
+        self._rules = ObservationRules(
+            cameras=tuple(self.names),
+            image_width=int(p["image_width"]),  # type: ignore[arg-type]
+            image_height=int(p["image_height"]),  # type: ignore[arg-type]
+            max_image_age=float(p["max_image_age"]),  # type: ignore[arg-type]
+            max_camera_skew=float(p["max_camera_skew"]),  # type: ignore[arg-type]
+            max_state_age=float(p["max_state_age"]),  # type: ignore[arg-type]
+        )
         self._lock = threading.Lock()
         self._frames: dict[str, deque[Image]] = {c: deque(maxlen=INPUT_HISTORY) for c in self.names}
         self._poses: deque[PoseStamped] = deque(maxlen=INPUT_HISTORY)
@@ -360,57 +373,35 @@ class PolicyNode(Node):
     def _observation(self, now_ns: int) -> tuple[Observation, dict[str, Image]]:
         """The observation of the tick at `now_ns` from the newest inputs stamped no later than it, and the
         frame messages it used."""
-        now = now_ns * 1e-9
         with self._lock:
             histories = {cam: list(self._frames[cam]) for cam in self.names}
             pose = newest_until(self._poses, now_ns, _header_ns)
-            newest_gripper = newest_until(self._grippers, now_ns, lambda g: g[0])
-            newest_expert = newest_until(self._experts, now_ns, lambda e: e[0])
-        gripper = None if newest_gripper is None else newest_gripper[1]
-        expert = None if newest_expert is None else newest_expert[1]
-        width, height = int(self.params["image_width"]), int(self.params["image_height"])  # type: ignore[arg-type]
-        images: dict[str, np.ndarray] = {}
-        frames: dict[str, Image] = {}
-        stamps: list[float] = []
+            gripper = newest_until(self._grippers, now_ns, lambda g: g[0])
+            expert = newest_until(self._experts, now_ns, lambda e: e[0])
+        used: dict[str, Image] = {}
+        frames: dict[str, Frame | None] = {}
         for cam in self.names:
             msg = newest_until(histories[cam], now_ns, _header_ns)
+            if msg is None and histories[cam]:
+                ahead = (_header_ns(histories[cam][0]) - now_ns) * 1e-9
+                raise HoldTick(
+                    f"camera {cam!r}: every frame is newer than the tick (by {ahead:.3f} s or more)"
+                )
             if msg is None:
-                if histories[cam]:
-                    ahead = (_header_ns(histories[cam][0]) - now_ns) * 1e-9
-                    raise HoldTick(
-                        f"camera {cam!r}: every frame is newer than the tick (by {ahead:.3f} s or more)"
-                    )
-                raise HoldTick(f"no frame from camera {cam!r} yet")
-            stamp = _header_ns(msg) * 1e-9
-            age = now - stamp
-            if age > float(self.params["max_image_age"]):  # type: ignore[arg-type]
-                raise HoldTick(f"camera {cam!r} is stale: newest frame is {age:.3f} s old")
+                continue
             try:
-                image = msg_to_image(msg)
+                frames[cam] = Frame(msg_to_image(msg), _header_ns(msg) * 1e-9)
             except ImageFormatError as exc:
                 raise HoldTick(f"camera {cam!r}: {exc}") from exc
-            if image.ndim != 3 or image.shape[2] != 3:
-                raise HoldTick(f"camera {cam!r}: expected a colour image, got shape {image.shape}")
-            if image.shape[:2] != (height, width):
-                image = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
-            images[cam] = image
-            frames[cam] = msg
-            stamps.append(stamp)
-        if stamps and max(stamps) - min(stamps) > float(self.params["max_camera_skew"]):  # type: ignore[arg-type]
-            raise HoldTick(f"camera frames are {max(stamps) - min(stamps):.3f} s apart (max_camera_skew)")
-        if pose is None or gripper is None:
-            raise HoldTick("no arm state stamped at or before the tick yet")
-        state_age = now - time_to_ns(pose.header.stamp) * 1e-9
-        if state_age > float(self.params["max_state_age"]):  # type: ignore[arg-type]
-            raise HoldTick(f"arm state is stale: newest ~/ee_pose is {state_age:.3f} s old")
-        p = pose.pose.position
-        proprio = np.array([p.x, p.y, p.z, gripper], dtype=np.float32)
-        if not np.all(np.isfinite(proprio)):
-            raise HoldTick(f"non-finite arm state {proprio.tolist()}")
-        extras = {EXPERT_ACTION_KEY: expert} if expert is not None else {}
+            used[cam] = msg
+        arm = None
+        if pose is not None and gripper is not None:
+            p = pose.pose.position
+            arm = ArmState((p.x, p.y, p.z), gripper[1], _header_ns(pose) * 1e-9)
+        extras = {EXPERT_ACTION_KEY: expert[1]} if expert is not None else {}
         assert self.episode is not None
-        obs = Observation(images, proprio, self.episode.instruction, now, extras)
-        return obs, frames
+        now = now_ns * 1e-9
+        return assemble(self._rules, frames, arm, self.episode.instruction, now, extras), used
 
     def _on_tick(self) -> None:
         with self._tick_lock:
@@ -445,43 +436,29 @@ class PolicyNode(Node):
                 throttle_duration_sec=1.0,
             )
         self._last_tick = now
-        output: PolicyOutput | None = None
         obs: Observation | None = None
         frames: dict[str, Image] = {}
         try:
             obs, frames = self._observation(now_ns)
-            output = self.policy.act(obs)
-            action = np.asarray(output.action, dtype=np.float32)
-            if action.shape != (ACTION_DIM,) or not np.all(np.isfinite(action)):
-                raise HoldTick(f"policy output {action.tolist()} is not {ACTION_DIM} finite numbers")
-        except (HoldTick, PolicyError) as exc:
-            self._publish(now_ns, obs, frames, None, hold_reason=str(exc))
-            return
-        # a policy bug (e.g. the runtime raising) holds the arm; the node keeps running
-        except Exception as exc:
-            reason = f"policy {self.policy.version} failed: {type(exc).__name__}: {exc}"
-            self._publish(now_ns, obs, frames, None, hold_reason=reason)
-            return
-        self._publish(now_ns, obs, frames, output)
+        except HoldTick as exc:
+            decision = holding(str(exc))
+        else:
+            decision = decide(self.policy, obs)  # the direct rollout decides with the same function
+        self._publish(now_ns, obs, frames, decision)
 
     def _publish(
-        self,
-        now_ns: int,
-        obs: Observation | None,
-        frames: dict[str, Image],
-        output: PolicyOutput | None,
-        hold_reason: str = "",
+        self, now_ns: int, obs: Observation | None, frames: dict[str, Image], decision: Decision
     ) -> None:
         assert self.episode is not None
         # The tick's own time, the moment the observation is of: the node clock may lag the /clock message that
         # triggered the tick (two steps then shared a stamp, and the frames of the second were "from the future").
         sec, nanosec = divmod(now_ns, 1_000_000_000)
         stamp = TimeMsg(sec=sec, nanosec=nanosec)
-        hold = output is None
-        action = (
-            np.zeros(ACTION_DIM, dtype=np.float32)
-            if output is None
-            else np.asarray(output.action, np.float32)
+        hold, action, output, hold_reason = (
+            decision.hold,
+            decision.action,
+            decision.output,
+            decision.hold_reason,
         )
         if hold:
             self.holds += 1
@@ -506,7 +483,7 @@ class PolicyNode(Node):
             action=[float(x) for x in action],
             policy_version=self.policy.version,
             hold=hold,
-            proprioception_names=PROPRIOCEPTION_NAMES,
+            proprioception_names=list(PROPRIOCEPTION_NAMES),
         )
         record.header.stamp = stamp
         if obs is not None:

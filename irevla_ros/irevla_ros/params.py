@@ -3,17 +3,27 @@
 Every node declares its ROS parameters from a `ParamSpec` tuple, and `irevla bringup` validates the
 `config/*.yaml` files (ROS parameter format) against the same specs before anything starts, so a typo or an
 out-of-range value fails with the file and the key named instead of a node silently using its default.
+
+Settings that a config dataclass holds (safety limits, Stage 1 / Stage 2 / iteration settings) are declared once,
+in the dataclass, CleanRL style: each field made with `setting(default, doc, min=, max=, choices=)` (or
+`group(...)` for a nested config, `internal(...)` for a field that is no parameter). `parameter_specs(cls)`
+derives the ParamSpecs from the fields (a nested config's fields are named `<field>.<name>`, e.g.
+`stage1.ppo.lr`) and `from_parameters(cls, values)` builds the dataclass from parameter values, so a default, a
+description or a range is written in one place.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
+
+T = TypeVar("T")
 
 ParamValue = bool | int | float | str | list[bool] | list[int] | list[float] | list[str]
 
@@ -144,3 +154,83 @@ def validate_parameters(
 
 def defaults(specs: Iterable[ParamSpec]) -> dict[str, ParamValue]:
     return {spec.name: spec.default for spec in specs}
+
+
+# ---- config dataclasses as the source of parameters ------------------------------------------------------------
+
+
+def setting(
+    default: Any,
+    doc: str,
+    *,
+    min: float | None = None,
+    max: float | None = None,
+    choices: tuple[str, ...] | None = None,
+) -> Any:
+    """A config dataclass field that is also a node parameter: its default, description and range."""
+    meta = {"doc": doc, "min": min, "max": max, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def required(doc: str, parameter_default: Any, **bounds: Any) -> Any:
+    """A config field the dataclass requires to be given (no default there), whose node parameter still has a
+    default: `parameter_default`, what a node without a parameter file gets."""
+    return field(metadata={"doc": doc, "min": None, "max": None, "choices": None, **bounds,
+                           "parameter_default": parameter_default})  # fmt: skip
+
+
+def group(factory: Any, doc: str) -> Any:
+    """A nested config dataclass field: its fields are parameters named `<this field>.<their name>`."""
+    return field(default_factory=factory, metadata={"doc": doc, "group": True})
+
+
+def internal(default: Any, doc: str) -> Any:
+    """A config field that is no node parameter (no ROS type for it, e.g. None meaning "derive it")."""
+    return field(default=default, metadata={"doc": doc, "parameter": False})
+
+
+def _field_default(f: Field[Any]) -> Any:
+    if f.default is not MISSING:
+        return f.default
+    if f.default_factory is not MISSING:
+        return f.default_factory()
+    return f.metadata["parameter_default"]
+
+
+def parameter_specs(cls: type, prefix: str = "") -> tuple[ParamSpec, ...]:
+    """The ParamSpecs of a config dataclass's fields (every field must say what it is: setting/group/internal)."""
+    specs: list[ParamSpec] = []
+    for f in fields(cls):
+        meta = f.metadata
+        if "doc" not in meta:
+            raise TypeError(f"{cls.__name__}.{f.name}: declare it with setting(), group() or internal()")
+        if meta.get("parameter") is False:
+            continue
+        default = _field_default(f)
+        if meta.get("group"):
+            specs.extend(parameter_specs(type(default), f"{prefix}{f.name}."))
+            continue
+        value = list(default) if isinstance(default, tuple) else default
+        specs.append(
+            ParamSpec(prefix + f.name, value, meta["doc"], meta["min"], meta["max"], meta["choices"])
+        )
+    return tuple(specs)
+
+
+def from_parameters(cls: type[T], values: Mapping[str, Any], prefix: str = "") -> T:
+    """Build config dataclass `cls` from parameter values named as `parameter_specs` names them; fields without a
+    value keep their defaults, and names that are not fields of `cls` are ignored (a node's other parameters)."""
+    kwargs: dict[str, Any] = {}
+    for f in fields(cls):  # type: ignore[arg-type]
+        if f.metadata.get("parameter") is False:
+            continue
+        name = prefix + f.name
+        default = _field_default(f)
+        if f.metadata.get("group"):
+            kwargs[f.name] = from_parameters(type(default), values, name + ".")
+        elif name in values:
+            value = values[name]
+            kwargs[f.name] = tuple(value) if isinstance(default, tuple) else value
+    return cls(**kwargs)

@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from irevla_ros.params import internal, required, setting
+
 # Absolute slack for the invariant checks: float rounding of a clip or a rescale, never a real violation.
 _EPS = 1e-9
 
@@ -81,21 +83,32 @@ def _number(name: str, value: object) -> float:
 
 @dataclass(frozen=True)
 class SafetyLimits:
-    """Limits shared by every arm backend. Lengths in metres (robot base frame), times in seconds."""
+    """Limits shared by every arm backend. Lengths in metres (robot base frame), times in seconds.
 
-    workspace_low: Vec3
-    workspace_high: Vec3
-    home: Vec3
-    max_step: float = 0.01
-    max_speed: float = 0.1
-    gripper_min: float = 0.0
-    gripper_max: float = 1.0
-    watchdog_timeout: float = 0.5
-    action_scale: float = 0.01
-    max_abs_action: float = 10.0
-    home_gripper: float = 1.0
-    # How far the target may run ahead of the measured end effector; None: 4 * max_step.
-    max_lead: float | None = None
+    The fields are the arm controller's parameters (`parameter_specs(SafetyLimits)`, same names). The box and
+    home must be given here; the node's parameter defaults for them are the simulated cell's (Meta-World's hand
+    bounds): a real arm's profile sets its own box and speed."""
+
+    workspace_low: Vec3 = required("workspace box lower corner (m, base frame)", (-0.525, 0.348, -0.0525))
+    workspace_high: Vec3 = required("workspace box upper corner (m, base frame)", (0.525, 1.025, 0.7))
+    home: Vec3 = required("reset-to-home end-effector position (m)", (0.0, 0.6, 0.2))
+    max_step: float = setting(0.01, "largest end-effector move per command (m)", min=1e-4, max=0.1)
+    # Above max_step per control period (0.1 m/s at 10 Hz), so that it bounds bursts of early commands without
+    # clipping every step of a regular stream.
+    max_speed: float = setting(0.25, "largest end-effector speed (m/s)", min=1e-3, max=1.0)
+    gripper_min: float = setting(0.0, "smallest gripper command (normalised opening)", min=0.0, max=1.0)
+    gripper_max: float = setting(1.0, "largest gripper command (normalised opening)", min=0.0, max=1.0)
+    watchdog_timeout: float = setting(
+        0.3, "hold the arm when the newest action is older than this (s)", min=0.01
+    )
+    action_scale: float = setting(0.01, "metres per unit of normalised policy action", min=1e-4, max=0.1)
+    max_abs_action: float = setting(
+        10.0, "normalised actions above this magnitude are rejected as garbage", min=1.0
+    )
+    home_gripper: float = setting(1.0, "gripper opening at home", min=0.0, max=1.0)
+    max_lead: float | None = internal(
+        None, "how far the target may run ahead of the measured end effector; None: 4 * max_step"
+    )
 
     def __post_init__(self) -> None:
         low = _vec3("workspace_low", self.workspace_low)

@@ -117,9 +117,9 @@ def test_wrong_type_and_bad_choice_and_unknown_node(tmp_path):
 def test_cli_set_override_is_validated(capsys):
     assert main(["check-config", "--set", "/policy.action_noise=0.3"]) == 0
     assert "action_noise: 0.3" in capsys.readouterr().out
-    assert main(["check-config", "--set", "/policy.control_rate=-1"]) == 2
+    assert main(["check-config", "--set", "/policy.control_period=-1"]) == 2
     assert (
-        "overrides.yaml: /policy.ros__parameters.control_rate: -1.0 is below the minimum"
+        "overrides.yaml: /policy.ros__parameters.control_period: -1.0 is below the minimum"
         in capsys.readouterr().err
     )
 

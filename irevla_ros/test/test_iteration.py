@@ -17,9 +17,9 @@ import torch
 from iteration_helpers import TINY, write_episode
 
 from irevla_ros.store.episode_store import EpisodeStore
+from irevla_ros.train.config import SFTConfig, Stage1Config
 from irevla_ros.train.iteration import IterationConfig, IterationRecord, IterationRequest, IterationRunner
 from irevla_ros.train.metrics import MetricsLog, read_metrics
-from irevla_ros.train.sft import SFTConfig
 from irevla_ros.vla.model import VLAModel
 from irevla_ros.vla.model_store import ModelStore
 
@@ -27,9 +27,8 @@ from irevla_ros.vla.model_store import ModelStore
 def config(**changes: object) -> IterationConfig:
     base = {
         "episode_budget": 4,
-        "stage1_push_every_episodes": 2,
-        "stage1_overrides": {"episodes_per_update": 2, "threads": 1},
-        "sft": SFTConfig(steps=4, batch_size=4, threads=1, checkpoint_every=1),
+        "stage1": Stage1Config(push_every_episodes=2, episodes_per_update=2, threads=1),
+        "stage2": SFTConfig(steps=4, batch_size=4, threads=1, checkpoint_every=1),
     }
     return IterationConfig(**{**base, **changes})  # type: ignore[arg-type]
 
@@ -136,10 +135,10 @@ import sys, threading
 from pathlib import Path
 from irevla_ros.store.episode_store import EpisodeStore
 from irevla_ros.train.iteration import IterationConfig, IterationRequest, IterationRunner
-from irevla_ros.train.sft import SFTConfig
+from irevla_ros.train.config import SFTConfig, Stage1Config
 from irevla_ros.vla.model_store import ModelStore
 store = EpisodeStore(Path({str(tmp_path / "store")!r}))
-cfg = IterationConfig(stage1_enabled=False, sft=SFTConfig(steps=int(sys.argv[1]), batch_size=4, threads=1,
+cfg = IterationConfig(stage1_enabled=False, stage2=SFTConfig(steps=int(sys.argv[1]), batch_size=4, threads=1,
                       checkpoint_every=1))
 announced = []
 runner = IterationRunner(Path({str(run)!r}), store, ModelStore(Path({str(tmp_path / "models")!r})), cfg,

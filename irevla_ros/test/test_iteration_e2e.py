@@ -41,8 +41,8 @@ def test_session_stage2_validated_version_hot_swapped_into_the_running_policy(ro
          "/episode_manager.source=policy", f"/episode_manager.tasks=[{TASK}]",
          "/episode_manager.episode_timeout=4.0", f"/trainer.model_store={models}",
          f"/trainer.run_dir={trainer_dir}", f"/trainer.initial_version={v1.version_id}",
-         "/trainer.max_iterations=1", "/trainer.sft_steps=3", "/trainer.sft_batch_size=4",
-         "/trainer.push_every_episodes=1", "/trainer.episodes_per_update=1",
+         "/trainer.max_iterations=1", "/trainer.stage2.steps=3", "/trainer.stage2.batch_size=4",
+         "/trainer.stage1.push_every_episodes=1", "/trainer.stage1.episodes_per_update=1",
          "/trainer.validation_episodes=1", f"/trainer.validation_tasks=[{TASK}]",
          # The evaluation runs, but one episode of 3-step models is a coin flip: promotion must not hang on it
          # here (a worse candidate kept out is test_iteration.py's).

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from irevla_ros.train.config import Stage1Config
 from irevla_ros.train.iteration import (
     IterationConfig,
     IterationError,
@@ -33,8 +34,8 @@ def test_plateau_needs_two_windows_and_compares_them():
 
 
 def test_config_refuses_bad_values():
-    with pytest.raises(ValueError, match="stage1_algorithm"):
-        IterationConfig(stage1_algorithm="dqn")
+    with pytest.raises(ValueError, match="Stage 1 algorithm 'dqn'"):
+        IterationConfig(stage1=Stage1Config(algorithm="dqn"))
     with pytest.raises(ValueError, match="episode_budget"):
         IterationConfig(episode_budget=-1)
     with pytest.raises(ValueError, match="validation_margin"):

@@ -10,11 +10,18 @@ from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter as RclpyParameter
 
+from irevla_ros.bringup.graph import collect_graph, validate_graph, with_overrides
+from irevla_ros.cli import main
 from irevla_ros.hardware.arm import make_arm
 from irevla_ros.nodes.arm_controller_node import ArmControllerNode
 from irevla_ros.nodes.common import declare_parameters
+from irevla_ros.nodes.policy_node import PolicyNode
 from irevla_ros.parameters import SCHEMAS
+from irevla_ros.params import ConfigError, defaults, from_parameters
+from irevla_ros.safety import SafetyLimits
 from irevla_ros.sim.cell import MetaWorldCell
+from irevla_ros.sim.rollout import RolloutSettings
+from irevla_ros.train.config import IterationConfig, PPOConfig, SACfDConfig, SFTConfig, Stage1Config
 
 pytestmark = pytest.mark.filterwarnings("ignore:Constant\\(s\\) may be too high:UserWarning")
 
@@ -76,5 +83,86 @@ def test_every_declared_parameter_is_read_only(ros_context, kind):
         assert [d.read_only for d in descriptors] == [True] * len(names)
         results = node.set_parameters([node.get_parameter(name) for name in names])
         assert not any(r.successful for r in results)
+    finally:
+        node.destroy_node()
+
+
+# ---- one source per setting: the config dataclasses -------------------------------------------------------------
+
+
+def test_a_node_without_parameter_files_runs_the_dataclass_defaults():
+    trainer = from_parameters(IterationConfig, defaults(SCHEMAS["trainer"]))
+    assert trainer == IterationConfig()
+    assert trainer.stage1 == Stage1Config() and trainer.stage2 == SFTConfig()
+    arm = from_parameters(SafetyLimits, defaults(SCHEMAS["arm_controller"]))
+    assert arm == SafetyLimits(**box_of_sim())  # every other limit: the dataclass default
+
+
+def arm_default(name: str) -> object:
+    (spec,) = [s for s in SCHEMAS["arm_controller"] if s.name == name]
+    return tuple(spec.default)  # type: ignore[arg-type]
+
+
+def test_every_config_field_is_a_documented_parameter_with_its_default():
+    specs = {s.name: s for s in SCHEMAS["trainer"]}
+    for name, default in (
+        ("stage1.ppo.lr", PPOConfig().lr),
+        ("stage1.sacfd.critic_lr", SACfDConfig().critic_lr),
+        ("stage1.episodes_per_update", Stage1Config().episodes_per_update),
+        ("stage1.push_every_episodes", Stage1Config().push_every_episodes),
+        ("stage2.steps", SFTConfig().steps),
+    ):
+        assert specs[name].default == default and specs[name].description
+    arm = {s.name: s for s in SCHEMAS["arm_controller"]}
+    assert arm["max_speed"].default == SafetyLimits(**box_of_sim()).max_speed
+    assert arm["watchdog_timeout"].default == SafetyLimits(**box_of_sim()).watchdog_timeout
+
+
+def box_of_sim() -> dict[str, object]:
+    return {name: arm_default(name) for name in ("workspace_low", "workspace_high", "home")}
+
+
+def test_parameters_reach_the_configs_the_trainer_and_the_arm_build():
+    values = {
+        **defaults(SCHEMAS["trainer"]),
+        "stage1.ppo.lr": 1e-3,
+        "stage2.steps": 7,
+        "stage1.algorithm": "sacfd",
+    }
+    config = from_parameters(IterationConfig, values)
+    assert config.stage1.ppo.lr == 1e-3 and config.stage2.steps == 7 and config.stage1.algorithm == "sacfd"
+    assert config.validation_tasks == tuple(defaults(SCHEMAS["trainer"])["validation_tasks"])  # type: ignore[arg-type]
+    limits = from_parameters(SafetyLimits, {**defaults(SCHEMAS["arm_controller"]), "max_speed": 0.05})
+    assert limits.max_speed == 0.05 and limits.workspace_low == arm_default("workspace_low")
+
+
+def test_dotted_parameters_are_set_and_checked_from_the_command_line(capsys):
+    assert main(["check-config", "--set", "/trainer.stage1.ppo.lr=0.001"]) == 0
+    out = capsys.readouterr().out
+    assert "stage1.ppo.lr: 0.001" in out
+    assert main(["check-config", "--set", "/trainer.stage1.ppo.gamma=2"]) == 2
+    assert "/trainer.ros__parameters.stage1.ppo.gamma: 2.0 is above the maximum" in capsys.readouterr().err
+
+
+# ---- one control period for the whole graph ----------------------------------------------------------------------
+
+
+def test_one_control_period_reaches_every_node_and_the_rollout(tmp_path):
+    effective = validate_graph(with_overrides(collect_graph("sim"), ["/**.control_period=0.05"], tmp_path))
+    assert {values["control_period"] for values in effective.values()} == {0.05}
+    assert RolloutSettings.from_graph(overrides=["/**.control_period=0.05"]).control_period == 0.05
+
+
+def test_a_control_period_for_one_node_alone_is_refused(tmp_path):
+    with pytest.raises(
+        ConfigError, match=r"control_period is one setting of the whole graph.*/policy: 0\.05"
+    ):
+        validate_graph(with_overrides(collect_graph("sim"), ["/policy.control_period=0.05"], tmp_path))
+
+
+def test_the_policy_ticks_once_per_control_period(ros_context):
+    node = PolicyNode(context=ros_context, parameter_overrides=[RclpyParameter("control_period", value=0.05)])
+    try:
+        assert node.period == 0.05
     finally:
         node.destroy_node()

@@ -201,7 +201,7 @@ def test_gae_bootstraps_truncated_but_not_terminal_endings():
 def test_ppo_reduces_its_loss_and_changes_only_the_heads(model):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     batch, _ = Reach(seed=3).rollout(model, 16, deterministic=False)
-    learner = PPOLearner(model, PPOConfig(minibatch_size=64, update_epochs=2, target_kl=None, lr=1e-3))
+    learner = PPOLearner(model, PPOConfig(minibatch_size=64, update_epochs=2, target_kl=0.0, lr=1e-3))
     stats = [learner.update(batch) for _ in range(15)]
     assert stats[-1]["value_loss"] < 0.5 * stats[0]["value_loss"]
     assert stats[-1]["loss"] < stats[0]["loss"]
@@ -262,7 +262,7 @@ def test_cached_latents_give_the_same_update_as_recomputing_the_backbone(model, 
     batch = from_transitions(model, transitions, outcomes=[r.outcome for r in rows])
     twin = copy.deepcopy(model)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
-    cfg = PPOConfig(minibatch_size=12, update_epochs=2, target_kl=None, lr=1e-3)
+    cfg = PPOConfig(minibatch_size=12, update_epochs=2, target_kl=0.0, lr=1e-3)
     cached = PPOLearner(model, cfg, seed=7)
     recomputed = PPOLearner(twin, cfg, seed=7)
     stats_cached = cached.update(batch)
@@ -291,7 +291,7 @@ def test_ppo_with_frozen_features_learns_a_task_it_fails_at_first(model):
     before = _success_rate(model, seed=99)
     config = Stage1Config(
         algorithm="ppo", episodes_per_update=64, seed=0, threads=1,
-        ppo=PPOConfig(lr=1e-3, minibatch_size=128, update_epochs=4, target_kl=None),
+        ppo=PPOConfig(lr=1e-3, minibatch_size=128, update_epochs=4, target_kl=0.0),
     )  # fmt: skip
     rl = OnlineRL(model, config)
     task = Reach(seed=0)

@@ -30,8 +30,8 @@ def _start_trainer(child, tmp_path: Path, version: str) -> object:
         "model_store": str(tmp_path / "models"),
         "initial_version": version,
         "stage1_enabled": False,
-        "sft_steps": 3,
-        "sft_batch_size": 4,
+        "stage2.steps": 3,
+        "stage2.batch_size": 4,
         "status_period": 0.2,
     }
     cmd = ["trainer_node", "--ros-args"]

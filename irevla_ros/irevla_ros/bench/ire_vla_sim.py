@@ -459,7 +459,7 @@ class PPOReplay:
                 loss, info = ppo_loss(
                     model, self._encode(data, index), {k: v[index] for k, v in batch.items()}, ppo
                 )
-                if ppo.target_kl is not None and info["approx_kl"].item() > ppo.target_kl:
+                if ppo.target_kl and info["approx_kl"].item() > ppo.target_kl:
                     break
                 e_index = torch.randint(
                     len(self.expert), (cfg.replay_batch_size,), generator=self.generator

@@ -371,7 +371,7 @@ def run(
     """`config`: the VLA to build (default compact; tests pass a tiny one)."""
     body = measure(work_dir, heads_pushes, settle_s, config, warmup_actions, full_swap)
     parameters = {
-        "node": "policy_node (its own process), policy vla, one camera 128x128, control_rate 10 Hz (wall "
+        "node": "policy_node (its own process), policy vla, one camera 128x128, control_period 0.1 s (wall "
         "clock), onnxruntime 2 threads",
         "backbone": "compact (MiniLM + EfficientNet-Lite0)" if config is None else str(config.backbone),  # type: ignore[attr-defined]
         "versions": "v1 full; heads-only on v1; v2 full; heads-only pushes on v2, each on the previous",

@@ -142,7 +142,7 @@ def run(quick: bool = False, threads: Sequence[int] = (1, 2), seed: int = 0) -> 
     cache_s = time.perf_counter() - started
     log(f"latent cache: {steps} steps in {cache_s:.2f} s")
 
-    cfg = PPOConfig(minibatch_size=minibatch, update_epochs=epochs, target_kl=None)
+    cfg = PPOConfig(minibatch_size=minibatch, update_epochs=epochs, target_kl=0.0)
     entries = []
     for n in threads:
         torch.set_num_threads(n)

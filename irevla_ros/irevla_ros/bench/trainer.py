@@ -23,10 +23,10 @@ def iteration_wall_clock(work: Path, quick: bool) -> dict[str, Any]:
     from irevla_ros.policies.scripted import ScriptedExpertPolicy
     from irevla_ros.sim.rollout import RolloutSettings, make_cell, run_episode, write_to_store
     from irevla_ros.store.episode_store import EpisodeStore
+    from irevla_ros.train.config import SFTConfig, Stage1Config
     from irevla_ros.train.evaluation import load_policy
     from irevla_ros.train.iteration import IterationConfig, IterationRunner, simulation_evaluator
     from irevla_ros.train.pipeline import train_first_version
-    from irevla_ros.train.sft import SFTConfig
     from irevla_ros.vla.model_store import ModelStore
 
     demos, session, steps = (2, 1, 5) if quick else (5, 3, 150)
@@ -58,9 +58,8 @@ def iteration_wall_clock(work: Path, quick: bool) -> dict[str, Any]:
     marks: list[tuple[str, float]] = []
     config = IterationConfig(
         episode_budget=session,
-        stage1_push_every_episodes=max(1, session - 1),
-        stage1_overrides={"episodes_per_update": max(1, session - 1)},
-        sft=SFTConfig(steps=steps, batch_size=16),
+        stage1=Stage1Config(push_every_episodes=max(1, session - 1), episodes_per_update=max(1, session - 1)),
+        stage2=SFTConfig(steps=steps, batch_size=16),
         validation_tasks=tuple(tasks),
         validation_episodes=1,
     )

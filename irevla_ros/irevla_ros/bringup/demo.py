@@ -333,7 +333,7 @@ def run_demo(
         ["/policy.policy=vla", f"/policy.model_store={models}", f"/policy.version={version.version_id}",
          "/episode_manager.source=policy", f"/trainer.model_store={models}", f"/trainer.run_dir={trainer_dir}",
          f"/trainer.initial_version={version.version_id}", "/trainer.max_iterations=1",
-         f"/trainer.sft_steps={sft_steps}", f"/trainer.validation_episodes={validation_episodes}",
+         f"/trainer.stage2.steps={sft_steps}", f"/trainer.validation_episodes={validation_episodes}",
          f"/trainer.validation_tasks=[{','.join(tasks)}]", *overrides],
         cameras, timeout,
     )  # fmt: skip

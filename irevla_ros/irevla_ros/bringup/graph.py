@@ -16,10 +16,11 @@ from pathlib import Path
 import yaml
 
 from irevla_ros.entry_points import NODE_EXECUTABLES
-from irevla_ros.parameters import SCHEMAS
+from irevla_ros.parameters import GRAPH_WIDE, SCHEMAS
 from irevla_ros.params import (
     ConfigError,
     ParamSpec,
+    defaults,
     load_parameter_file,
     node_key_matches,
     validate_parameters,
@@ -173,7 +174,8 @@ def overrides_file(overrides: Sequence[str], directory: Path) -> Path:
     tree: dict[str, dict[str, dict[str, object]]] = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
-        node, dot, param = key.rpartition(".")
+        # Node names hold no dots; parameter names may (`/trainer.stage1.ppo.lr`): the first dot ends the node.
+        node, dot, param = key.partition(".")
         if not sep or not dot or not node or not param:
             raise ConfigError(f"--set {item!r}: expected NODE.PARAM=VALUE, e.g. /policy.action_noise=0.2")
         node = node if node.startswith("/") else "/" + node
@@ -186,13 +188,16 @@ def overrides_file(overrides: Sequence[str], directory: Path) -> Path:
 def validate_graph(graph: GraphSpec, config: Path | None = None) -> dict[str, dict[str, object]]:
     """Check every parameter file of the graph against the schema of the nodes it addresses.
 
-    Returns {fully qualified node name: {parameter: value}} as the nodes will see them (file order: later wins).
-    Raises ConfigError naming the file and the key on the first problem.
+    Returns {fully qualified node name: {parameter: value}} as the nodes will see them: the schema's defaults,
+    then the files in order (later wins). Raises ConfigError naming the file and the key on the first problem, or
+    naming the nodes when a graph-wide setting (`GRAPH_WIDE`) would differ between them.
     """
     for exe in graph.executables():
         if exe not in NODE_EXECUTABLES:
             raise ConfigError(f"graph {graph.name}: executable {exe!r} is not installed by setup.py")
-    effective: dict[str, dict[str, object]] = {n.fully_qualified_name: {} for n in graph.nodes()}
+    effective: dict[str, dict[str, object]] = {
+        n.fully_qualified_name: defaults(n.schema) for n in graph.nodes()
+    }
     for process in graph.processes:
         for path in process_parameter_paths(graph, process, config):
             for node_key, values in load_parameter_file(path).items():
@@ -212,4 +217,12 @@ def validate_graph(graph: GraphSpec, config: Path | None = None) -> dict[str, di
                         continue
                     checked = validate_parameters(path, node_key, values, node.schema)
                     effective[node.fully_qualified_name].update(checked)
+    for spec in GRAPH_WIDE:
+        seen = {name: values[spec.name] for name, values in effective.items()}
+        if len(set(seen.values())) > 1:
+            each = ", ".join(f"{name}: {value!r}" for name, value in seen.items())
+            raise ConfigError(
+                f"graph {graph.name}: {spec.name} is one setting of the whole graph (set it under /**), "
+                f"but the nodes would see different values ({each})"
+            )
     return effective

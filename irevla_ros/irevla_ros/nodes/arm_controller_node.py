@@ -33,8 +33,8 @@ from irevla_ros import topics
 from irevla_ros.hardware.arm import ArmBackend, make_arm
 from irevla_ros.nodes.common import RELIABLE_QOS, RosTimePeriodic, declare_parameters, run_nodes, time_to_ns
 from irevla_ros.parameters import ARM_CONTROLLER
-from irevla_ros.params import ParamValue
-from irevla_ros.safety import SafetyLayer, SafetyLimits
+from irevla_ros.params import ConfigError, ParamValue, from_parameters
+from irevla_ros.safety import SafetyConfigError, SafetyLayer, SafetyLimits
 
 _HOME_TOLERANCE = 0.005  # m
 _HOMING_TIMEOUT = 60.0  # s
@@ -56,21 +56,13 @@ class ArmControllerNode(Node):
         self._time_source = time_source
         p = declare_parameters(self, ARM_CONTROLLER)
         self.params = p
-        self.safety = SafetyLayer(
-            SafetyLimits(
-                workspace_low=tuple(p["workspace_low"]),  # type: ignore[arg-type]
-                workspace_high=tuple(p["workspace_high"]),  # type: ignore[arg-type]
-                max_step=float(p["max_step"]),  # type: ignore[arg-type]
-                max_speed=float(p["max_speed"]),  # type: ignore[arg-type]
-                gripper_min=float(p["gripper_min"]),  # type: ignore[arg-type]
-                gripper_max=float(p["gripper_max"]),  # type: ignore[arg-type]
-                watchdog_timeout=float(p["watchdog_timeout"]),  # type: ignore[arg-type]
-                action_scale=float(p["action_scale"]),  # type: ignore[arg-type]
-                max_abs_action=float(p["max_abs_action"]),  # type: ignore[arg-type]
-                home=tuple(p["home"]),  # type: ignore[arg-type]
-                home_gripper=float(p["home_gripper"]),  # type: ignore[arg-type]
-            )
-        )
+        try:
+            limits = from_parameters(SafetyLimits, p)
+        except (
+            SafetyConfigError
+        ) as exc:  # in range one by one, inconsistent together (e.g. home outside the box)
+            raise ConfigError(f"{self.get_fully_qualified_name()}: {exc}") from exc
+        self.safety = SafetyLayer(limits)
         if backend_factory is None:
             kind = str(p["backend"])
             if kind == "sim":

@@ -52,6 +52,7 @@ from irevla_ros.nodes.common import (
 )
 from irevla_ros.nodes.event_codes import OUTCOME_CODES, OUTCOME_NAMES, SOURCE_NAMES
 from irevla_ros.parameters import TRAINER
+from irevla_ros.params import ConfigError, from_parameters
 from irevla_ros.store.assembler import EpisodeAssembler
 from irevla_ros.store.collector import EpisodeCollector
 from irevla_ros.store.episode_store import EpisodeStore
@@ -64,7 +65,6 @@ from irevla_ros.train.iteration import (
     simulation_evaluator,
 )
 from irevla_ros.train.metrics import MetricsLog
-from irevla_ros.train.sft import SFTConfig
 from irevla_ros.vla.model_store import InvalidVersionError, ModelStore, VersionInfo
 
 PHASE_STATES = {
@@ -164,7 +164,10 @@ class TrainerNode(Node):
     # --- iterations -----------------------------------------------------------------------------------------------
     def _start_iterations(self, group: MutuallyExclusiveCallbackGroup) -> None:
         p = self.params
-        config = iteration_config(p)
+        try:
+            config = from_parameters(IterationConfig, p)
+        except ValueError as exc:  # a setting the ranges allow but its config rejects (e.g. with another one)
+            raise ConfigError(f"{self.get_fully_qualified_name()}: {exc}") from exc
         run_dir = Path(str(p["run_dir"])).expanduser().resolve()
         models = Path(str(p["model_store"])).expanduser().resolve()
         self._version_pub = self.create_publisher(PolicyVersion, topics.POLICY_VERSION, LATCHED_QOS)
@@ -411,32 +414,6 @@ class TrainerNode(Node):
             self._iteration_thread.join(timeout=10.0)
             self.metrics_log.close()
         self.store.close()
-
-
-def iteration_config(p: dict[str, object]) -> IterationConfig:
-    """The trainer's parameters as an IterationConfig (cameras come from the dataset: the policy's camera set)."""
-    return IterationConfig(
-        episode_budget=int(p["episode_budget"]),  # type: ignore[call-overload]
-        plateau_window=int(p["plateau_window"]),  # type: ignore[call-overload]
-        plateau_delta=float(p["plateau_delta"]),  # type: ignore[arg-type]
-        auto_iterate=bool(p["auto_iterate"]),
-        max_iterations=int(p["max_iterations"]),  # type: ignore[call-overload]
-        stage1_enabled=bool(p["stage1_enabled"]),
-        stage1_algorithm=str(p["stage1_algorithm"]),
-        stage1_push_every_episodes=int(p["push_every_episodes"]),  # type: ignore[call-overload]
-        stage1_push_every_seconds=float(p["push_every_seconds"]),  # type: ignore[arg-type]
-        stage1_overrides={"episodes_per_update": int(p["episodes_per_update"])},  # type: ignore[call-overload]
-        sft=SFTConfig(
-            steps=int(p["sft_steps"]),  # type: ignore[call-overload]
-            batch_size=int(p["sft_batch_size"]),  # type: ignore[call-overload]
-            rl_fraction=float(p["rl_fraction"]),  # type: ignore[arg-type]
-        ),
-        stage2_launcher=str(p["stage2_launcher"]),
-        stage2_nproc=int(p["stage2_nproc"]),  # type: ignore[call-overload]
-        validation_tasks=tuple(str(t) for t in p["validation_tasks"]),  # type: ignore[attr-defined]
-        validation_episodes=int(p["validation_episodes"]),  # type: ignore[call-overload]
-        validation_margin=float(p["validation_margin"]),  # type: ignore[arg-type]
-    )
 
 
 def _metrics(result: dict[str, object]) -> list[Metric]:

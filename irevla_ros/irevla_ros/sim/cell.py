@@ -19,13 +19,7 @@ import numpy as np
 from metaworld.env_dict import ALL_V3_ENVIRONMENTS
 from metaworld.policies import ENV_POLICY_MAP
 
-DEFAULT_TASKS: tuple[str, ...] = (
-    "button-press-v3",
-    "drawer-open-v3",
-    "door-open-v3",
-    "window-open-v3",
-    "window-close-v3",
-)
+from irevla_ros.sim import DEFAULT_TASKS
 
 INSTRUCTIONS: dict[str, str] = {
     "button-press-v3": "press the button",

@@ -33,6 +33,7 @@ import cv2
 import numpy as np
 
 from irevla_ros.hardware.arm.sim import SimArm
+from irevla_ros.params import from_parameters
 from irevla_ros.policies.base import ACTION_DIM, Observation, Policy, PolicyError
 from irevla_ros.policies.scripted import EXPERT_ACTION_KEY
 from irevla_ros.safety import SafetyLayer, SafetyLimits
@@ -40,19 +41,6 @@ from irevla_ros.sim.cell import MetaWorldCell
 
 # The policy node's proprioception layout (its StepRecord.proprioception_names).
 PROPRIOCEPTION_NAMES = ("ee_x", "ee_y", "ee_z", "gripper_opening")
-_SAFETY_KEYS = (
-    "workspace_low",
-    "workspace_high",
-    "max_step",
-    "max_speed",
-    "gripper_min",
-    "gripper_max",
-    "watchdog_timeout",
-    "action_scale",
-    "max_abs_action",
-    "home",
-    "home_gripper",
-)
 
 
 class RolloutConfigError(ValueError):
@@ -78,7 +66,7 @@ class RolloutSettings:
     cell_height: int
     image_width: int  # policy input size
     image_height: int
-    control_period: float  # simulated seconds per control tick (sim cell) == 1 / policy control_rate
+    control_period: float  # simulated seconds per control tick (the graph-wide control_period)
     episode_timeout: float  # simulated seconds (episode manager)
     limits: SafetyLimits
     cell_seed: int = 0
@@ -120,22 +108,14 @@ class RolloutSettings:
         for name in cameras:
             node = effective[f"/{name}/{name}"]
             specs.append(CameraSpec(name, str(node["sim_camera"]), int(node["width"]), int(node["height"])))  # type: ignore[call-overload]
-        period = float(cell["control_period"])  # type: ignore[arg-type]
-        rate = float(policy["control_rate"])  # type: ignore[arg-type]
-        if abs(period * rate - 1.0) > 1e-9:
-            # The graph then runs policy ticks and control periods at different rates (ticks skip or wait);
-            # the lock-step rollout has one tick per period.
-            raise RolloutConfigError(
-                f"/sim_cell.control_period={period} and /policy.control_rate={rate} do not describe one tick "
-                "per control period"
-            )
+        period = float(cell["control_period"])  # type: ignore[arg-type]  # graph-wide: the policy's too
         cell_cameras = tuple(str(c) for c in cell["cameras"])  # type: ignore[union-attr]
         missing = [c.sim_camera for c in specs if c.sim_camera not in cell_cameras]
         if missing:
             raise RolloutConfigError(
                 f"camera nodes render {missing}, not among /sim_cell.cameras {cell_cameras}"
             )
-        limits = SafetyLimits.from_dict({k: _tuple_if_list(arm[k]) for k in _SAFETY_KEYS})
+        limits = from_parameters(SafetyLimits, arm)  # as the arm controller builds its own
         return cls(
             cameras=tuple(specs),
             cell_cameras=cell_cameras,
@@ -148,10 +128,6 @@ class RolloutSettings:
             limits=limits,
             cell_seed=int(cell["seed"]),  # type: ignore[call-overload]
         )
-
-
-def _tuple_if_list(value: object) -> object:
-    return tuple(value) if isinstance(value, list) else value  # type: ignore[arg-type]
 
 
 def make_cell(settings: RolloutSettings, tasks: Sequence[str], seed: int | None = None) -> MetaWorldCell:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-DEVICES = ("cpu", "cuda", "auto")
+from irevla_ros.train.config import DEVICES
 
 
 class DistributedError(ValueError):

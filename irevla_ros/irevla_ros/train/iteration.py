@@ -31,9 +31,9 @@ from typing import Any
 from irevla_ros import durable
 from irevla_ros.store.episode_store import EpisodeStore
 from irevla_ros.store.records import StoredEpisode
+from irevla_ros.train.config import IterationConfig, SFTConfig
 from irevla_ros.train.datasets import DatasetError, expert_set, rl_set
 from irevla_ros.train.metrics import MetricsLog
-from irevla_ros.train.sft import SFTConfig
 from irevla_ros.vla.model_store import InvalidVersionError, ModelStore, VersionInfo
 
 PHASES = ("session", "supervised", "validating", "announcing")
@@ -47,44 +47,6 @@ class IterationError(RuntimeError):
 
 class IterationCancelled(IterationError):
     """The operator cancelled the iteration; the session goes on with the running version."""
-
-
-@dataclass
-class IterationConfig:
-    # end of a session (besides the operator's RunIteration goal)
-    episode_budget: int = 0  # policy episodes per session (0: no budget)
-    plateau_window: int = (
-        0  # end when the last N episodes' success rate beats the N before by < plateau_delta
-    )
-    plateau_delta: float = 0.05
-    auto_iterate: bool = True  # run Stage 2 as soon as a session ends by budget or plateau
-    max_iterations: int = 0  # 0: unlimited
-    # Stage 1
-    stage1_enabled: bool = True
-    stage1_algorithm: str = "ppo"  # ppo (simulation) or sacfd (real robots)
-    stage1_push_every_episodes: int = 2
-    stage1_push_every_seconds: float = 0.0
-    stage1_overrides: dict[str, Any] = field(default_factory=dict)  # any other Stage1Config field (from_dict)
-    # Stage 2
-    sft: SFTConfig = field(default_factory=lambda: SFTConfig(steps=150, batch_size=16))
-    stage2_launcher: str = "local"  # local, torchrun, or a remote command template with {job}
-    stage2_nproc: int = 1
-    # validation
-    validation_tasks: tuple[str, ...] = ()  # simulation only: evaluate candidate vs running on these
-    validation_episodes: int = 0  # per task; 0: finite-output and ONNX checks only (robots)
-    validation_margin: float = 0.1  # candidate may be this much worse in success rate and still be promoted
-    validation_seed: int = 10_000
-
-    def __post_init__(self) -> None:
-        if self.stage1_algorithm not in ("ppo", "sacfd"):
-            raise ValueError(f"stage1_algorithm must be ppo or sacfd, got {self.stage1_algorithm!r}")
-        for name in ("episode_budget", "plateau_window", "max_iterations", "validation_episodes"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.stage2_nproc < 1:
-            raise ValueError(f"stage2_nproc must be >= 1, got {self.stage2_nproc}")
-        if not 0.0 <= self.validation_margin <= 1.0:
-            raise ValueError(f"validation_margin must be in [0, 1], got {self.validation_margin}")
 
 
 def session_end_reason(successes: Sequence[bool], config: IterationConfig) -> str | None:
@@ -288,23 +250,15 @@ class IterationRunner:
         if self._online is not None:
             return self._online
         from irevla_ros.train.latents import LatentCache, encoder_key
-        from irevla_ros.train.stage1 import OnlineRL, Stage1Config
+        from irevla_ros.train.stage1 import OnlineRL
 
         cfg = self.config
         model, _, _ = self.models.load(self.record.running_version)
-        stage1 = Stage1Config.from_dict(
-            {
-                "algorithm": cfg.stage1_algorithm,
-                "push_every_episodes": cfg.stage1_push_every_episodes,
-                "push_every_seconds": cfg.stage1_push_every_seconds,
-                **cfg.stage1_overrides,
-            }
-        )
         self._model = model
         # a restart finds the checkpoint here and resumes: heads, optimiser, RNG, counters (never re-initialised)
-        self._online = OnlineRL(model, stage1, self._iteration_dir() / "stage1")
+        self._online = OnlineRL(model, cfg.stage1, self._iteration_dir() / "stage1")
         self._latents = LatentCache(self._latent_cache(), encoder_key(model))
-        if cfg.stage1_algorithm == "sacfd":
+        if cfg.stage1.algorithm == "sacfd":
             demos = self.store.trainable(source="expert", outcome="success")
             demos += self.store.trainable(source="intervention", outcome="success")
             if demos:
@@ -458,7 +412,7 @@ class IterationRunner:
         from irevla_ros.train.stage2 import Stage2Runner
 
         cfg = self.config
-        sft = cfg.sft
+        sft = cfg.stage2
         if request.max_supervised_steps:
             sft = SFTConfig(**{**asdict(sft), "steps": int(request.max_supervised_steps)})
         expert = expert_set(self.store, self.cameras, cache_dir=self._cache_dir())

@@ -20,55 +20,15 @@ through the backbone.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
 import torch
 
+from irevla_ros.train.config import PPOConfig, PPOConfigError
 from irevla_ros.train.latents import LatentEpisodes
 from irevla_ros.vla.model import VLAModel
-
-
-class PPOConfigError(ValueError):
-    """A PPO hyperparameter is out of range; the message names it."""
-
-
-@dataclass
-class PPOConfig:
-    lr: float = 3e-4
-    adam_eps: float = 1e-5
-    gamma: float = 0.99
-    gae_lambda: float = 0.95
-    update_epochs: int = 4  # passes over each on-policy batch
-    minibatch_size: int = 64
-    clip_coef: float = 0.2
-    clip_vloss: bool = True
-    vf_coef: float = 0.5
-    ent_coef: float = 0.0  # sparse binary reward: exploration comes from log_std, which PPO also adapts
-    max_grad_norm: float = 0.5
-    target_kl: float | None = 0.05
-    norm_adv: bool = True
-
-    def __post_init__(self) -> None:
-        checks = {
-            "lr": self.lr > 0,
-            "adam_eps": self.adam_eps > 0,
-            "gamma": 0.0 <= self.gamma <= 1.0,
-            "gae_lambda": 0.0 <= self.gae_lambda <= 1.0,
-            "update_epochs": self.update_epochs >= 1,
-            "minibatch_size": self.minibatch_size >= 1,
-            "clip_coef": self.clip_coef > 0,
-            "vf_coef": self.vf_coef >= 0,
-            "ent_coef": self.ent_coef >= 0,
-            "max_grad_norm": self.max_grad_norm > 0,
-            "target_kl": self.target_kl is None or self.target_kl > 0,
-        }
-        bad = [k for k, ok in checks.items() if not ok]
-        if bad:
-            raise PPOConfigError(
-                f"PPO config: bad value for {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}"
-            )
 
 
 def compute_gae(
@@ -241,7 +201,7 @@ class PPOLearner:
                 latent = self._latents(batch, index, latent_fn)
                 loss, info = ppo_loss(self.model, latent, {k: v[index] for k, v in data.items()}, cfg)
                 # SB3's rule: a minibatch that finds the policy already too far from the start is not applied.
-                if cfg.target_kl is not None and info["approx_kl"].item() > cfg.target_kl:
+                if cfg.target_kl and info["approx_kl"].item() > cfg.target_kl:
                     stopped = True
                     break
                 self.optimiser.zero_grad(set_to_none=True)

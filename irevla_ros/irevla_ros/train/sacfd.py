@@ -24,64 +24,17 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from irevla_ros.train.config import SACfDConfig, SACfDConfigError
 from irevla_ros.train.latents import LatentEpisodes
 from irevla_ros.vla.distribution import ClippedNormal
 from irevla_ros.vla.model import VLAModel, mlp
-
-
-class SACfDConfigError(ValueError):
-    """A SACfD hyperparameter is out of range; the message names it."""
-
-
-@dataclass
-class SACfDConfig:
-    gamma: float = 0.99
-    tau: float = 0.005  # polyak step of the target critics
-    actor_lr: float = 3e-4
-    critic_lr: float = 3e-4
-    alpha_lr: float = 3e-4
-    batch_size: int = 256
-    demo_fraction: float = 0.5  # share of each batch from the demo buffer (when both parts hold data)
-    utd_ratio: int = 1  # gradient updates per new online transition
-    n_critics: int = 2
-    init_temperature: float = 0.01  # the reward is 0/1: a large start temperature would drown it
-    target_entropy: float | None = None  # None: -action_dim / 2 (RLPD)
-    actor_delay: int = 1  # one actor/temperature update every this many critic updates
-    max_grad_norm: float = 10.0
-    min_transitions: int = 64  # no update before the buffers hold this many transitions
-    demo_capacity: int = 1_000_000  # transitions; the oldest whole episodes go first
-    online_capacity: int = 1_000_000
-
-    def __post_init__(self) -> None:
-        checks = {
-            "gamma": 0.0 <= self.gamma <= 1.0,
-            "tau": 0.0 < self.tau <= 1.0,
-            "actor_lr": self.actor_lr > 0,
-            "critic_lr": self.critic_lr > 0,
-            "alpha_lr": self.alpha_lr > 0,
-            "batch_size": self.batch_size >= 1,
-            "demo_fraction": 0.0 <= self.demo_fraction <= 1.0,
-            "utd_ratio": self.utd_ratio >= 1,
-            "n_critics": self.n_critics >= 2,
-            "init_temperature": self.init_temperature > 0,
-            "actor_delay": self.actor_delay >= 1,
-            "max_grad_norm": self.max_grad_norm > 0,
-            "min_transitions": self.min_transitions >= 1,
-            "demo_capacity": self.demo_capacity >= 1,
-            "online_capacity": self.online_capacity >= 1,
-        }
-        bad = [k for k, ok in checks.items() if not ok]
-        if bad:
-            raise SACfDConfigError(
-                f"SACfD config: bad value for {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}"
-            )
 
 
 class QEnsemble(nn.Module):

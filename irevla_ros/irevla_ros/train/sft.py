@@ -18,13 +18,12 @@ Hyperparameters live in SFTConfig; the loop reads top to bottom.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,87 +33,20 @@ from torch import nn
 from tqdm import tqdm
 
 from irevla_ros.train.checkpoint import Checkpointer, rng_state, set_rng_state
+from irevla_ros.train.config import (
+    TRAINABLE_SETS,
+    ResumeError,
+    SFTConfig,
+    SFTConfigError,
+)
 from irevla_ros.train.datasets import Transitions
-from irevla_ros.train.distributed import DEVICES, DistContext, all_reduce_sum, current_context, wrap
+from irevla_ros.train.distributed import DistContext, all_reduce_sum, current_context, wrap
 from irevla_ros.vla.model import VLAModel
 from irevla_ros.vla.preprocess import preprocess_images
 
-TRAINABLE_SETS = ("lora_and_action_head", "full")
 # Changing these between a checkpoint and its resume would change the run itself (schedule, data, objective).
 RUN_DEFINING_KEYS = ("steps", "batch_size", "lr", "lr_lora", "weight_decay", "rl_fraction", "grad_clip", "seed",
                  "trainable")  # fmt: skip
-
-
-class SFTConfigError(ValueError):
-    """A supervised-stage setting or its input data is wrong; the message names what."""
-
-
-class ResumeError(SFTConfigError):
-    """A checkpoint belongs to another run (other settings or other data) than the one asked to resume."""
-
-
-@dataclass
-class SFTConfig:
-    steps: int = 300
-    batch_size: int = 32  # global batch: all processes together
-    lr: float = 3e-4  # token learner, action head, new backbone layers
-    lr_lora: float = 1e-4  # LoRA (and, trainable="full", the pretrained backbone weights)
-    weight_decay: float = 0.01
-    rl_fraction: float = 0.5  # share of each batch drawn from D_RL when it is given (Stage 2)
-    grad_clip: float = 1.0
-    seed: int = 0
-    threads: int = 2
-    trainable: str = "lora_and_action_head"  # or "full" (see the module docstring)
-    checkpoint_every: int = 50  # steps between checkpoints (when a checkpoint_dir is given)
-    keep_checkpoints: int = 2
-    device: str = "auto"  # cpu, cuda, or auto: cuda when torch sees a GPU
-
-    def __post_init__(self) -> None:
-        for key in ("steps", "batch_size", "threads", "checkpoint_every", "keep_checkpoints"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise SFTConfigError(f"SFTConfig {key} must be a positive integer, got {value!r}")
-        for key in ("lr", "lr_lora", "weight_decay", "grad_clip", "rl_fraction"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise SFTConfigError(f"SFTConfig {key} must be a finite number, got {value!r}")
-            if value < 0:
-                raise SFTConfigError(f"SFTConfig {key} must be >= 0, got {value!r}")
-        if not 0.0 <= self.rl_fraction <= 1.0:
-            raise SFTConfigError(f"rl_fraction must be in [0, 1], got {self.rl_fraction}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            raise SFTConfigError(f"SFTConfig seed must be an integer >= 0, got {self.seed!r}")
-        if self.trainable not in TRAINABLE_SETS:
-            raise SFTConfigError(
-                f"SFTConfig trainable must be one of {TRAINABLE_SETS}, got {self.trainable!r}"
-            )
-        if self.device not in DEVICES:
-            raise SFTConfigError(f"SFTConfig device must be one of {DEVICES}, got {self.device!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> SFTConfig:
-        if not isinstance(data, Mapping):
-            raise SFTConfigError(f"an SFTConfig must be a mapping, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise SFTConfigError(
-                f"unknown SFTConfig key(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})"
-            )
-        return cls(**dict(data))
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> SFTConfig:
-        try:
-            return cls.from_dict(json.loads(text))
-        except json.JSONDecodeError as exc:
-            raise SFTConfigError(f"SFTConfig is not valid JSON: {exc}") from exc
 
 
 # ---------------------------------------------------------------- data

@@ -26,11 +26,9 @@ last checkpoint are not in it: after a restart, add again every stored episode n
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,71 +36,14 @@ import numpy as np
 import torch
 
 from irevla_ros.train.checkpoint import Checkpointer, CheckpointError, rng_state, set_rng_state
+from irevla_ros.train.config import ALGORITHMS, Stage1Config, Stage1Error  # noqa: F401 (re-exported)
 from irevla_ros.train.latents import HEAD_GROUPS, LatentEpisodes, encoder_key
-from irevla_ros.train.ppo import PPOConfig, PPOLearner
-from irevla_ros.train.sacfd import SACfDConfig, SACfDLearner
+from irevla_ros.train.ppo import PPOLearner
+from irevla_ros.train.sacfd import SACfDLearner
 from irevla_ros.vla.model import VLAModel
 
-ALGORITHMS = ("ppo", "sacfd")
 _FORMAT = 1
 _LOG = logging.getLogger(__name__)
-
-
-class Stage1Error(ValueError):
-    """Stage 1 was given a bad config, data that does not fit, or a checkpoint of another run."""
-
-
-@dataclass
-class Stage1Config:
-    algorithm: str = "ppo"  # "ppo" (simulation, on-policy) | "sacfd" (real robot, demos + off-policy)
-    episodes_per_update: int = 8  # PPO: new on-policy episodes per update
-    max_updates_per_step: int = 2000  # SACfD: gradient updates one step() runs at most (the rest is owed)
-    push_every_episodes: int = 5  # 0: never by count
-    push_every_seconds: float = 60.0  # 0: never by time
-    checkpoint_every_updates: int = 1  # 0: only on checkpoint()
-    keep_checkpoints: int = 2
-    seed: int = 0
-    # torch intra-op threads; 0 leaves torch's setting alone. The heads' ops are tiny: a second thread does not
-    # help them, and on a busy 2-core host it made each gradient step ~50x slower (OpenMP waiting for a core).
-    threads: int = 1
-    fresh_critic: bool = True  # a fresh start replaces the critic head (the paper); resume never does
-    ppo: PPOConfig = field(default_factory=PPOConfig)  # update_epochs = PPO's updates per batch
-    sacfd: SACfDConfig = field(default_factory=SACfDConfig)  # utd_ratio = SACfD's updates per transition
-
-    def __post_init__(self) -> None:
-        if self.algorithm not in ALGORITHMS:
-            raise Stage1Error(f"Stage 1 algorithm {self.algorithm!r} is not one of {', '.join(ALGORITHMS)}")
-        for name in ("episodes_per_update", "max_updates_per_step", "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                raise Stage1Error(f"Stage 1 config {name} must be >= 1, got {getattr(self, name)!r}")
-        for name in ("push_every_episodes", "push_every_seconds", "checkpoint_every_updates", "threads"):
-            if getattr(self, name) < 0:
-                raise Stage1Error(f"Stage 1 config {name} must be >= 0, got {getattr(self, name)!r}")
-        if isinstance(self.ppo, Mapping):
-            self.ppo = _sub_config(PPOConfig, self.ppo, "ppo")
-        if isinstance(self.sacfd, Mapping):
-            self.sacfd = _sub_config(SACfDConfig, self.sacfd, "sacfd")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Stage1Config:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise Stage1Error(
-                f"unknown Stage 1 config key(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})"
-            )
-        return cls(**dict(data))
-
-
-def _sub_config(kind: type, data: Mapping[str, Any], where: str) -> Any:
-    known = {f.name for f in dataclasses.fields(kind)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise Stage1Error(f"unknown Stage 1 config key(s) {where}.{', '.join(unknown)}")
-    return kind(**dict(data))
 
 
 def _episodes_state(batch: LatentEpisodes | None) -> dict[str, Any] | None:

@@ -137,6 +137,10 @@ TRAINER = (
     *parameter_specs(IterationConfig),
 )
 
+# The config dataclasses a node kind builds from its parameters: `validate_graph` builds them too, so a value
+# that is in range but inconsistent with another (home outside the box) fails before anything starts.
+CONFIGS: dict[str, tuple[type, ...]] = {"arm_controller": (SafetyLimits,), "trainer": (IterationConfig,)}
+
 SCHEMAS: dict[str, tuple[ParamSpec, ...]] = {
     "sim_cell": SIM_CELL,
     "camera": CAMERA,

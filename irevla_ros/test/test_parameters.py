@@ -166,3 +166,13 @@ def test_the_policy_ticks_once_per_control_period(ros_context):
         assert node.period == 0.05
     finally:
         node.destroy_node()
+
+
+def test_check_config_builds_the_configs_so_inconsistent_values_fail_before_start(capsys):
+    # Each value is in its own range; together they are not (the arm would refuse to start).
+    assert main(["check-config", "--set", "/arm_controller.home=[0.0, 0.6, 0.8]"]) == 2
+    assert "/arm_controller: home=[0.0, 0.6, 0.8] lies outside the workspace box on axes [2]" in (
+        capsys.readouterr().err
+    )
+    assert main(["check-config", "--set", "/trainer.stage1.sacfd.tau=0.0"]) == 2
+    assert "/trainer: SACfD config: bad value for tau=0.0" in capsys.readouterr().err

@@ -16,11 +16,12 @@ from pathlib import Path
 import yaml
 
 from irevla_ros.entry_points import NODE_EXECUTABLES
-from irevla_ros.parameters import GRAPH_WIDE, SCHEMAS
+from irevla_ros.parameters import CONFIGS, GRAPH_WIDE, SCHEMAS
 from irevla_ros.params import (
     ConfigError,
     ParamSpec,
     defaults,
+    from_parameters,
     load_parameter_file,
     node_key_matches,
     validate_parameters,
@@ -217,6 +218,12 @@ def validate_graph(graph: GraphSpec, config: Path | None = None) -> dict[str, di
                         continue
                     checked = validate_parameters(path, node_key, values, node.schema)
                     effective[node.fully_qualified_name].update(checked)
+    for node in graph.nodes():
+        for config in CONFIGS.get(node.kind, ()):
+            try:
+                from_parameters(config, effective[node.fully_qualified_name])
+            except ValueError as exc:
+                raise ConfigError(f"graph {graph.name}: {node.fully_qualified_name}: {exc}") from exc
     for spec in GRAPH_WIDE:
         seen = {name: values[spec.name] for name, values in effective.items()}
         if len(set(seen.values())) > 1:

@@ -31,16 +31,14 @@ from irevla_ros.train.sft import (
     supervised_parameters,
     train_supervised,
 )
-from irevla_ros.train.stage2 import (
+from irevla_ros.train.stage2 import Stage2JobError, Stage2Runner, Stage2TimeoutError
+from irevla_ros.train.stage2_job import (
     ADAPTER_FILE,
     CHECKPOINTS_DIR,
     EXPERT_FILE,
     OUT_DIR,
     PARENT_DIR,
     Stage2Error,
-    Stage2JobError,
-    Stage2Runner,
-    Stage2TimeoutError,
     load_parent,
     load_transitions_npz,
     read_result,
@@ -48,6 +46,7 @@ from irevla_ros.train.stage2 import (
 from irevla_ros.vla.config import VLAConfig
 from irevla_ros.vla.model import VLAModel
 from irevla_ros.vla.model_store import ModelStore
+from irevla_ros.vla.validation import validate
 
 TINY = VLAConfig(
     image_size=32, latent_dim=32, fusion_heads=2, fusion_layers=1, token_learner_hidden=16, head_hidden=(32,),
@@ -215,9 +214,9 @@ def test_local_runner_saves_a_validated_version_with_lineage(parent, data, local
     assert info.metrics["world_size"] == 1 and info.metrics["final_loss"] == report["final_loss"]
     assert report["resumed_from"] == 0 and len(report["losses"]) == JOB.steps
     assert [s for s, _, _ in seen] == list(range(1, JOB.steps + 1)) and seen[-1][2] == report["losses"][-1]
-    checks = store.validate(info.version_id)  # checksums, weights, probe through torch and ONNX Runtime
+    checks = validate(store, info.version_id)  # checksums, weights, probe through torch and ONNX Runtime
     assert checks["weights"] == "ok" and info.onnx and "onnx_max_abs_error" in checks
-    store.validate(parent_id)  # the parent is untouched and still loads
+    validate(store, parent_id)  # the parent is untouched and still loads
     # What the job shipped back is what the version holds; the rest is the parent's, bitwise.
     model, _, _ = store.load(info.version_id)
     old, _, _ = store.load(parent_id)
@@ -250,7 +249,7 @@ def test_torchrun_two_gloo_processes_follow_the_one_process_run(parent, data, lo
     ours, ref = store.load(info.version_id)[0], store.load(ref_info.version_id)[0]
     for d in data:
         torch.testing.assert_close(_predict(ours, d), _predict(ref, d), atol=DDP_ACTION_ATOL, rtol=0)
-    assert info.parent == parent_id and store.validate(info.version_id)["weights"] == "ok"
+    assert info.parent == parent_id and validate(store, info.version_id)["weights"] == "ok"
 
 
 def test_sigkilled_worker_resumes_from_its_checkpoint_to_the_uninterrupted_result(
@@ -288,7 +287,7 @@ def test_sigkilled_worker_resumes_from_its_checkpoint_to_the_uninterrupted_resul
     ref = load_file(str(ref_job / OUT_DIR / ADAPTER_FILE))
     worst = max(float((ours[k] - ref[k]).abs().max()) for k in ours)
     assert worst < 1e-5, worst  # a re-initialised or restarted run would be far off
-    assert info.metrics["resumed_from"] == killed_at and store.validate(info.version_id)["weights"] == "ok"
+    assert info.metrics["resumed_from"] == killed_at and validate(store, info.version_id)["weights"] == "ok"
 
 
 def test_failed_timed_out_and_empty_jobs_raise_with_their_log_and_leave_the_parent(parent, data, tmp_path):
@@ -312,7 +311,7 @@ def test_failed_timed_out_and_empty_jobs_raise_with_their_log_and_leave_the_pare
     with pytest.raises(KeyboardInterrupt, match="operator cancelled"):
         Stage2Runner("local", work_dir=tmp_path).run(parent_id, data[0], None, small, store, progress=cancel)
     assert [v.version_id for v in store.versions()] == versions
-    store.validate(parent_id)
+    validate(store, parent_id)
 
     job = Stage2Runner("local", work_dir=tmp_path).job_for(parent_id, data[0], None, small, store)
     tampered = job / PARENT_DIR / "config.json"

@@ -15,18 +15,18 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from irevla_ros.vla.config import VLAConfig
-from irevla_ros.vla.model import VLAModel
-from irevla_ros.vla.model_store import (
+from irevla_ros.vla.integrity import (
     CorruptVersionError,
     InvalidVersionError,
-    ModelStore,
     UnknownVersionError,
-    probe_observation,
     sha256_file,
 )
+from irevla_ros.vla.model import VLAModel
+from irevla_ros.vla.model_store import ModelStore
 from irevla_ros.vla.onnx_export import ATOL, RTOL
 from irevla_ros.vla.runtime import OnnxPolicyRuntime, TorchPolicyRuntime, make_runtime
 from irevla_ros.vla.tiny_models import make_tiny_blip2
+from irevla_ros.vla.validation import probe_observation, validate, validate_heads
 
 
 def _perturb(model: VLAModel, seed: int) -> VLAModel:
@@ -143,7 +143,7 @@ def test_load_never_unpickles(saved, monkeypatch):
 
 def test_validate_reports_and_onnx_runtime_matches_torch(saved):
     store, v1, _ = saved
-    report = store.validate(v1.version_id)
+    report = validate(store, v1.version_id)
     assert report["checksums"] == "ok" and max(report["onnx_max_abs_error"].values()) <= ATOL + RTOL
     model, config, _ = store.load(v1.version_id)
     ort_rt, torch_rt = OnnxPolicyRuntime(v1.path, intra_op_threads=2), TorchPolicyRuntime(model)
@@ -217,7 +217,7 @@ def test_checksum_mismatch_is_refused_naming_the_file(saved, tmp_path):
     with pytest.raises(CorruptVersionError, match=r"heads\.onnx"):
         OnnxPolicyRuntime(path)
     with pytest.raises(InvalidVersionError, match=r"checksum mismatch for heads\.onnx"):
-        other.validate(vid)
+        validate(other, vid)
 
 
 def test_tampered_manifest_and_unlisted_files_are_refused(saved, tmp_path):
@@ -248,7 +248,7 @@ def test_nan_weights_are_refused(saved, tmp_path, blip2):
     _rewrite_tensor(path, "action_head.0.weight", poison)
     _reseal(path)
     with pytest.raises(InvalidVersionError, match=r"non-finite.*action_head\.0\.weight"):
-        other.validate(vid)
+        validate(other, vid)
     with pytest.raises(InvalidVersionError, match="non-finite"):
         other.load(vid)
     # and a model with NaN weights is not saved in the first place
@@ -269,7 +269,7 @@ def test_wrong_shapes_are_refused(saved, tmp_path):
     with pytest.raises(
         InvalidVersionError, match=r"wrong shape for tensor action_head\.2\.weight.*\(5, 64\).*\(4, 64\)"
     ):
-        other.validate(vid)
+        validate(other, vid)
 
     # a config that disagrees with the weights and the ONNX graphs (action_dim 5) is caught too
     other2, vid2 = _copy_version(store, v1.version_id, tmp_path / "b")
@@ -279,7 +279,7 @@ def test_wrong_shapes_are_refused(saved, tmp_path):
     (path2 / "config.json").write_text(json.dumps(cfg))
     _reseal(path2)
     with pytest.raises(InvalidVersionError, match="wrong shape"):
-        other2.validate(vid2)
+        validate(other2, vid2)
     with pytest.raises(InvalidVersionError, match=r"heads\.onnx action_mean has shape"):
         OnnxPolicyRuntime(path2)
 
@@ -298,7 +298,7 @@ def test_onnx_graph_of_another_model_is_refused(saved, tmp_path, blip2):
     shutil.copy(export_dir / "heads.onnx", path / "heads.onnx")
     _reseal(path)
     with pytest.raises(InvalidVersionError, match="ONNX does not match torch"):
-        other.validate(vid)
+        validate(other, vid)
 
 
 def test_unknown_versions_parents_and_stages(saved, blip2, tmp_path):
@@ -414,18 +414,18 @@ def test_save_heads_layout_chain_and_round_trip(heads_saved):
         assert want.keys() == have.keys()
         for key in want:
             assert torch.equal(want[key], have[key]), (info.version_id, key)
-    report = store.validate(h2.version_id)
+    report = validate(store, h2.version_id)
     assert report["heads_only"] and report["base_version"] == base.version_id
     assert max(report["onnx_max_abs_error"].values()) <= ATOL + RTOL
     # the light check (a node already running the base's encoder) agrees with the full one on the probe
     _, _, latent = OnnxPolicyRuntime(base.path).act(*probe_observation(m2.config))
-    light = store.validate_heads(h2.version_id, latents=latent)
+    light = validate_heads(store, h2.version_id, latents=latent)
     np.testing.assert_allclose(
         light["probe_torch"]["action_mean"], report["probe_torch"]["action_mean"], atol=1e-5
     )
     assert max(light["onnx_max_abs_error"].values()) <= ATOL + RTOL
     with pytest.raises(InvalidVersionError, match="is a full version"):
-        store.validate_heads(base.version_id)
+        validate_heads(store, base.version_id)
 
 
 def test_heads_runtime_reuses_the_base_encoder(heads_saved):
@@ -503,8 +503,8 @@ def test_corrupt_heads_versions_are_refused(heads_saved, tmp_path):
     (path / "heads.safetensors").write_bytes(bytes(data))
     for check in (
         other.load,
-        other.validate,
-        other.validate_heads,
+        lambda v: validate(other, v),
+        lambda v: validate_heads(other, v),
         lambda v: OnnxPolicyRuntime(other.root / v),
     ):
         with pytest.raises(CorruptVersionError, match=r"checksum mismatch for heads\.safetensors"):
@@ -518,9 +518,9 @@ def test_corrupt_heads_versions_are_refused(heads_saved, tmp_path):
     save_file(tensors, str(path / "heads.safetensors"), metadata={"format": "pt"})
     _reseal(path)
     with pytest.raises(InvalidVersionError, match=r"non-finite.*action_head\.0\.weight"):
-        other.validate(h2.version_id)
+        validate(other, h2.version_id)
     with pytest.raises(InvalidVersionError, match=r"non-finite.*action_head\.0\.weight"):
-        other.validate_heads(h2.version_id)
+        validate_heads(other, h2.version_id)
     # a heads file with a backbone tensor in it (heads-only versions hold only heads)
     tensors = _heads_tensors(store.root / h2.version_id)
     tensors["token_learner.out_norm.weight"] = torch.ones(64)
@@ -536,8 +536,8 @@ def test_corrupt_heads_versions_are_refused(heads_saved, tmp_path):
     other.load(base.version_id)
     for check in (
         other.load,
-        other.validate,
-        other.validate_heads,
+        lambda v: validate(other, v),
+        lambda v: validate_heads(other, v),
         lambda v: OnnxPolicyRuntime(other.root / v),
     ):
         with pytest.raises(CorruptVersionError, match=rf"base {base.version_id} has changed"):

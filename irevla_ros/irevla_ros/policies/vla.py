@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from irevla_ros.policies.base import Observation, PolicyError, PolicyOutput
-from irevla_ros.vla.model_store import InvalidVersionError, ModelStore, probe_observation
+from irevla_ros.vla.model_store import InvalidVersionError, ModelStore
 from irevla_ros.vla.preprocess import VLAInputError
 from irevla_ros.vla.runtime import make_runtime
+from irevla_ros.vla.validation import probe_observation, validate_heads
 
 
 class VLAPolicy:
@@ -66,7 +67,8 @@ try:
 except (AttributeError, OSError):
     os.nice(19)
 from irevla_ros.vla.model_store import ModelStore
-ModelStore(sys.argv[1]).validate(sys.argv[2])
+from irevla_ros.vla.validation import validate
+validate(ModelStore(sys.argv[1]), sys.argv[2])
 """
 
 
@@ -126,7 +128,7 @@ def vla_loader(store_root: str, *, deterministic: bool = False, seed: int = 0) -
         ):
             # A heads update on the encoder this node already runs (verified when it was loaded): the light
             # check, here and in milliseconds, instead of a child process that loads the whole model.
-            store.validate_heads(version_id, latents=latent)
+            validate_heads(store, version_id, latents=latent)
             how = "shared, heads validated in-process"
         else:
             _validate_in_subprocess(store.root, version_id)

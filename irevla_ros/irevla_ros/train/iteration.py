@@ -445,8 +445,10 @@ class IterationRunner:
         self._progress("validation", 0.0, f"validating {candidate}")
         record = self.record
         verdict = {**self._verdict_base(), "stage2": self.models.get(candidate).metrics}
+        from irevla_ros.vla.validation import validate
+
         try:
-            verdict["checks"] = self.models.validate(candidate)
+            verdict["checks"] = validate(self.models, candidate)
         except InvalidVersionError as exc:
             return {**verdict, "promoted": False, "why": f"validation failed: {exc}"}
         cfg = self.config

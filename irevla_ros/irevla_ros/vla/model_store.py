@@ -34,7 +34,6 @@ import fcntl
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -43,39 +42,35 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from irevla_ros import durable
 from irevla_ros.vla.config import VLAConfig, VLAConfigError
+from irevla_ros.vla.integrity import (
+    CONFIG,
+    FORMAT,
+    HEADS_ONNX,
+    HEADS_WEIGHTS,
+    META,
+    TOKENIZER_DIR,
+    WEIGHTS,
+    CorruptVersionError,
+    InvalidVersionError,
+    UnknownVersionError,
+    json_bytes,
+    read_json,
+    sha256_cached,
+    verify_version_dir,
+    write_manifest,
+)
 from irevla_ros.vla.model import VLAModel
 
-WEIGHTS = "model.safetensors"
-HEADS_WEIGHTS = "heads.safetensors"
-HEADS_ONNX = "heads.onnx"
 # Top-level modules / parameters of VLAModel that a heads-only (Stage 1) version replaces.
 HEAD_MODULES = ("action_head", "critic_head", "log_std")
-CONFIG = "config.json"
-META = "meta.json"
-MANIFEST = "manifest.json"
-TOKENIZER_DIR = "tokenizer"
-FORMAT = 1
 
 _VERSION_RE = re.compile(r"v(\d{4,})-([a-z0-9_]{1,40})")
 _STAGE_RE = re.compile(r"[a-z0-9_]{1,40}")
 _LOG = logging.getLogger(__name__)
-
-
-class InvalidVersionError(ValueError):
-    """A model version cannot be used; the message says why (bad checksum, non-finite weights, wrong shapes...)."""
-
-
-class CorruptVersionError(InvalidVersionError):
-    """A file of a model version does not match its recorded checksum (or is missing / unlisted)."""
-
-
-class UnknownVersionError(InvalidVersionError):
-    """No such version in the store."""
 
 
 @dataclass(frozen=True)
@@ -125,49 +120,6 @@ class VersionInfo:
             raise CorruptVersionError(f"{path / META}: missing or malformed field ({exc})") from exc
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-_BASE_HASH_CACHE: dict[tuple[str, int, int], str] = {}
-
-
-def _sha256_cached(path: Path) -> str:
-    """Base-model files are large and read-only: hash each (path, size, mtime) once per process."""
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _BASE_HASH_CACHE:
-        _BASE_HASH_CACHE[key] = sha256_file(path)
-    return _BASE_HASH_CACHE[key]
-
-
-def _json_bytes(obj: Any) -> bytes:
-    return (json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
-
-
-def _write_manifest(folder: Path) -> tuple[dict[str, Any], bytes]:
-    """sha256 and size of every file in `folder` -> manifest.json; returns it and its bytes (meta pins their
-    checksum)."""
-    manifest = {
-        "format": FORMAT,
-        "files": {
-            name: {"sha256": sha256_file(folder / name), "bytes": (folder / name).stat().st_size}
-            for name in _files_under(folder)
-        },
-    }
-    manifest_bytes = _json_bytes(manifest)
-    (folder / MANIFEST).write_bytes(manifest_bytes)
-    return manifest, manifest_bytes
-
-
-def _files_under(root: Path) -> list[str]:
-    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
-
-
 def _software() -> dict[str, str]:
     out = {"torch": torch.__version__}
     for name in ("transformers", "peft", "onnx", "onnxruntime", "safetensors"):
@@ -199,60 +151,14 @@ def heads_state_dict(model: VLAModel) -> dict[str, torch.Tensor]:
     return {k: v for k, v in stored_state_dict(model).items() if is_head_key(k)}
 
 
-def verify_version_dir(path: Path, meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Check manifest against meta and every file against the manifest; returns the manifest.
-
-    Raises CorruptVersionError naming the first file that is missing, unlisted or does not match."""
-    path = Path(path)
-    if meta is None:
-        meta = _read_json(path / META)
-    manifest_path = path / MANIFEST
-    if not manifest_path.is_file():
-        raise CorruptVersionError(f"{path.name}: {MANIFEST} is missing")
-    if sha256_file(manifest_path) != meta.get("manifest_sha256"):
-        raise CorruptVersionError(f"{path.name}: checksum mismatch for {MANIFEST} (recorded in {META})")
-    manifest = _read_json(manifest_path)
-    files = manifest.get("files")
-    if not isinstance(files, dict):
-        raise CorruptVersionError(f"{path.name}: {MANIFEST} has no file list")
-    present = set(_files_under(path)) - {META, MANIFEST}
-    for name in sorted(present - set(files)):
-        raise CorruptVersionError(f"{path.name}: file {name} is not listed in {MANIFEST}")
-    for name, entry in sorted(files.items()):
-        file = path / name
-        if not file.is_file():
-            raise CorruptVersionError(f"{path.name}: file {name} is missing")
-        if file.stat().st_size != entry.get("bytes") or sha256_file(file) != entry.get("sha256"):
-            raise CorruptVersionError(f"{path.name}: checksum mismatch for {name}")
-    for required in (HEADS_WEIGHTS if meta.get("heads_only") else WEIGHTS, CONFIG):
-        if required not in files:
-            raise CorruptVersionError(f"{path.name}: {required} is missing from {MANIFEST}")
-    for name in (meta.get("onnx") or {}).get("files", {}).values():
-        if name not in files:
-            raise CorruptVersionError(f"{path.name}: {name} is missing from {MANIFEST}")
-    return manifest
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise CorruptVersionError(f"{path.parent.name}: {path.name} is missing") from exc
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CorruptVersionError(f"{path.parent.name}: {path.name} is not valid JSON ({exc})") from exc
-    if not isinstance(data, dict):
-        raise CorruptVersionError(f"{path.parent.name}: {path.name} is not a JSON object")
-    return data
-
-
 def check_tensors(
     tensors: Mapping[str, torch.Tensor], model: VLAModel, where: str, *, heads_only: bool = False
 ) -> None:
     """Stored tensors against the model built from the config: same keys, same shapes, all finite."""
-    _check_shapes(tensors, stored_state_dict_shapes(model, heads_only=heads_only), where)
+    check_shapes(tensors, stored_state_dict_shapes(model, heads_only=heads_only), where)
 
 
-def _check_shapes(
+def check_shapes(
     tensors: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]], where: str
 ) -> None:
     missing = sorted(set(expected) - set(tensors))
@@ -310,7 +216,7 @@ class ModelStore:
         path = self.root / version_id
         if not path.is_dir():
             raise UnknownVersionError(f"no version {version_id} in {self.root}")
-        info = VersionInfo.from_meta(path, _read_json(path / META))
+        info = VersionInfo.from_meta(path, read_json(path / META))
         if info.version_id != version_id:
             raise CorruptVersionError(f"{version_id}: {META} names another version ({info.version_id})")
         return info
@@ -389,9 +295,9 @@ class ModelStore:
                 files_b = model.backbone.base_weight_files()  # type: ignore[attr-defined]
                 hf_base = {
                     "dir": str(cfg.hf_model_dir),
-                    "files": {p.name: _sha256_cached(p) for p in files_b},
+                    "files": {p.name: sha256_cached(p) for p in files_b},
                 }
-            manifest, manifest_bytes = _write_manifest(tmp)
+            manifest, manifest_bytes = write_manifest(tmp)
             groups = model.named_parameter_groups()
             meta_base = {
                 "format": FORMAT,
@@ -421,7 +327,7 @@ class ModelStore:
                 "version_id": version_id,
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             }
-            (tmp / META).write_bytes(_json_bytes(meta))
+            (tmp / META).write_bytes(json_bytes(meta))
             durable.publish_dir(tmp, self.root / version_id)
         return version_id
 
@@ -494,9 +400,9 @@ class ModelStore:
                     "opset": onnx_export.OPSET,
                     "atol": onnx_export.ATOL,
                     "rtol": onnx_export.RTOL,
-                    "max_abs_error": verify_heads_onnx(model, tmp / HEADS_ONNX),
+                    "max_abs_error": onnx_export.verify_heads_onnx(model, tmp / HEADS_ONNX),
                 }
-            manifest, manifest_bytes = _write_manifest(tmp)
+            manifest, manifest_bytes = write_manifest(tmp)
             groups = model.named_parameter_groups()
             meta_base = {
                 "format": FORMAT,
@@ -558,7 +464,7 @@ class ModelStore:
                 file = base_dir / name
                 if not file.is_file():
                     raise CorruptVersionError(f"{version_id}: base model file {file} is missing")
-                if _sha256_cached(file) != digest:
+                if sha256_cached(file) != digest:
                     raise CorruptVersionError(f"{version_id}: checksum mismatch for base model file {file}")
         return info
 
@@ -611,162 +517,3 @@ class ModelStore:
             raise InvalidVersionError(f"{info.version_id}: heads do not fit the model ({result})")
         model.to(device).eval()
         return model, config, info
-
-    def validate_heads(self, version_id: str, latents: np.ndarray | None = None) -> dict[str, Any]:
-        """The light check of a heads-only version for a node that already runs its base's encoder: its own
-        checksums, the base pinned by manifest checksum, the config byte-equal to the base's, the heads' keys,
-        shapes and finiteness, and heads.onnx against torch heads on `latents` (e.g. the running encoder's
-        latent of the probe observation) and random latents, all outputs finite. The base's weight files are
-        not re-hashed: the caller vouches for them (its runtime verified them when it loaded the base).
-        Milliseconds, no backbone in torch; `validate` is the full check."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        from irevla_ros.vla import onnx_export
-        from irevla_ros.vla.model import mlp
-
-        info = self.get(version_id)
-        if not info.heads_only:
-            raise InvalidVersionError(f"{version_id} is a full version, not heads-only")
-        verify_version_dir(info.path, info.meta)
-        base = self.base_of(version_id)
-        if sha256_file(base.path / MANIFEST) != info.meta.get("base_manifest_sha256"):
-            raise CorruptVersionError(
-                f"{version_id}: its base {base.version_id} has changed since it was saved "
-                "(manifest checksum differs from the one recorded)"
-            )
-        if (info.path / CONFIG).read_bytes() != (base.path / CONFIG).read_bytes():
-            raise CorruptVersionError(f"{version_id}: {CONFIG} differs from its base {base.version_id}")
-        config = self.read_config(version_id)
-        heads = torch.nn.Module()  # just the heads, named as in VLAModel, so VLAModel's head functions apply
-        heads.action_head = mlp(config.latent_dim, config.head_hidden, config.action_dim, final_std=0.01)
-        heads.critic_head = mlp(config.latent_dim, config.head_hidden, 1, final_std=0.01)
-        heads.log_std = torch.nn.Parameter(torch.zeros(config.action_dim))
-        try:
-            tensors = load_file(str(info.path / HEADS_WEIGHTS))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise InvalidVersionError(f"{version_id}: {HEADS_WEIGHTS} cannot be read: {exc}") from exc
-        _check_shapes(tensors, {k: tuple(v.shape) for k, v in heads.state_dict().items()}, version_id)
-        heads.load_state_dict(tensors, strict=True)
-        heads.eval()
-        g = torch.Generator().manual_seed(0)
-        z = torch.randn(3, config.latent_dim, generator=g)
-        if latents is not None:
-            given = torch.as_tensor(np.asarray(latents, np.float32)).reshape(-1, config.latent_dim)
-            if not torch.isfinite(given).all():
-                raise InvalidVersionError(f"{version_id}: the probe latents given are not finite")
-            z = torch.cat([given, z])
-        with torch.no_grad():
-            mean = VLAModel.action_mean(heads, z).numpy()  # type: ignore[arg-type]
-            value = VLAModel.value(heads, z).numpy()  # type: ignore[arg-type]
-        if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(value))):
-            raise InvalidVersionError(f"{version_id}: heads outputs are not finite on the probe latents")
-        report: dict[str, Any] = {
-            "version_id": version_id,
-            "checksums": "ok",
-            "weights": "ok",
-            "heads_only": True,
-            "base_version": base.version_id,
-            "probe_torch": {"action_mean": mean[0].tolist(), "value": float(value[0])},
-        }
-        if info.onnx:
-            try:
-                session = onnx_export.make_session(info.path / info.onnx["files"]["heads"], 1)
-                o_mean, o_value, o_log_std = session.run(None, {"latent": z.numpy()})  # type: ignore[attr-defined]
-                report["onnx_max_abs_error"] = {
-                    "action_mean": onnx_export.compare("action_mean", o_mean, mean),
-                    "value": onnx_export.compare("value", o_value, value),
-                    "log_std": onnx_export.compare(
-                        "log_std", o_log_std, np.broadcast_to(heads.log_std.detach().numpy(), mean.shape)
-                    ),
-                }
-            except onnx_export.OnnxMismatchError as exc:
-                raise InvalidVersionError(f"{version_id}: ONNX does not match torch: {exc}") from exc
-            except Exception as exc:  # onnxruntime's own errors: a broken or mismatched graph
-                raise InvalidVersionError(f"{version_id}: heads.onnx fails on the probe: {exc}") from exc
-        return report
-
-    def validate(self, version_id: str) -> dict[str, Any]:
-        """Everything `load` checks, plus a probe observation through torch and (if exported) ONNX Runtime:
-        right shapes, finite outputs, ONNX within tolerance of torch. Raises InvalidVersionError with the reason;
-        returns a report."""
-        from irevla_ros.vla import onnx_export
-        from irevla_ros.vla.runtime import OnnxPolicyRuntime, TorchPolicyRuntime
-
-        model, config, info = self.load(version_id)
-        probe = probe_observation(config)
-        report: dict[str, Any] = {
-            "version_id": version_id,
-            "checksums": "ok",
-            "weights": "ok",
-            "heads_only": info.heads_only,
-            "base_version": info.base_version,
-        }
-        torch_rt = TorchPolicyRuntime(model)
-        mean, value, latent = torch_rt.act(*probe)
-        _check_outputs(version_id, "torch", config, mean, value, latent)
-        report["probe_torch"] = {"action_mean": mean.tolist(), "value": value}
-        if info.onnx:
-            try:
-                ort_rt = OnnxPolicyRuntime(info.path, verify=False)
-                o_mean, o_value, o_latent = ort_rt.act(*probe)
-            except InvalidVersionError:
-                raise
-            except Exception as exc:  # onnxruntime's own errors: a broken or mismatched graph
-                raise InvalidVersionError(f"{version_id}: ONNX graph fails on the probe: {exc}") from exc
-            _check_outputs(version_id, "onnx", config, o_mean, o_value, o_latent)
-            try:
-                report["onnx_max_abs_error"] = {
-                    "latent": onnx_export.compare("latent", o_latent, latent),
-                    "action_mean": onnx_export.compare("action_mean", o_mean, mean),
-                    "value": onnx_export.compare("value", np.float32(o_value), np.float32(value)),
-                }
-            except onnx_export.OnnxMismatchError as exc:
-                raise InvalidVersionError(f"{version_id}: ONNX does not match torch: {exc}") from exc
-        return report
-
-
-def verify_heads_onnx(model: VLAModel, heads_onnx: Path, seed: int = 1) -> dict[str, float]:
-    """heads.onnx against the model's torch heads on random latents; max abs error per output."""
-    from irevla_ros.vla import onnx_export
-
-    session = onnx_export.make_session(Path(heads_onnx), 1)
-    g = torch.Generator().manual_seed(seed)
-    latent = torch.randn(3, model.config.latent_dim, generator=g)
-    model = model.eval()
-    with torch.no_grad():
-        z = latent.to(model.log_std.device)
-        mean, value = model.action_mean(z).cpu().numpy(), model.value(z).cpu().numpy()
-        log_std = np.broadcast_to(model.log_std.detach().cpu().numpy(), mean.shape)
-    o_mean, o_value, o_log_std = session.run(None, {"latent": latent.numpy()})  # type: ignore[attr-defined]
-    return {
-        "action_mean": onnx_export.compare("action_mean", o_mean, mean),
-        "value": onnx_export.compare("value", o_value, value),
-        "log_std": onnx_export.compare("log_std", o_log_std, log_std),
-    }
-
-
-def probe_observation(config: VLAConfig) -> tuple[dict[str, np.ndarray], str, np.ndarray | None]:
-    """A fixed, plausible observation: a gradient image per camera, an instruction, zero proprioception."""
-    ramp = np.linspace(0, 255, 64, dtype=np.float32)
-    image = np.stack(
-        [np.tile(ramp, (48, 1)), np.tile(ramp[:48, None], (1, 64)), np.full((48, 64), 128.0)], -1
-    )
-    images = {c: image.astype(np.uint8) for c in config.cameras}
-    proprio = np.zeros(config.proprio_dim, dtype=np.float32) if config.proprio_dim else None
-    return images, "press the button", proprio
-
-
-def _check_outputs(
-    version_id: str, where: str, config: VLAConfig, mean: np.ndarray, value: float, latent: np.ndarray
-) -> None:
-    if mean.shape != (config.action_dim,):
-        raise InvalidVersionError(
-            f"{version_id}: {where} action has wrong shape {mean.shape}, expected ({config.action_dim},)"
-        )
-    if latent.shape != (config.latent_dim,):
-        raise InvalidVersionError(
-            f"{version_id}: {where} latent has wrong shape {latent.shape}, expected ({config.latent_dim},)"
-        )
-    if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(latent)) and math.isfinite(value)):
-        raise InvalidVersionError(f"{version_id}: {where} outputs are not finite on the probe observation")

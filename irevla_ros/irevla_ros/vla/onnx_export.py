@@ -350,3 +350,21 @@ def verify_onnx(
     want_log_std = np.broadcast_to(model.log_std.detach().cpu().numpy(), o_mean.shape)
     errors["log_std"] = compare("log_std", o_log_std, want_log_std)
     return errors
+
+
+def verify_heads_onnx(model: VLAModel, heads_onnx: Path, seed: int = 1) -> dict[str, float]:
+    """heads.onnx against the model's torch heads on random latents; max abs error per output."""
+    session = make_session(Path(heads_onnx), 1)
+    g = torch.Generator().manual_seed(seed)
+    latent = torch.randn(3, model.config.latent_dim, generator=g)
+    model = model.eval()
+    with torch.no_grad():
+        z = latent.to(model.log_std.device)
+        mean, value = model.action_mean(z).cpu().numpy(), model.value(z).cpu().numpy()
+        log_std = np.broadcast_to(model.log_std.detach().cpu().numpy(), mean.shape)
+    o_mean, o_value, o_log_std = session.run(None, {"latent": latent.numpy()})  # type: ignore[attr-defined]
+    return {
+        "action_mean": compare("action_mean", o_mean, mean),
+        "value": compare("value", o_value, value),
+        "log_std": compare("log_std", o_log_std, log_std),
+    }

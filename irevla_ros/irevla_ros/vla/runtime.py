@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from irevla_ros.vla import integrity
 from irevla_ros.vla.config import VLAConfig
 from irevla_ros.vla.distribution import sample_action
 from irevla_ros.vla.preprocess import VLAInputError, preprocess_images
@@ -137,21 +138,20 @@ class OnnxPolicyRuntime(_RuntimeBase):
         reuse: _RuntimeBase | None = None,
     ) -> None:
         super().__init__()
-        from irevla_ros.vla import model_store
         from irevla_ros.vla.backbones import load_tokenizer
         from irevla_ros.vla.onnx_export import make_session
 
         path = Path(version_dir)
-        meta = model_store._read_json(path / model_store.META)
+        meta = integrity.read_json(path / integrity.META)
         if verify:
-            model_store.verify_version_dir(path, meta)
+            integrity.verify_version_dir(path, meta)
         onnx_meta = meta.get("onnx")
         if not onnx_meta:
-            raise model_store.InvalidVersionError(
+            raise integrity.InvalidVersionError(
                 f"{path.name}: no ONNX export in this version (use TorchPolicyRuntime / make_runtime)"
             )
         self.version_id = str(meta.get("version_id", path.name))
-        self.config = VLAConfig.from_json((path / model_store.CONFIG).read_text())
+        self.config = VLAConfig.from_json((path / integrity.CONFIG).read_text())
         files = dict(onnx_meta["files"])
 
         def session(file: Path) -> Any:
@@ -162,7 +162,7 @@ class OnnxPolicyRuntime(_RuntimeBase):
             # The full version runs its own text and encoder graphs.
             self.encoder_version = self.version_id
             self.encoder_manifest_sha256 = str(meta.get("manifest_sha256", ""))
-            self.tokenizer = load_tokenizer(path / model_store.TOKENIZER_DIR)
+            self.tokenizer = load_tokenizer(path / integrity.TOKENIZER_DIR)
             self.sessions: dict[str, Any] = {k: session(path / files[k]) for k in files}
         else:
             self.encoder_version = str(meta["base_version"])
@@ -181,17 +181,17 @@ class OnnxPolicyRuntime(_RuntimeBase):
             else:
                 base_path = path.parent / self.encoder_version
                 base_meta = _base_meta(path.name, base_path, self.encoder_manifest_sha256, verify)
-                base_config = VLAConfig.from_json((base_path / model_store.CONFIG).read_text())
+                base_config = VLAConfig.from_json((base_path / integrity.CONFIG).read_text())
                 if base_config != self.config:
-                    raise model_store.CorruptVersionError(
-                        f"{path.name}: {model_store.CONFIG} differs from its base {self.encoder_version}"
+                    raise integrity.CorruptVersionError(
+                        f"{path.name}: {integrity.CONFIG} differs from its base {self.encoder_version}"
                     )
                 base_files = (base_meta.get("onnx") or {}).get("files", {})
                 if "text" not in base_files or "encoder" not in base_files:
-                    raise model_store.InvalidVersionError(
+                    raise integrity.InvalidVersionError(
                         f"{path.name}: its base {self.encoder_version} has no ONNX text/encoder graphs"
                     )
-                self.tokenizer = load_tokenizer(base_path / model_store.TOKENIZER_DIR)
+                self.tokenizer = load_tokenizer(base_path / integrity.TOKENIZER_DIR)
                 self.sessions = {k: session(base_path / base_files[k]) for k in ("text", "encoder")}
             self.sessions["heads"] = session(path / files["heads"])
         self._check_graphs(path.name)
@@ -201,8 +201,6 @@ class OnnxPolicyRuntime(_RuntimeBase):
         self._encoder_inputs = {i.name for i in self.sessions["encoder"].get_inputs()}
 
     def _check_graphs(self, name: str) -> None:
-        from irevla_ros.vla.model_store import InvalidVersionError
-
         cfg = self.config
         s = int(cfg.image_size)  # type: ignore[arg-type]
         want = {
@@ -212,17 +210,17 @@ class OnnxPolicyRuntime(_RuntimeBase):
         for (part, inp), dims in want.items():
             shapes = {i.name: i.shape for i in self.sessions[part].get_inputs()}
             if inp not in shapes or list(shapes[inp][1:]) != dims:
-                raise InvalidVersionError(
+                raise integrity.InvalidVersionError(
                     f"{name}: {part}.onnx input {inp} has shape {shapes.get(inp)}, the config needs [batch, *{dims}]"
                 )
         outs = {o.name: o.shape for o in self.sessions["heads"].get_outputs()}
         if list(outs.get("action_mean", [None, None])[1:]) != [cfg.action_dim]:
-            raise InvalidVersionError(
+            raise integrity.InvalidVersionError(
                 f"{name}: heads.onnx action_mean has shape {outs.get('action_mean')}, config action_dim {cfg.action_dim}"
             )
         lat = {o.name: o.shape for o in self.sessions["encoder"].get_outputs()}
         if list(lat.get("latent", [None, None])[1:]) != [cfg.latent_dim]:
-            raise InvalidVersionError(
+            raise integrity.InvalidVersionError(
                 f"{name}: encoder.onnx latent has shape {lat.get('latent')}, config latent_dim {cfg.latent_dim}"
             )
 
@@ -255,21 +253,17 @@ class OnnxPolicyRuntime(_RuntimeBase):
 
 def _base_meta(name: str, base_path: Path, pinned_sha256: str, verify: bool) -> dict[str, Any]:
     """The base version of heads-only version `name`: its meta, after checking it is the base that was pinned."""
-    from irevla_ros.vla import model_store
-
     if not base_path.is_dir():
-        raise model_store.UnknownVersionError(
-            f"{name}: its base version {base_path.name} is not in the store"
-        )
-    base_meta = model_store._read_json(base_path / model_store.META)
+        raise integrity.UnknownVersionError(f"{name}: its base version {base_path.name} is not in the store")
+    base_meta = integrity.read_json(base_path / integrity.META)
     if base_meta.get("heads_only"):
-        raise model_store.CorruptVersionError(f"{name}: its base {base_path.name} is itself heads-only")
+        raise integrity.CorruptVersionError(f"{name}: its base {base_path.name} is itself heads-only")
     if base_meta.get("manifest_sha256") != pinned_sha256:
-        raise model_store.CorruptVersionError(
+        raise integrity.CorruptVersionError(
             f"{name}: its base {base_path.name} has changed since it was saved (manifest checksum)"
         )
     if verify:
-        model_store.verify_version_dir(base_path, base_meta)
+        integrity.verify_version_dir(base_path, base_meta)
     return base_meta
 
 
@@ -328,10 +322,10 @@ def make_runtime(
 
     `reuse`: a loaded ONNX runtime whose text/encoder sessions a heads-only version on the same base shares
     (ignored otherwise). The torch fallback always loads the whole model."""
-    from irevla_ros.vla.model_store import META, ModelStore
+    from irevla_ros.vla.model_store import ModelStore  # torch: only for the fallback
 
     path = Path(version_dir)
-    has_onnx = bool(json.loads((path / META).read_text()).get("onnx"))
+    has_onnx = bool(json.loads((path / integrity.META).read_text()).get("onnx"))
     if prefer == "onnx" and has_onnx:
         try:
             import onnxruntime  # noqa: F401

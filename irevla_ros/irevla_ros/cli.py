@@ -14,7 +14,7 @@ from irevla_ros.bringup.graph import (
     GraphSpec,
     validate_graph,
 )
-from irevla_ros.params import ConfigError
+from irevla_ros.param_spec import ConfigError
 
 Verb = Callable[[argparse.Namespace], int]
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from irevla_ros.params import internal, required, setting
+from irevla_ros.param_spec import internal, required, setting
 
 # Absolute slack for the invariant checks: float rounding of a clip or a rescale, never a real violation.
 _EPS = 1e-9

@@ -11,8 +11,8 @@ from catkin_pkg.package import parse_package
 from irevla_ros.bringup.graph import all_executables, all_parameter_files, collect_graph, validate_graph
 from irevla_ros.cli import build_parser, main
 from irevla_ros.entry_points import NODE_EXECUTABLES
-from irevla_ros.parameters import SCHEMAS
-from irevla_ros.params import ConfigError
+from irevla_ros.node_parameters import SCHEMAS
+from irevla_ros.param_spec import ConfigError
 from irevla_ros.paths import config_dir, launch_dir
 
 REPO = Path(__file__).resolve().parents[2]

@@ -13,11 +13,11 @@ from rclpy.parameter import Parameter as RclpyParameter
 from irevla_ros.bringup.graph import collect_graph, validate_graph, with_overrides
 from irevla_ros.cli import main
 from irevla_ros.hardware.arm import make_arm
+from irevla_ros.node_parameters import SCHEMAS
 from irevla_ros.nodes.arm_controller_node import ArmControllerNode
 from irevla_ros.nodes.common import declare_parameters
 from irevla_ros.nodes.policy_node import PolicyNode
-from irevla_ros.parameters import SCHEMAS
-from irevla_ros.params import ConfigError, defaults, from_parameters
+from irevla_ros.param_spec import ConfigError, defaults, from_parameters
 from irevla_ros.safety import SafetyLimits
 from irevla_ros.sim.cell import MetaWorldCell
 from irevla_ros.sim.rollout import RolloutSettings

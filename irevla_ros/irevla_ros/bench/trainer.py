@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from irevla_ros.bench.harness import log, write_result
-from irevla_ros.parameters import DEFAULT_TASKS
+from irevla_ros.node_parameters import DEFAULT_TASKS
 
 
 def iteration_wall_clock(work: Path, quick: bool) -> dict[str, Any]:

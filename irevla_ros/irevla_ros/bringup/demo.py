@@ -361,7 +361,7 @@ def run_demo(
 
 def _graph_tasks(overrides: Sequence[str]) -> list[str]:
     """The tasks the sessions cycle through (validation evaluates on the same), honouring --set overrides."""
-    from irevla_ros.parameters import DEFAULT_TASKS
+    from irevla_ros.node_parameters import DEFAULT_TASKS
 
     for item in overrides:
         if item.startswith("/episode_manager.tasks="):

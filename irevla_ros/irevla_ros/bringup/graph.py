@@ -16,8 +16,8 @@ from pathlib import Path
 import yaml
 
 from irevla_ros.entry_points import NODE_EXECUTABLES
-from irevla_ros.parameters import CONFIGS, GRAPH_WIDE, SCHEMAS
-from irevla_ros.params import (
+from irevla_ros.node_parameters import CONFIGS, GRAPH_WIDE, SCHEMAS
+from irevla_ros.param_spec import (
     ConfigError,
     ParamSpec,
     defaults,

@@ -31,9 +31,9 @@ from std_srvs.srv import Trigger
 from irevla_interfaces.msg import ArmCommand, EpisodeEvent
 from irevla_ros import topics
 from irevla_ros.hardware.arm import ArmBackend, make_arm
+from irevla_ros.node_parameters import ARM_CONTROLLER
 from irevla_ros.nodes.common import RELIABLE_QOS, RosTimePeriodic, declare_parameters, run_nodes, time_to_ns
-from irevla_ros.parameters import ARM_CONTROLLER
-from irevla_ros.params import ConfigError, ParamValue, from_parameters
+from irevla_ros.param_spec import ConfigError, ParamValue, from_parameters
 from irevla_ros.safety import SafetyConfigError, SafetyLayer, SafetyLimits
 
 _HOME_TOLERANCE = 0.005  # m

@@ -16,10 +16,10 @@ from rclpy.time import Time
 from sensor_msgs.msg import CameraInfo, Image
 
 from irevla_ros.hardware.camera import CameraBackend, CameraInfoData, make_camera
+from irevla_ros.node_parameters import CAMERA
 from irevla_ros.nodes.common import SENSOR_QOS, declare_parameters, image_to_msg, run_nodes
 from irevla_ros.observation import resize_area
-from irevla_ros.parameters import CAMERA
-from irevla_ros.params import ParamValue
+from irevla_ros.param_spec import ParamValue
 
 
 class CameraNode(Node):

@@ -24,7 +24,7 @@ from rclpy.qos import (
 from rosgraph_msgs.msg import Clock
 from sensor_msgs.msg import Image
 
-from irevla_ros.params import ConfigError, ParamSpec, ParamValue
+from irevla_ros.param_spec import ConfigError, ParamSpec, ParamValue
 
 SENSOR_QOS = qos_profile_sensor_data
 # Step records and episode events must not be dropped: reliable, deep queue.

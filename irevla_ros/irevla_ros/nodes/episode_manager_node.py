@@ -22,6 +22,7 @@ from visualization_msgs.msg import Marker, MarkerArray
 from irevla_interfaces.msg import EpisodeEvent, SessionStatus
 from irevla_interfaces.srv import ResetEpisode
 from irevla_ros import topics
+from irevla_ros.node_parameters import EPISODE_MANAGER
 from irevla_ros.nodes.common import (
     LATCHED_QOS,
     RELIABLE_QOS,
@@ -36,7 +37,6 @@ from irevla_ros.nodes.common import (
     to_time_msg,
 )
 from irevla_ros.nodes.event_codes import OUTCOME_CODES, SOURCE_CODES
-from irevla_ros.parameters import EPISODE_MANAGER
 from irevla_ros.session import Session, SessionConfig, SessionEvent, SessionState, TransitionError
 
 EVENT_CODES = {

@@ -33,6 +33,7 @@ from std_srvs.srv import Trigger
 from irevla_interfaces.msg import ArmCommand, EpisodeEvent, PolicyVersion, StepRecord
 from irevla_interfaces.srv import SelectPolicyVersion
 from irevla_ros import topics
+from irevla_ros.node_parameters import POLICY
 from irevla_ros.nodes.common import (
     LATCHED_QOS,
     RELIABLE_QOS,
@@ -56,7 +57,6 @@ from irevla_ros.observation import (
     decide,
     holding,
 )
-from irevla_ros.parameters import POLICY
 from irevla_ros.policies import make_policy_slot_parts
 from irevla_ros.policies.base import Observation, Policy
 from irevla_ros.policies.scripted import EXPERT_ACTION_KEY

@@ -41,10 +41,10 @@ from irevla_ros import topics
 from irevla_ros.hardware.arm import make_arm
 from irevla_ros.hardware.camera.base import CameraBackend, CameraFrame, CameraInfoData
 from irevla_ros.hardware.camera.sim import SimCamera
+from irevla_ros.node_parameters import SIM_CELL
 from irevla_ros.nodes.arm_controller_node import ArmControllerNode
 from irevla_ros.nodes.camera_node import CameraNode
 from irevla_ros.nodes.common import declare_parameters, run_nodes
-from irevla_ros.parameters import SIM_CELL
 from irevla_ros.sim.cell import MetaWorldCell
 from irevla_ros.sim.rollout import finish_control_period
 

@@ -41,6 +41,7 @@ from irevla_interfaces.msg import (
     TrainerStatus,
 )
 from irevla_ros import topics
+from irevla_ros.node_parameters import TRAINER
 from irevla_ros.nodes.common import (
     LATCHED_QOS,
     RELIABLE_QOS,
@@ -51,8 +52,7 @@ from irevla_ros.nodes.common import (
     time_to_ns,
 )
 from irevla_ros.nodes.event_codes import OUTCOME_CODES, OUTCOME_NAMES, SOURCE_NAMES
-from irevla_ros.parameters import TRAINER
-from irevla_ros.params import ConfigError, from_parameters
+from irevla_ros.param_spec import ConfigError, from_parameters
 from irevla_ros.store.assembler import EpisodeAssembler
 from irevla_ros.store.collector import EpisodeCollector
 from irevla_ros.store.episode_store import EpisodeStore

@@ -33,7 +33,7 @@ import cv2
 import numpy as np
 
 from irevla_ros.hardware.arm.sim import SimArm
-from irevla_ros.params import from_parameters
+from irevla_ros.param_spec import from_parameters
 from irevla_ros.policies.base import ACTION_DIM, Observation, Policy, PolicyError
 from irevla_ros.policies.scripted import EXPERT_ACTION_KEY
 from irevla_ros.safety import SafetyLayer, SafetyLimits

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from irevla_ros.params import group, internal, setting
+from irevla_ros.param_spec import group, internal, setting
 from irevla_ros.sim import DEFAULT_TASKS
 
 ALGORITHMS = ("ppo", "sacfd")

@@ -8,7 +8,7 @@ controller's safety limits from `SafetyLimits`, the trainer's iteration, Stage 1
 
 from __future__ import annotations
 
-from irevla_ros.params import ParamSpec, parameter_specs
+from irevla_ros.param_spec import ParamSpec, parameter_specs
 from irevla_ros.safety import SafetyLimits
 from irevla_ros.sim import DEFAULT_TASKS as _TASKS
 from irevla_ros.train.config import IterationConfig

@@ -15,14 +15,6 @@ import torch
 from irevla_ros import cli
 from irevla_ros.policies.scripted import ScriptedExpertPolicy
 from irevla_ros.sim.cell import UnknownTaskError
-from irevla_ros.sim.rollout import (
-    RolloutSettings,
-    episode_seed,
-    make_cell,
-    run_episode,
-    to_transitions,
-    write_to_store,
-)
 from irevla_ros.store.episode_store import EpisodeStore
 from irevla_ros.train.datasets import expert_set
 from irevla_ros.train.evaluation import (
@@ -33,6 +25,14 @@ from irevla_ros.train.evaluation import (
     load_policy,
     not_worse,
     wilson_interval,
+)
+from irevla_ros.train.rollout import (
+    RolloutSettings,
+    episode_seed,
+    make_cell,
+    run_episode,
+    to_transitions,
+    write_to_store,
 )
 from irevla_ros.vla.model_store import InvalidVersionError, ModelStore, UnknownVersionError
 

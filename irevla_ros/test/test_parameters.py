@@ -20,8 +20,8 @@ from irevla_ros.nodes.policy_node import PolicyNode
 from irevla_ros.param_spec import ConfigError, defaults, from_parameters
 from irevla_ros.safety import SafetyLimits
 from irevla_ros.sim.cell import MetaWorldCell
-from irevla_ros.sim.rollout import RolloutSettings
 from irevla_ros.train.config import IterationConfig, PPOConfig, SACfDConfig, SFTConfig, Stage1Config
+from irevla_ros.train.rollout import RolloutSettings
 
 pytestmark = pytest.mark.filterwarnings("ignore:Constant\\(s\\) may be too high:UserWarning")
 

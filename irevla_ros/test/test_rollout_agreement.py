@@ -1,4 +1,4 @@
-"""The direct rollout (sim/rollout.py, no ROS) agrees with the full node graph (real processes, real DDS).
+"""The direct rollout (train/rollout.py, no ROS) agrees with the full node graph (real processes, real DDS).
 
 One episode of a fixed task and cell seed through `run_session` (sim cell, camera, arm controller, policy,
 episode manager, trainer), read back from the episode store, against `run_episode` on a cell built from the
@@ -27,9 +27,9 @@ import torch
 
 from irevla_ros.bringup.demo import run_session
 from irevla_ros.policies.scripted import ScriptedExpertPolicy
-from irevla_ros.sim.rollout import EpisodeResult, RolloutSettings, make_cell, run_episode
 from irevla_ros.store.episode_store import EpisodeStore
 from irevla_ros.train.evaluation import load_policy
+from irevla_ros.train.rollout import EpisodeResult, RolloutSettings, make_cell, run_episode
 
 TASK, SEED = "button-press-v3", 3
 

@@ -6,7 +6,7 @@
     irevla bench-sim --scale tiny                                  # the same through the CLI
 
 Protocol (paper, Algorithm 1 and Table I), every episode a direct rollout of the node graph's loop
-(`sim/rollout.py`):
+(`train/rollout.py`):
 1. Stage 0: `demos_per_task` successful demonstrations of each EXPERT task by Meta-World's scripted expert with
    exploration noise (failed attempts are counted and dropped, as the store's D_e keeps successes only), then
    supervised learning (train/sft.train_supervised) -> the SFT policy. Baseline "SFT" stops here.
@@ -54,7 +54,7 @@ from irevla_ros import durable
 from irevla_ros.bench.harness import RESULTS_DIR, log, write_result
 from irevla_ros.bench.plot import plot_ire_vla_sim
 from irevla_ros.policies.scripted import ScriptedExpertPolicy
-from irevla_ros.sim.rollout import (
+from irevla_ros.train.rollout import (
     EpisodeResult,
     LatentTap,
     RolloutSettings,

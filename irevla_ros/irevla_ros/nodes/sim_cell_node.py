@@ -15,7 +15,7 @@ the remaining physics substeps of the period hold the commanded target. So simul
 graph can keep up, and rates, timeouts and the watchdog mean the same as on a robot.
 
 Everything observed at time t (camera frames, arm state, success, the expert's action) is published before the
-/clock message of t, so the policy's tick at t acts on the world at t, as the direct rollout (`sim/rollout.py`)
+/clock message of t, so the policy's tick at t acts on the world at t, as the direct rollout (`train/rollout.py`)
 does. A reset answers only after its new scene is out, with the scene's stamp: the episode starts, and its timeout
 counts, from that first observation.
 """
@@ -45,8 +45,7 @@ from irevla_ros.node_parameters import SIM_CELL
 from irevla_ros.nodes.arm_controller_node import ArmControllerNode
 from irevla_ros.nodes.camera_node import CameraNode
 from irevla_ros.nodes.common import declare_parameters, run_nodes
-from irevla_ros.sim.cell import MetaWorldCell
-from irevla_ros.sim.rollout import finish_control_period
+from irevla_ros.sim.cell import MetaWorldCell, finish_control_period
 
 
 class RenderedCamera(CameraBackend):

@@ -418,3 +418,15 @@ def instruction_for(task: str) -> str:
     if task in INSTRUCTIONS:
         return INSTRUCTIONS[task]
     return task.removesuffix("-v3").replace("-", " ")
+
+
+def finish_control_period(cell: MetaWorldCell, period_start: float, period: float) -> int:
+    """Hold the commanded target, with the current gripper effort, for the rest of a control period that began
+    at simulated time `period_start`; returns the number of physics steps taken (the sim cell node's rule)."""
+    steps = 0
+    with cell.lock:
+        gripper = float(cell.data.ctrl[0]) if cell.data.ctrl.size else 0.0
+        while cell.sim_time < period_start + period - 1e-9:
+            cell.apply_action(np.array([0.0, 0.0, 0.0, np.clip(gripper, -1, 1)]))
+            steps += 1
+    return steps

@@ -1,5 +1,5 @@
 """Evaluation of a policy version in the simulated cell: success rate per task and overall, with Wilson 95%
-confidence intervals, by direct rollouts (`irevla_ros.sim.rollout`, the node graph's loop without ROS).
+confidence intervals, by direct rollouts (`irevla_ros.train.rollout`, the node graph's loop without ROS).
 
 Every (task, episode index) gets its own layout seed derived from the evaluation seed, and a version is run with
 its deterministic action (the mean), so two evaluations of one version agree exactly and two versions are
@@ -19,7 +19,7 @@ from typing import Any
 
 from irevla_ros import durable
 from irevla_ros.policies.base import Policy
-from irevla_ros.sim.rollout import EpisodeResult, RolloutSettings, episode_seed, make_cell, run_episode
+from irevla_ros.train.rollout import EpisodeResult, RolloutSettings, episode_seed, make_cell, run_episode
 
 # Two-sided 95% normal quantile.
 Z95 = 1.959963984540054

@@ -1,12 +1,12 @@
 """One episode in a MetaWorldCell without ROS, with the pieces the node graph uses.
 
 The node graph's loop, step for step (the graph test `test_evaluation.py` checks the two agree):
-- observation as the policy node builds it: each camera node's MuJoCo camera rendered at the cell's resolution,
-  resized by the camera node to its own size, then by the policy node to the policy's input size (INTER_AREA);
-  proprioception [ee x, y, z, gripper opening] as float32 from the arm backend's state; the instruction the
-  reset returned; the simulator's expert action as an extra (for the scripted expert);
-- the same Policy object (`VLAPolicy` over a model-store version's runtime, or the scripted expert);
-- a hold when the policy cannot act (PolicyError) or returns a non-finite/wrong-shaped action;
+- the observation built by the policy node's own function (`observation.assemble`) from each camera node's
+  MuJoCo camera rendered at the cell's resolution and resized to the camera node's size, the arm backend's
+  state, the instruction the reset returned and the simulator's expert action (for the scripted expert);
+- the same Policy object (`VLAPolicy` over a model-store version's runtime, or the scripted expert), run and
+  checked by the node's own function (`observation.decide`: a hold when the policy cannot act or returns a
+  non-finite/wrong-shaped action);
 - the arm controller's conversion: `SafetyLayer.command(action, now, measured ee)` -> `SimArm.send_target`,
   `SimArm.hold()` for holds and refused commands, `SafetyLayer.reset()` at the start of every episode;
 - the sim cell's control period: the command is one physics step, the rest of the period holds the commanded
@@ -29,18 +29,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
 from irevla_ros.hardware.arm.sim import SimArm
+from irevla_ros.observation import (
+    PROPRIOCEPTION_NAMES,
+    ArmState,
+    Frame,
+    ObservationRules,
+    assemble,
+    decide,
+    resize_area,
+)
 from irevla_ros.param_spec import from_parameters
-from irevla_ros.policies.base import ACTION_DIM, Observation, Policy, PolicyError
+from irevla_ros.policies.base import Observation, Policy
 from irevla_ros.policies.scripted import EXPERT_ACTION_KEY
 from irevla_ros.safety import SafetyLayer, SafetyLimits
-from irevla_ros.sim.cell import MetaWorldCell
-
-# The policy node's proprioception layout (its StepRecord.proprioception_names).
-PROPRIOCEPTION_NAMES = ("ee_x", "ee_y", "ee_z", "gripper_opening")
+from irevla_ros.sim.cell import MetaWorldCell, finish_control_period
 
 
 class RolloutConfigError(ValueError):
@@ -79,6 +84,11 @@ class RolloutSettings:
     @property
     def camera_names(self) -> tuple[str, ...]:
         return tuple(c.name for c in self.cameras)
+
+    @property
+    def observation_rules(self) -> ObservationRules:
+        """The policy node's input size. Its freshness limits never bind here: every input is of the tick."""
+        return ObservationRules(self.camera_names, self.image_width, self.image_height)
 
     def replace(self, **changes: Any) -> RolloutSettings:
         import dataclasses
@@ -144,49 +154,23 @@ def make_cell(settings: RolloutSettings, tasks: Sequence[str], seed: int | None 
 # ---- the pieces shared with the nodes -------------------------------------------------------------------------
 
 
-def finish_control_period(cell: MetaWorldCell, period_start: float, period: float) -> int:
-    """Hold the commanded target, with the current gripper effort, for the rest of a control period that began
-    at simulated time `period_start`; returns the number of physics steps taken (the sim cell node's rule)."""
-    steps = 0
-    with cell.lock:
-        gripper = float(cell.data.ctrl[0]) if cell.data.ctrl.size else 0.0
-        while cell.sim_time < period_start + period - 1e-9:
-            cell.apply_action(np.array([0.0, 0.0, 0.0, np.clip(gripper, -1, 1)]))
-            steps += 1
-    return steps
-
-
-def resize_like_node(image: np.ndarray, width: int, height: int) -> np.ndarray:
-    """What the camera node and the policy node do to a frame of another size (INTER_AREA)."""
-    if image.shape[1] != width or image.shape[0] != height:
-        return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
-    return image
-
-
-def proprioception(ee_position: np.ndarray, gripper_opening: float) -> np.ndarray:
-    """The policy node's proprioception vector (float32 ee x, y, z in metres and the gripper opening)."""
-    p = np.asarray(ee_position, dtype=np.float64).reshape(3)
-    return np.array([p[0], p[1], p[2], gripper_opening], dtype=np.float32)
-
-
 def observe(
     cell: MetaWorldCell, arm: SimArm, settings: RolloutSettings, instruction: str, now: float
 ) -> Observation:
-    """The observation the policy node assembles at a tick, built straight from the cell."""
+    """The observation the policy node assembles at a tick (`observation.assemble`, the node's own function),
+    from the cell's frames and arm state of this moment. A cell state no observation can be built from (a
+    non-finite hand position) raises HoldTick: a bug of the simulation, not a tick to hold."""
     with cell.lock:
-        images = {}
-        for cam in settings.cameras:
-            frame = resize_like_node(cell.render(cam.sim_camera), cam.width, cam.height)
-            images[cam.name] = resize_like_node(frame, settings.image_width, settings.image_height)
+        # Each camera node publishes the cell's render at its own size (INTER_AREA).
+        frames = {
+            cam.name: Frame(resize_area(cell.render(cam.sim_camera), cam.width, cam.height), now)
+            for cam in settings.cameras
+        }
         state = arm.read_state()
         expert = cell.expert_action()
-    # The arm state crosses ROS as float64 (pose) and float64 (joint_states) and becomes float32 in the node.
-    return Observation(
-        images,
-        proprioception(state.ee_position, state.gripper),
-        instruction,
-        now,
-        {EXPERT_ACTION_KEY: expert},
+    arm_state = ArmState(state.ee_position, state.gripper, now)
+    return assemble(
+        settings.observation_rules, frames, arm_state, instruction, now, {EXPERT_ACTION_KEY: expert}
     )
 
 
@@ -278,22 +262,13 @@ def run_episode(
         obs = observe(cell, arm, settings, instruction, now)
         if on_step is not None:
             on_step(step, obs)
-        output = None
-        hold_reason = ""
-        try:
-            output = policy.act(obs)
-            action = np.asarray(output.action, dtype=np.float32)
-            if action.shape != (ACTION_DIM,) or not np.all(np.isfinite(action)):
-                hold_reason = f"policy output {action.tolist()} is not {ACTION_DIM} finite numbers"
-                output = None
-        except PolicyError as exc:
-            hold_reason = str(exc)
+        decision = decide(policy, obs)  # the policy node decides with the same function
+        output, action = decision.output, decision.action
         with cell.lock:
             period_start = cell.sim_time
             if output is None:
                 arm.hold()  # the policy published a hold; the controller holds the arm
-                reasons.append(hold_reason)
-                action = np.zeros(ACTION_DIM, np.float32)
+                reasons.append(decision.hold_reason)
             else:
                 cmd = layer.command(action.astype(np.float64), now, arm.read_state().ee_position)
                 if cmd.moves and cmd.target is not None and cmd.gripper is not None:

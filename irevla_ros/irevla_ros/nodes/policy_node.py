@@ -1,13 +1,16 @@
 """Policy node: at the control rate, assemble the observation, run the active policy, publish the action and the
 per-step record.
 
-The observation is the newest frame of every configured camera (each no older than `max_image_age`, all within
-`max_camera_skew` of each other) plus the arm's end-effector pose (no older than `max_state_age`) and gripper.
-A START event carries the episode's first moment; a tick of that moment that ran before START arrived is run
-again at once. Anything missing, stale, malformed
-or non-finite turns the tick into a hold: the arm keeps still, the reason is logged, the step record says
-`hold`, and the node keeps running. Step indices are consecutive within an episode; when the episode manager
-ends an episode the node publishes STEPS_DONE with the number of records it emitted.
+The tick of time t observes, of every configured camera, the arm's end-effector pose, its gripper and the
+simulator's expert action, the newest message stamped no later than t (`observation.assemble` then checks each
+frame is no older than `max_image_age`, all within `max_camera_skew` of each other, the pose no older than
+`max_state_age`), and its action and step record are stamped t. Under simulated time a tick whose inputs of t
+have not all arrived yet (DDS does not order them before /clock t) waits for them, at most SIM_INPUT_WAIT wall
+seconds. A START event carries the episode's first moment; a tick of that moment that ran before START arrived
+is run again at once. Anything missing, stale, malformed or non-finite turns the tick into a hold
+(`observation.decide`): the arm keeps still, the reason is logged, the step record says `hold`, and the node
+keeps running. Step indices are consecutive within an episode; when the episode manager ends an episode the node
+publishes STEPS_DONE with the number of records it emitted.
 """
 
 from __future__ import annotations

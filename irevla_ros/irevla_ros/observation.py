@@ -11,7 +11,7 @@ layer's business (`SafetyLayer.command`), which both paths run too. Plain Python
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import cv2
@@ -41,10 +41,14 @@ class ObservationRules:
 
 @dataclass(frozen=True)
 class Frame:
-    """One camera's decoded frame and its capture stamp (s)."""
+    """One camera's frame and its capture stamp (s). `image` may be a decoder, called only once the frame is
+    known to be fresh (a stale frame is reported stale, whatever its bytes); a ValueError from it is a hold."""
 
-    image: np.ndarray
+    image: np.ndarray | Callable[[], np.ndarray]
     stamp: float
+
+    def pixels(self) -> np.ndarray:
+        return self.image() if callable(self.image) else self.image
 
 
 @dataclass(frozen=True)
@@ -100,7 +104,10 @@ def assemble(
         age = now - frame.stamp
         if age > rules.max_image_age:
             raise HoldTick(f"camera {cam!r} is stale: newest frame is {age:.3f} s old")
-        image = frame.image
+        try:
+            image = frame.pixels()
+        except ValueError as exc:  # a malformed message (ImageFormatError)
+            raise HoldTick(f"camera {cam!r}: {exc}") from exc
         if image.ndim != 3 or image.shape[2] != 3:
             raise HoldTick(f"camera {cam!r}: expected a colour image, got shape {image.shape}")
         images[cam] = resize_area(image, rules.image_width, rules.image_height)

@@ -32,6 +32,10 @@ def _frames(stamp_a: float = 10.0, stamp_b: float = 10.0) -> dict[str, Frame | N
     }
 
 
+def _malformed() -> np.ndarray:
+    raise ValueError("data has 5 bytes")
+
+
 def test_assemble_builds_the_policy_input():
     frames = _frames()
     obs = assemble(RULES, frames, ARM, "press", 10.0, {EXPERT_ACTION_KEY: np.ones(4, np.float32)})
@@ -53,6 +57,9 @@ def test_assemble_builds_the_policy_input():
             ARM,
             "camera 'b': expected a colour image, got shape (24, 32)",
         ),
+        # A decoder runs only for a fresh frame: a stale malformed frame is stale, a fresh one malformed.
+        ({**_frames(), "b": Frame(_malformed, 9.7)}, ARM, "camera 'b' is stale: newest frame is 0.300 s old"),
+        ({**_frames(), "b": Frame(_malformed, 10.0)}, ARM, "camera 'b': data has 5 bytes"),
         (_frames(), None, "no arm state"),
         (_frames(), ArmState((0.1, 0.6, 0.2), 0.8, 9.7), "arm state is stale"),
         (_frames(), ArmState((np.nan, 0.6, 0.2), 0.8, 10.0), "non-finite arm state [nan"),

@@ -41,7 +41,6 @@ from irevla_ros.nodes.common import (
     LATCHED_QOS,
     RELIABLE_QOS,
     SENSOR_QOS,
-    ImageFormatError,
     RosTimePeriodic,
     declare_parameters,
     image_to_msg,
@@ -392,10 +391,7 @@ class PolicyNode(Node):
                 )
             if msg is None:
                 continue
-            try:
-                frames[cam] = Frame(msg_to_image(msg), _header_ns(msg) * 1e-9)
-            except ImageFormatError as exc:
-                raise HoldTick(f"camera {cam!r}: {exc}") from exc
+            frames[cam] = Frame(lambda m=msg: msg_to_image(m), _header_ns(msg) * 1e-9)
             used[cam] = msg
         arm = None
         if pose is not None and gripper is not None:

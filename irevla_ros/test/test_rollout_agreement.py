@@ -8,6 +8,8 @@ same parameter files. The graph's lock-step makes the two the same computation, 
   (the sim cell publishes frames and arm state of time t before /clock t; the arm controller times its safety
   layer on the cell's clock; the reset resets the safety layer at the new scene's first moment; the policy acts
   on that moment when START arrives after its tick);
+- the graph's stored file, read independently (mcap_ros2), has its steps one control period apart and no image
+  newer than its step;
 - the same outcome, and the graph one step longer at most: the policy's tick at the moment the episode manager
   ends the episode (success or timeout) runs before END reaches it, and that step is recorded (the direct
   rollout stops there).
@@ -24,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from episode_timing_check import store_timing_problems
 
 from irevla_ros.bringup.demo import run_session
 from irevla_ros.policies.scripted import ScriptedExpertPolicy
@@ -53,6 +56,10 @@ def _graph_episode(tmp: Path, settings: list[str]) -> dict[str, np.ndarray | str
         row = store.list()[0]
         steps = store.read(row.episode_id).steps
     assert not any(s.hold for s in steps), [s.step_index for s in steps if s.hold]
+    # The stored file, read independently: steps one control period apart, no image newer than its step.
+    period_ns = round(RolloutSettings.from_graph(overrides=settings).control_period * 1e9)
+    timing = store_timing_problems(tmp / "store", period_ns)
+    assert len(timing) == 1 and not any(timing.values()), timing
     return {
         "outcome": row.outcome,
         "steps": row.num_steps,

@@ -15,7 +15,9 @@ description or a range is written in one place.
 from __future__ import annotations
 
 import copy
+import functools
 import math
+import numbers
 from collections.abc import Iterable, Mapping
 from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
@@ -40,6 +42,9 @@ class ParamSpec:
     min: float | None = None
     max: float | None = None
     choices: tuple[str, ...] | None = None
+    # `min` itself is refused (lr > 0). ROS ranges are inclusive: a node's descriptor carries `min`, and `check`
+    # (run on every declared value) refuses the bound.
+    min_exclusive: bool = False
 
     @property
     def type_name(self) -> str:
@@ -47,33 +52,53 @@ class ParamSpec:
 
     def check(self, value: Any, where: str) -> ParamValue:
         """Return `value` converted to this parameter's type, or raise ConfigError naming `where`."""
+        converted, problem = self.convert(value)
+        if problem is not None:
+            raise ConfigError(f"{where}: {problem}")
+        return converted
+
+    def convert(self, value: Any) -> tuple[Any, str | None]:
+        """`value` converted to this parameter's type (an int given for a double becomes a float, a numpy scalar
+        the Python number), and what is wrong with it: None, or a phrase that names the value and the bound."""
         expected = self.type_name
-        if expected == "double" and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if expected == "double[]" and isinstance(value, list):
-            value = [float(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
-        actual = _type_name(value) if value != [] else expected
+        if isinstance(value, list):
+            value = [_as_type(v, expected.removesuffix("[]")) for v in value]
+        else:
+            value = _as_type(value, expected)
+        actual = expected if isinstance(value, list) and not value else _type_name(value)
         if actual != expected:
-            raise ConfigError(f"{where}: expected {expected}, got {actual} ({value!r})")
+            return value, f"expected {expected}, got {actual} ({value!r})"
         for item in value if isinstance(value, list) else [value]:
             if isinstance(item, float) and not math.isfinite(item):
-                raise ConfigError(f"{where}: {item!r} is not a finite number")
+                return value, f"{item!r} is not a finite number"
             if isinstance(item, (int, float)) and not isinstance(item, bool):
+                if self.min is not None and self.min_exclusive and item <= self.min:
+                    return value, f"{item!r} is not above the exclusive minimum {self.min}"
                 if self.min is not None and item < self.min:
-                    raise ConfigError(f"{where}: {item!r} is below the minimum {self.min}")
+                    return value, f"{item!r} is below the minimum {self.min}"
                 if self.max is not None and item > self.max:
-                    raise ConfigError(f"{where}: {item!r} is above the maximum {self.max}")
+                    return value, f"{item!r} is above the maximum {self.max}"
             if self.choices is not None and item not in self.choices:
-                raise ConfigError(f"{where}: {item!r} is not one of {', '.join(self.choices)}")
+                return value, f"{item!r} is not one of {', '.join(self.choices)}"
+        return value, None
+
+
+def _as_type(value: Any, expected: str) -> Any:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return value
+    if expected == "double":
+        return float(value)
+    if expected == "integer" and isinstance(value, numbers.Integral):
+        return int(value)
+    return value
 
 
 def _type_name(value: Any) -> str:
     if isinstance(value, bool):
         return "bool"
-    if isinstance(value, int):
+    if isinstance(value, numbers.Integral):
         return "integer"
-    if isinstance(value, float):
+    if isinstance(value, numbers.Real):
         return "double"
     if isinstance(value, str):
         return "string"
@@ -165,10 +190,13 @@ def setting(
     *,
     min: float | None = None,
     max: float | None = None,
+    min_exclusive: bool = False,
     choices: tuple[str, ...] | None = None,
 ) -> Any:
-    """A config dataclass field that is also a node parameter: its default, description and range."""
-    meta = {"doc": doc, "min": min, "max": max, "choices": choices}
+    """A config dataclass field that is also a node parameter: its default, description and range (`min_exclusive`:
+    the value must lie above `min`, e.g. a learning rate). The dataclass's `__post_init__` enforces them with
+    `check_settings`, a parameter file with `ParamSpec.check`: one declaration, both checks."""
+    meta = {"doc": doc, "min": min, "max": max, "min_exclusive": min_exclusive, "choices": choices}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -177,8 +205,8 @@ def setting(
 def required(doc: str, parameter_default: Any, **bounds: Any) -> Any:
     """A config field the dataclass requires to be given (no default there), whose node parameter still has a
     default: `parameter_default`, what a node without a parameter file gets."""
-    return field(metadata={"doc": doc, "min": None, "max": None, "choices": None, **bounds,
-                           "parameter_default": parameter_default})  # fmt: skip
+    return field(metadata={"doc": doc, "min": None, "max": None, "min_exclusive": False, "choices": None,
+                           **bounds, "parameter_default": parameter_default})  # fmt: skip
 
 
 def group(factory: Any, doc: str) -> Any:
@@ -199,6 +227,15 @@ def _field_default(f: Field[Any]) -> Any:
     return f.metadata["parameter_default"]
 
 
+def _spec(f: Field[Any], name: str) -> ParamSpec:
+    default = _field_default(f)
+    meta = f.metadata
+    value = list(default) if isinstance(default, tuple) else default
+    return ParamSpec(
+        name, value, meta["doc"], meta["min"], meta["max"], meta["choices"], meta["min_exclusive"]
+    )
+
+
 def parameter_specs(cls: type, prefix: str = "") -> tuple[ParamSpec, ...]:
     """The ParamSpecs of a config dataclass's fields (every field must say what it is: setting/group/internal)."""
     specs: list[ParamSpec] = []
@@ -208,15 +245,49 @@ def parameter_specs(cls: type, prefix: str = "") -> tuple[ParamSpec, ...]:
             raise TypeError(f"{cls.__name__}.{f.name}: declare it with setting(), group() or internal()")
         if meta.get("parameter") is False:
             continue
-        default = _field_default(f)
         if meta.get("group"):
-            specs.extend(parameter_specs(type(default), f"{prefix}{f.name}."))
+            specs.extend(parameter_specs(type(_field_default(f)), f"{prefix}{f.name}."))
             continue
-        value = list(default) if isinstance(default, tuple) else default
-        specs.append(
-            ParamSpec(prefix + f.name, value, meta["doc"], meta["min"], meta["max"], meta["choices"])
-        )
+        specs.append(_spec(f, prefix + f.name))
     return tuple(specs)
+
+
+@functools.cache
+def _declared(cls: type) -> tuple[tuple[str, ParamSpec | type, bool], ...]:
+    """Per checked field of `cls`: its name, its ParamSpec (a group: its config class), whether it is a tuple."""
+    out: list[tuple[str, ParamSpec | type, bool]] = []
+    for f in fields(cls):
+        if "doc" not in f.metadata or f.metadata.get("parameter") is False:
+            continue
+        if f.metadata.get("group"):
+            out.append((f.name, type(_field_default(f)), False))
+        else:
+            out.append((f.name, _spec(f, f.name), isinstance(_field_default(f), tuple)))
+    return tuple(out)
+
+
+def check_settings(config: Any, error: type[Exception], label: str) -> None:
+    """Check every setting of config dataclass instance `config` against its field's declaration: type (a bool is
+    no int; an int is accepted for a float), finite, min/max, choices, each item of a tuple; a group must hold its
+    config class. Each value is stored converted to its declared type (int -> float, list -> tuple); the first
+    bad one raises `error`, e.g. "PPO lr 0.0 is not above the exclusive minimum 0.0 (PPOConfig.lr)".
+
+    Each config's `__post_init__` calls this, so a single-field range is written once, in the field, and a
+    parameter file (`ParamSpec.check`) and the dataclass cannot disagree about it; `__post_init__` keeps only
+    what relates fields to each other."""
+    cls = type(config)
+    for name, spec, is_tuple in _declared(cls):
+        value = getattr(config, name)
+        where = f"({cls.__name__}.{name})"
+        if isinstance(spec, type):
+            if not isinstance(value, spec):
+                raise error(f"{label} {name}: expected {spec.__name__}, got {type(value).__name__} {where}")
+            continue
+        converted, problem = spec.convert(list(value) if isinstance(value, tuple) else value)
+        if problem is not None:
+            raise error(f"{label} {name} {problem} {where}")
+        # object.__setattr__: frozen config dataclasses (SafetyLimits) are built here too.
+        object.__setattr__(config, name, tuple(converted) if is_tuple else converted)
 
 
 def from_parameters(cls: type[T], values: Mapping[str, Any], prefix: str = "") -> T:

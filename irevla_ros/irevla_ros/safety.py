@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from irevla_ros.param_spec import internal, required, setting
+from irevla_ros.param_spec import check_settings, internal, required, setting
 
 # Absolute slack for the invariant checks: float rounding of a clip or a rescale, never a real violation.
 _EPS = 1e-9
@@ -61,14 +61,13 @@ _MOVING = frozenset({CommandStatus.OK, CommandStatus.CLIPPED})
 
 
 def _vec3(name: str, value: object) -> Vec3:
+    # Only the length: check_settings then checks each number (finite) like every other field.
     try:
         arr = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError) as exc:
         raise SafetyConfigError(f"{name} must be 3 numbers, got {value!r}") from exc
     if arr.shape != (3,):
         raise SafetyConfigError(f"{name} must be 3 numbers, got shape {arr.shape}")
-    if not np.all(np.isfinite(arr)):
-        raise SafetyConfigError(f"{name} must be finite, got {arr.tolist()}")
     return (float(arr[0]), float(arr[1]), float(arr[2]))
 
 
@@ -111,38 +110,21 @@ class SafetyLimits:
     )
 
     def __post_init__(self) -> None:
-        low = _vec3("workspace_low", self.workspace_low)
-        high = _vec3("workspace_high", self.workspace_high)
-        home = _vec3("home", self.home)
+        for name in ("workspace_low", "workspace_high", "home"):
+            object.__setattr__(self, name, _vec3(name, getattr(self, name)))
+        # Each field against its declaration (type, finite, range); below, only what relates fields.
+        check_settings(self, SafetyConfigError, "safety limit")
+        low, high, home = self.workspace_low, self.workspace_high, self.home
         for axis, (lo, hi) in enumerate(zip(low, high, strict=True)):
             if not lo < hi:
                 raise SafetyConfigError(
                     f"workspace_low[{axis}]={lo} must be below workspace_high[{axis}]={hi}"
                 )
-        object.__setattr__(self, "workspace_low", low)
-        object.__setattr__(self, "workspace_high", high)
-        object.__setattr__(self, "home", home)
-        for name in ("max_step", "max_speed", "watchdog_timeout", "action_scale"):
-            value = _number(name, getattr(self, name))
-            if value <= 0.0:
-                raise SafetyConfigError(f"{name} must be positive, got {value}")
-            object.__setattr__(self, name, value)
-        max_abs = _number("max_abs_action", self.max_abs_action)
-        if max_abs < 1.0:
-            raise SafetyConfigError(f"max_abs_action must be >= 1 (actions live in [-1, 1]), got {max_abs}")
-        object.__setattr__(self, "max_abs_action", max_abs)
-        g_min = _number("gripper_min", self.gripper_min)
-        g_max = _number("gripper_max", self.gripper_max)
-        if not 0.0 <= g_min < g_max <= 1.0:
-            raise SafetyConfigError(
-                f"gripper_min={g_min}, gripper_max={g_max}: need 0 <= gripper_min < gripper_max <= 1"
-            )
-        object.__setattr__(self, "gripper_min", g_min)
-        object.__setattr__(self, "gripper_max", g_max)
-        home_gripper = _number("home_gripper", self.home_gripper)
-        if not g_min <= home_gripper <= g_max:
-            raise SafetyConfigError(f"home_gripper={home_gripper} must lie in [{g_min}, {g_max}]")
-        object.__setattr__(self, "home_gripper", home_gripper)
+        g_min, g_max = self.gripper_min, self.gripper_max
+        if not g_min < g_max:
+            raise SafetyConfigError(f"gripper_min={g_min} must be below gripper_max={g_max}")
+        if not g_min <= self.home_gripper <= g_max:
+            raise SafetyConfigError(f"home_gripper={self.home_gripper} must lie in [{g_min}, {g_max}]")
         outside = [a for a in range(3) if not low[a] <= home[a] <= high[a]]
         if outside:
             raise SafetyConfigError(f"home={list(home)} lies outside the workspace box on axes {outside}")

@@ -3,6 +3,10 @@ applied and then ignored (real nodes, real DDS, the SetParameters service `ros2 
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
+import numpy as np
 import pytest
 from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
 from rcl_interfaces.srv import GetParameters, SetParameters
@@ -17,10 +21,18 @@ from irevla_ros.node_parameters import SCHEMAS
 from irevla_ros.nodes.arm_controller_node import ArmControllerNode
 from irevla_ros.nodes.common import declare_parameters
 from irevla_ros.nodes.policy_node import PolicyNode
-from irevla_ros.param_spec import ConfigError, defaults, from_parameters
-from irevla_ros.safety import SafetyLimits
+from irevla_ros.param_spec import ConfigError, check_settings, defaults, from_parameters, group, setting
+from irevla_ros.safety import SafetyConfigError, SafetyLimits
 from irevla_ros.sim.cell import MetaWorldCell
-from irevla_ros.train.config import IterationConfig, PPOConfig, SACfDConfig, SFTConfig, Stage1Config
+from irevla_ros.train.config import (
+    IterationConfig,
+    PPOConfig,
+    PPOConfigError,
+    SACfDConfig,
+    SACfDConfigError,
+    SFTConfig,
+    Stage1Config,
+)
 from irevla_ros.train.rollout import RolloutSettings
 
 pytestmark = pytest.mark.filterwarnings("ignore:Constant\\(s\\) may be too high:UserWarning")
@@ -174,5 +186,95 @@ def test_check_config_builds_the_configs_so_inconsistent_values_fail_before_star
     assert "/arm_controller: home=[0.0, 0.6, 0.8] lies outside the workspace box on axes [2]" in (
         capsys.readouterr().err
     )
+    # (tau=0.0, once the example here, is out of its own range now: its strict bound is in its field.)
+    assert main(["check-config", "--set", "/arm_controller.gripper_min=1.0"]) == 2
+    assert "/arm_controller: gripper_min=1.0 must be below gripper_max=1.0" in capsys.readouterr().err
+
+
+# ---- one declaration per range: the dataclass and the parameter check read the same field ------------------------
+
+
+def test_a_strict_bound_is_refused_by_the_dataclass_the_parameter_files_and_the_node(capsys, ros_context):
+    with pytest.raises(
+        PPOConfigError, match=r"^PPO lr 0\.0 is not above the exclusive minimum 0\.0 \(PPOConfig\.lr\)$"
+    ):
+        PPOConfig(lr=0.0)
+    with pytest.raises(SACfDConfigError, match=r"tau 0\.0 is not above the exclusive minimum 0\.0"):
+        SACfDConfig(tau=0)
+    # The parameter check refuses it with the file's key named, before any config is built.
+    assert main(["check-config", "--set", "/trainer.stage1.ppo.lr=0.0"]) == 2
+    err = capsys.readouterr().err
+    assert "/trainer.ros__parameters.stage1.ppo.lr: 0.0 is not above the exclusive minimum 0.0" in err
     assert main(["check-config", "--set", "/trainer.stage1.sacfd.tau=0.0"]) == 2
-    assert "/trainer: SACfD config: bad value for tau=0.0" in capsys.readouterr().err
+    assert "stage1.sacfd.tau: 0.0 is not above the exclusive minimum 0.0" in capsys.readouterr().err
+    assert main(["check-config", "--set", "/trainer.stage1.ppo.lr=0.0001"]) == 0
+    capsys.readouterr()
+    # A node: the descriptor's range is inclusive (ROS has no other), the check at declaration refuses the bound.
+    node = Node(
+        "strict", context=ros_context, parameter_overrides=[RclpyParameter("stage1.ppo.lr", value=0.0)]
+    )
+    try:
+        with pytest.raises(
+            ConfigError, match=r"parameter stage1\.ppo\.lr: 0\.0 is not above the exclusive minimum"
+        ):
+            declare_parameters(node, SCHEMAS["trainer"])
+        (descriptor,) = node.describe_parameters(["stage1.ppo.lr"])
+        assert descriptor.floating_point_range[0].from_value == 0.0
+        assert descriptor.additional_constraints == "greater than 0.0"
+    finally:
+        node.destroy_node()
+
+
+def test_a_range_declared_only_in_the_field_is_enforced_by_the_dataclass():
+    # No __post_init__ line names these fields: only their declarations (setting(..., max=1.0)) hold the range.
+    with pytest.raises(
+        ValueError,
+        match=r"^iteration plateau_delta 1\.5 is above the maximum 1\.0 \(IterationConfig\.plateau_delta\)$",
+    ):
+        IterationConfig(plateau_delta=1.5)
+    with pytest.raises(
+        SafetyConfigError, match=r"max_speed 5\.0 is above the maximum 1\.0 \(SafetyLimits\.max_speed\)"
+    ):
+        SafetyLimits(**box_of_sim(), max_speed=5.0)
+
+
+class ProbeError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Probe:
+    count: int = setting(1, "a count", min=1, max=3)
+    rate: float = setting(0.5, "a rate", min=0.0, min_exclusive=True)
+    names: tuple[str, ...] = setting(("a",), "names", choices=("a", "b"))
+    sub: SFTConfig = group(SFTConfig, "a nested config")
+
+    def __post_init__(self) -> None:
+        check_settings(self, ProbeError, "probe")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"count": 4}, r"probe count 4 is above the maximum 3 \(Probe\.count\)"),
+        ({"count": 0}, r"probe count 0 is below the minimum 1"),
+        ({"count": True}, r"probe count expected integer, got bool \(True\)"),
+        ({"count": 2.0}, r"probe count expected integer, got double"),
+        ({"rate": 0}, r"probe rate 0\.0 is not above the exclusive minimum 0\.0"),
+        ({"rate": math.inf}, r"probe rate inf is not a finite number"),
+        ({"rate": "fast"}, r"probe rate expected double, got string"),
+        ({"names": ("a", "c")}, r"probe names 'c' is not one of a, b \(Probe\.names\)"),
+        ({"names": ("a", 1)}, r"probe names expected string\[\]"),
+        ({"sub": {"steps": 3}}, r"probe sub: expected SFTConfig, got dict"),
+    ],
+)
+def test_check_settings_checks_every_field_from_its_declaration(overrides, message):
+    with pytest.raises(ProbeError, match=message):
+        Probe(**overrides)
+
+
+def test_check_settings_stores_each_value_as_its_declared_type():
+    probe = Probe(count=np.int64(2), rate=2, names=["b"])
+    assert (probe.count, probe.rate, probe.names) == (2, 2.0, ("b",))
+    assert (type(probe.count), type(probe.rate), type(probe.names)) == (int, float, tuple)
+    assert type(PPOConfig(lr=1).lr) is float and SFTConfig(steps=np.int64(5)).steps == 5

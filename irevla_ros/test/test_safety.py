@@ -331,7 +331,8 @@ def test_step_and_speed_limits_clip_with_a_reason():
 
 
 def test_workspace_box_clips_the_target():
-    limits = make_limits(max_step=0.05, max_speed=10.0, action_scale=0.05)
+    # 1 m/s (the most max_speed may be) over 0.1 s per command allows 0.1 m: max_step binds, not the speed.
+    limits = make_limits(max_step=0.05, max_speed=1.0, action_scale=0.05)
     layer = SafetyLayer(limits)
     ee = np.array(limits.home)
     for i in range(50):

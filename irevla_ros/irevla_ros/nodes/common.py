@@ -49,6 +49,9 @@ def declare_parameters(node: Node, specs: Sequence[ParamSpec]) -> dict[str, Para
         descriptor = ParameterDescriptor(description=spec.description, read_only=True)
         if spec.choices:
             descriptor.additional_constraints = "one of: " + ", ".join(spec.choices)
+        if spec.min_exclusive:
+            # ROS ranges are inclusive: the range below admits `min`, spec.check (after declaring) refuses it.
+            descriptor.additional_constraints = f"greater than {spec.min}"
         if isinstance(spec.default, float) and (spec.min is not None or spec.max is not None):
             descriptor.floating_point_range = [
                 FloatingPointRange(

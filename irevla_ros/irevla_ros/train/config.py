@@ -2,8 +2,10 @@
 
 These dataclasses are the only place a training default, description or range is written: the trainer node's
 ROS parameters are generated from `IterationConfig` (nested configs become dotted names: `stage1.ppo.lr`,
-`stage2.steps`) and the trainer builds its config back from them with `from_parameters`. Plain Python without
-torch, so that the parameter schema (read by every node and by `irevla check-config`) does not load it.
+`stage2.steps`) and the trainer builds its config back from them with `from_parameters`. Each `__post_init__`
+checks its fields against those same declarations (`check_settings`), so a range has no second copy here.
+Plain Python without torch, so that the parameter schema (read by every node and by `irevla check-config`) does
+not load it.
 The learners re-export their config from here (`train.ppo.PPOConfig` is `train.config.PPOConfig`).
 """
 
@@ -11,12 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from irevla_ros.param_spec import group, internal, setting
+from irevla_ros.param_spec import check_settings, group, internal, setting
 from irevla_ros.sim import DEFAULT_TASKS
 
 ALGORITHMS = ("ppo", "sacfd")
@@ -49,40 +50,23 @@ class ResumeError(SFTConfigError):
 
 @dataclass
 class PPOConfig:
-    lr: float = setting(3e-4, "PPO: Adam learning rate of the heads", min=0.0)
-    adam_eps: float = setting(1e-5, "PPO: Adam epsilon", min=0.0)
+    lr: float = setting(3e-4, "PPO: Adam learning rate of the heads", min=0.0, min_exclusive=True)
+    adam_eps: float = setting(1e-5, "PPO: Adam epsilon", min=0.0, min_exclusive=True)
     gamma: float = setting(0.99, "PPO: discount factor", min=0.0, max=1.0)
     gae_lambda: float = setting(0.95, "PPO: GAE lambda", min=0.0, max=1.0)
     update_epochs: int = setting(4, "PPO: passes over each on-policy batch", min=1)
     minibatch_size: int = setting(64, "PPO: steps per minibatch", min=1)
-    clip_coef: float = setting(0.2, "PPO: surrogate clipping coefficient", min=0.0)
+    clip_coef: float = setting(0.2, "PPO: surrogate clipping coefficient", min=0.0, min_exclusive=True)
     clip_vloss: bool = setting(True, "PPO: clip the value loss like the surrogate")
     vf_coef: float = setting(0.5, "PPO: value loss coefficient", min=0.0)
     # Sparse binary reward: exploration comes from log_std, which PPO also adapts.
     ent_coef: float = setting(0.0, "PPO: entropy bonus coefficient", min=0.0)
-    max_grad_norm: float = setting(0.5, "PPO: global gradient clipping norm", min=0.0)
+    max_grad_norm: float = setting(0.5, "PPO: global gradient clipping norm", min=0.0, min_exclusive=True)
     target_kl: float = setting(0.05, "PPO: stop an update's epochs above this KL (0: never)", min=0.0)
     norm_adv: bool = setting(True, "PPO: normalise advantages per minibatch")
 
     def __post_init__(self) -> None:
-        checks = {
-            "lr": self.lr > 0,
-            "adam_eps": self.adam_eps > 0,
-            "gamma": 0.0 <= self.gamma <= 1.0,
-            "gae_lambda": 0.0 <= self.gae_lambda <= 1.0,
-            "update_epochs": self.update_epochs >= 1,
-            "minibatch_size": self.minibatch_size >= 1,
-            "clip_coef": self.clip_coef > 0,
-            "vf_coef": self.vf_coef >= 0,
-            "ent_coef": self.ent_coef >= 0,
-            "max_grad_norm": self.max_grad_norm > 0,
-            "target_kl": isinstance(self.target_kl, (int, float)) and self.target_kl >= 0,
-        }
-        bad = [k for k, ok in checks.items() if not ok]
-        if bad:
-            raise PPOConfigError(
-                f"PPO config: bad value for {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}"
-            )
+        check_settings(self, PPOConfigError, "PPO")
 
 
 # ---------------------------------------------------------------- Stage 1: SACfD
@@ -91,10 +75,12 @@ class PPOConfig:
 @dataclass
 class SACfDConfig:
     gamma: float = setting(0.99, "SACfD: discount factor", min=0.0, max=1.0)
-    tau: float = setting(0.005, "SACfD: polyak step of the target critics", min=0.0, max=1.0)
-    actor_lr: float = setting(3e-4, "SACfD: actor learning rate", min=0.0)
-    critic_lr: float = setting(3e-4, "SACfD: critic learning rate", min=0.0)
-    alpha_lr: float = setting(3e-4, "SACfD: temperature learning rate", min=0.0)
+    tau: float = setting(
+        0.005, "SACfD: polyak step of the target critics", min=0.0, max=1.0, min_exclusive=True
+    )
+    actor_lr: float = setting(3e-4, "SACfD: actor learning rate", min=0.0, min_exclusive=True)
+    critic_lr: float = setting(3e-4, "SACfD: critic learning rate", min=0.0, min_exclusive=True)
+    alpha_lr: float = setting(3e-4, "SACfD: temperature learning rate", min=0.0, min_exclusive=True)
     batch_size: int = setting(256, "SACfD: transitions per gradient update", min=1)
     demo_fraction: float = setting(
         0.5, "SACfD: share of each batch from the demo buffer (when both hold data)", min=0.0, max=1.0
@@ -102,10 +88,10 @@ class SACfDConfig:
     utd_ratio: int = setting(1, "SACfD: gradient updates per new online transition", min=1)
     n_critics: int = setting(2, "SACfD: critics in the ensemble", min=2)
     # The reward is 0/1: a large start temperature would drown it.
-    init_temperature: float = setting(0.01, "SACfD: initial entropy temperature", min=0.0)
+    init_temperature: float = setting(0.01, "SACfD: initial entropy temperature", min=0.0, min_exclusive=True)
     target_entropy: float | None = internal(None, "SACfD: target entropy; None: -action_dim / 2 (RLPD)")
     actor_delay: int = setting(1, "SACfD: one actor/temperature update every N critic updates", min=1)
-    max_grad_norm: float = setting(10.0, "SACfD: gradient clipping norm", min=0.0)
+    max_grad_norm: float = setting(10.0, "SACfD: gradient clipping norm", min=0.0, min_exclusive=True)
     min_transitions: int = setting(
         64, "SACfD: no update before the buffers hold this many transitions", min=1
     )
@@ -115,28 +101,7 @@ class SACfDConfig:
     online_capacity: int = setting(1_000_000, "SACfD: online buffer transitions", min=1)
 
     def __post_init__(self) -> None:
-        checks = {
-            "gamma": 0.0 <= self.gamma <= 1.0,
-            "tau": 0.0 < self.tau <= 1.0,
-            "actor_lr": self.actor_lr > 0,
-            "critic_lr": self.critic_lr > 0,
-            "alpha_lr": self.alpha_lr > 0,
-            "batch_size": self.batch_size >= 1,
-            "demo_fraction": 0.0 <= self.demo_fraction <= 1.0,
-            "utd_ratio": self.utd_ratio >= 1,
-            "n_critics": self.n_critics >= 2,
-            "init_temperature": self.init_temperature > 0,
-            "actor_delay": self.actor_delay >= 1,
-            "max_grad_norm": self.max_grad_norm > 0,
-            "min_transitions": self.min_transitions >= 1,
-            "demo_capacity": self.demo_capacity >= 1,
-            "online_capacity": self.online_capacity >= 1,
-        }
-        bad = [k for k, ok in checks.items() if not ok]
-        if bad:
-            raise SACfDConfigError(
-                f"SACfD config: bad value for {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}"
-            )
+        check_settings(self, SACfDConfigError, "SACfD")
 
 
 # ---------------------------------------------------------------- Stage 1
@@ -171,18 +136,11 @@ class Stage1Config:
     sacfd: SACfDConfig = group(SACfDConfig, "SACfD settings (utd_ratio = SACfD's updates per transition)")
 
     def __post_init__(self) -> None:
-        if self.algorithm not in ALGORITHMS:
-            raise Stage1Error(f"Stage 1 algorithm {self.algorithm!r} is not one of {', '.join(ALGORITHMS)}")
-        for name in ("episodes_per_update", "max_updates_per_step", "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                raise Stage1Error(f"Stage 1 config {name} must be >= 1, got {getattr(self, name)!r}")
-        for name in ("push_every_episodes", "push_every_seconds", "checkpoint_every_updates", "threads"):
-            if getattr(self, name) < 0:
-                raise Stage1Error(f"Stage 1 config {name} must be >= 0, got {getattr(self, name)!r}")
         if isinstance(self.ppo, Mapping):
             self.ppo = _sub_config(PPOConfig, self.ppo, "ppo")
         if isinstance(self.sacfd, Mapping):
             self.sacfd = _sub_config(SACfDConfig, self.sacfd, "sacfd")
+        check_settings(self, Stage1Error, "Stage 1")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -232,26 +190,7 @@ class SFTConfig:
     device: str = setting("auto", "cpu, cuda, or auto: cuda when torch sees a GPU", choices=DEVICES)
 
     def __post_init__(self) -> None:
-        for key in ("steps", "batch_size", "threads", "checkpoint_every", "keep_checkpoints"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise SFTConfigError(f"SFTConfig {key} must be a positive integer, got {value!r}")
-        for key in ("lr", "lr_lora", "weight_decay", "grad_clip", "rl_fraction"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise SFTConfigError(f"SFTConfig {key} must be a finite number, got {value!r}")
-            if value < 0:
-                raise SFTConfigError(f"SFTConfig {key} must be >= 0, got {value!r}")
-        if not 0.0 <= self.rl_fraction <= 1.0:
-            raise SFTConfigError(f"rl_fraction must be in [0, 1], got {self.rl_fraction}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            raise SFTConfigError(f"SFTConfig seed must be an integer >= 0, got {self.seed!r}")
-        if self.trainable not in TRAINABLE_SETS:
-            raise SFTConfigError(
-                f"SFTConfig trainable must be one of {TRAINABLE_SETS}, got {self.trainable!r}"
-            )
-        if self.device not in DEVICES:
-            raise SFTConfigError(f"SFTConfig device must be one of {DEVICES}, got {self.device!r}")
+        check_settings(self, SFTConfigError, "supervised")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -315,10 +254,4 @@ class IterationConfig:
     validation_seed: int = setting(10_000, "first scene seed of the evaluation episodes", min=0)
 
     def __post_init__(self) -> None:
-        for name in ("episode_budget", "plateau_window", "max_iterations", "validation_episodes"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.stage2_nproc < 1:
-            raise ValueError(f"stage2_nproc must be >= 1, got {self.stage2_nproc}")
-        if not 0.0 <= self.validation_margin <= 1.0:
-            raise ValueError(f"validation_margin must be in [0, 1], got {self.validation_margin}")
+        check_settings(self, ValueError, "iteration")

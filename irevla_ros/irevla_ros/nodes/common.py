@@ -3,7 +3,10 @@ QoS profiles, and a `run_nodes` main loop that shuts down cleanly on Ctrl-C and 
 
 from __future__ import annotations
 
+import faulthandler
+import gc
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -185,8 +188,13 @@ def run_nodes(
 
     The process's default context is used, so rclpy's own signal handlers turn SIGINT and SIGTERM into a
     context shutdown that wakes the executor: `kill`, systemd and `ros2 launch` all stop the nodes the same way
-    (their `close()` runs: the arm holds, the episode writer drains, the cell stops).
+    (their `close()` runs: the arm holds, the episode writer drains, the cell stops, the policy's loads stop and
+    its sessions are released). Everything native is let go of here, in order, before rclpy shuts down and long
+    before interpreter teardown. A close() that raises makes the exit code 1 (the others still run); a crash in
+    native code still kills the process by its signal, after faulthandler has written every thread's Python
+    stack to stderr (the node's log).
     """
+    faulthandler.enable()
     rclpy.init(args=args if args is not None else sys.argv)
     context = rclpy.get_default_context()
     nodes: list[Node] = []
@@ -212,14 +220,18 @@ def run_nodes(
         print(f"configuration error: {exc}", file=sys.stderr)
         code = 2
     finally:
-        if on_shutdown is not None:
-            on_shutdown()
-        for node in nodes:
-            close = getattr(node, "close", None)
-            if callable(close):
-                close()
+        steps: list[Callable[[], Any]] = [on_shutdown] if on_shutdown is not None else []
+        steps += [close for node in nodes if callable(close := getattr(node, "close", None))]
+        for step in steps:
+            try:
+                step()
+            except Exception:
+                traceback.print_exc()
+                code = code or 1
         executor.shutdown(timeout_sec=2.0)
         for node in nodes:
             node.destroy_node()
+        nodes.clear()
+        gc.collect()  # what only a cycle still holds (nodes, runtimes) goes now, not during interpreter teardown
         rclpy.try_shutdown()
     return code

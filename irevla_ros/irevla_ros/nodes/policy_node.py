@@ -188,6 +188,12 @@ class PolicyNode(Node):
     def policy(self) -> Policy:
         return self.slot.active
 
+    def close(self) -> None:
+        """At shutdown (run_nodes, after the executor stopped): loads stopped and joined, sessions released."""
+        stuck = self.slot.close()
+        if stuck:
+            self.get_logger().warning(f"loading of {', '.join(stuck)} did not stop in time")
+
     # --- versions (hot swap) ----------------------------------------------------------------------------------------
     def _on_version(self, msg: PolicyVersion) -> None:
         if not self._takes_versions():

@@ -4,6 +4,11 @@ A new version is loaded and validated on a background thread (the control loop n
 loop picks it up at the start of its next tick with `take_swap()`, so the version changes between two ticks and
 every step record names the version that produced its action. A version that fails to load or validate is
 refused with its reason, and the running one stays. `rollback()` returns to the previous version the same way.
+
+`close()` ends it before the process exits: no new loads, the loader's resources released (the VLA's validator
+child), the loading threads joined, and every policy it holds released (the VLA's ONNX Runtime sessions) while
+the interpreter is still whole. A load thread left running at interpreter exit, or a session destroyed during
+its teardown, runs native code against libraries that are being unloaded.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from dataclasses import dataclass
 
 from irevla_ros.policies.base import Policy
 
-PolicyLoader = Callable[..., Policy]  # (version, **hints) -> Policy
+PolicyLoader = Callable[..., Policy]  # (version, **hints) -> Policy; may have close() (see PolicySlot.close)
 
 
 @dataclass
@@ -36,6 +41,7 @@ class PolicySlot:
         self._loading: dict[str, threading.Thread] = {}
         self.events: list[SlotEvent] = []
         self.announced_at: dict[str, float] = {}
+        self._closing = False
 
     def _record(self, event: SlotEvent) -> None:
         with self._lock:
@@ -51,7 +57,7 @@ class PolicySlot:
             current = self.active.version == version or (
                 self._pending is not None and self._pending.version == version
             )
-            if busy or current:
+            if busy or current or self._closing:
                 return None
             self.announced_at[version] = time.monotonic()
             thread = threading.Thread(
@@ -72,7 +78,12 @@ class PolicySlot:
             )
             return
         with self._lock:
-            self._pending = policy
+            closing = self._closing
+            if not closing:
+                self._pending = policy
+        if closing:  # finished while the slot closed: nobody will run it
+            _release(policy)
+            return
         note = str(getattr(policy, "load_note", "") or "")
         self._record(SlotEvent("loaded", version, note, seconds=time.monotonic() - started))
 
@@ -98,3 +109,28 @@ class PolicySlot:
         waited = time.monotonic() - announced if announced is not None else 0.0
         self._record(SlotEvent("swapped", new.version, seconds=waited))
         return new
+
+    def close(self, timeout: float = 10.0) -> list[str]:
+        """Stop loading and release every policy held; returns the versions whose load thread did not end within
+        `timeout` (seconds, all threads together)."""
+        with self._lock:
+            self._closing = True
+            threads = list(self._loading.values())
+        close_loader = getattr(self._loader, "close", None)
+        if callable(close_loader):
+            close_loader()  # e.g. stops a validator child, so the thread waiting on it ends now
+        deadline = time.monotonic() + timeout
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            held = [p for p in (self._pending, self.previous, self.active) if p is not None]
+            self._pending = self.previous = None
+        for policy in {id(p): p for p in held}.values():
+            _release(policy)
+        return [t.name.removeprefix("load-") for t in threads if t.is_alive()]
+
+
+def _release(policy: Policy) -> None:
+    close = getattr(policy, "close", None)
+    if callable(close):
+        close()

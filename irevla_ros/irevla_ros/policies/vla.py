@@ -37,6 +37,12 @@ class VLAPolicy:
         self.encoder_version = str(getattr(runtime, "encoder_version", None) or version)
         self.load_note = ""  # how it was loaded, for the node's log
 
+    def close(self) -> None:
+        """Release the runtime's sessions now, not at interpreter exit (PolicySlot.close calls this)."""
+        close = getattr(self.runtime, "close", None)
+        if callable(close):
+            close()
+
     def reset(self, instruction: str) -> None:
         self._instruction = instruction
         self.runtime.encode_instruction(instruction)  # type: ignore[attr-defined]  # once per episode (cached)
@@ -59,9 +65,16 @@ class VLAPolicy:
 
 
 # Run first in the validator child: SCHED_IDLE (the CPU only when the control loop does not want it), set by the
-# child itself so the parent can spawn it without a preexec_fn (which forces a full fork of this large process).
+# child itself so the parent can spawn it without a preexec_fn (which forces a full fork of this large process);
+# likewise the parent-death signal, so a node that is killed or crashes takes its validator with it.
 _VALIDATE = """
-import os, sys
+import ctypes, os, signal, sys
+try:
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+except (AttributeError, OSError):
+    pass
+if os.getppid() != int(sys.argv[3]):
+    sys.exit("the policy node is gone")
 try:
     os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 except (AttributeError, OSError):
@@ -72,28 +85,82 @@ validate(ModelStore(sys.argv[1]), sys.argv[2])
 """
 
 
-def _validate_in_subprocess(store_root: Path, version_id: str, timeout: float = 600.0) -> None:
-    """Checksums, weights, shapes, finite probe outputs and ONNX-vs-torch, in a niced child process: validation
-    runs torch on every core and holds the GIL for long stretches, which would delay the control loop's ticks."""
-    result = subprocess.run(
-        [sys.executable, "-c", _VALIDATE, str(store_root), version_id],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        # one core at most: the control loop keeps the other
-        env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "ORT_NUM_THREADS": "1"},
-    )
-    if result.returncode != 0:
-        lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-        reason = lines[-1] if lines else f"validation exited with {result.returncode}"
-        raise InvalidVersionError(reason.split(": ", 1)[-1] if "Error: " in reason else reason)
+class LoaderClosedError(RuntimeError):
+    """The loader was closed (the policy node is shutting down): the load stopped."""
+
+
+class _Validators:
+    """The validator child processes of one loader, so that closing the loader stops them: a validation takes
+    up to minutes, and a child left running outlived its node (the thread waiting on it, too, kept running
+    into interpreter exit)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: set[subprocess.Popen[str]] = set()
+        self.closed = False
+
+    def run(self, store_root: Path, version_id: str, timeout: float = 600.0) -> None:
+        """Checksums, weights, shapes, finite probe outputs and ONNX-vs-torch, in a niced child process:
+        validation runs torch on every core and holds the GIL for long stretches, which would delay the control
+        loop's ticks."""
+        with self._lock:
+            if self.closed:
+                raise LoaderClosedError(f"not validating {version_id}: the loader is closed")
+            proc = subprocess.Popen(
+                [sys.executable, "-c", _VALIDATE, str(store_root), version_id, str(os.getpid())],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+                # one core at most: the control loop keeps the other
+                env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "ORT_NUM_THREADS": "1"},
+            )
+            self._running.add(proc)
+        try:
+            _, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise InvalidVersionError(
+                f"validation of {version_id} did not finish in {timeout:.0f} s"
+            ) from None
+        finally:
+            with self._lock:
+                self._running.discard(proc)
+        if self.closed:
+            raise LoaderClosedError(f"validation of {version_id} stopped: the loader is closed")
+        if proc.returncode != 0:
+            lines = [line for line in stderr.strip().splitlines() if line.strip()]
+            reason = lines[-1] if lines else f"validation exited with {proc.returncode}"
+            raise InvalidVersionError(reason.split(": ", 1)[-1] if "Error: " in reason else reason)
+
+    def close(self) -> None:
+        with self._lock:
+            self.closed = True
+            running = list(self._running)
+        for proc in running:
+            proc.kill()
 
 
 class HeadsOnlyMismatchError(InvalidVersionError):
     """A version was announced as heads-only (or full) and the store says otherwise."""
 
 
-def vla_loader(store_root: str, *, deterministic: bool = False, seed: int = 0) -> Callable[..., VLAPolicy]:
+class VLALoader:
+    """What `vla_loader` returns: `loader(version_id, heads_only=None)` loads a version; `close()` stops a
+    validation in progress and refuses further loads (PolicySlot.close calls it)."""
+
+    def __init__(self, load: Callable[[str, bool | None], VLAPolicy], validators: _Validators) -> None:
+        self._load = load
+        self._validators = validators
+
+    def __call__(self, version_id: str, heads_only: bool | None = None) -> VLAPolicy:
+        return self._load(version_id, heads_only)
+
+    def close(self) -> None:
+        self._validators.close()
+
+
+def vla_loader(store_root: str, *, deterministic: bool = False, seed: int = 0) -> VLALoader:
     """version id ('' = newest) -> a validated VLAPolicy; raises with the reason for a bad version.
 
     `load(version_id, heads_only=None)`: `heads_only` is what the announcement said; a version whose store
@@ -103,8 +170,11 @@ def vla_loader(store_root: str, *, deterministic: bool = False, seed: int = 0) -
     runtimes: weakref.WeakValueDictionary[str, object] = weakref.WeakValueDictionary()
     probe_latents: dict[str, np.ndarray] = {}  # encoder version -> its latent of the probe observation
     lock = threading.Lock()
+    validators = _Validators()
 
     def load(version_id: str, heads_only: bool | None = None) -> VLAPolicy:
+        if validators.closed:
+            raise LoaderClosedError(f"not loading {version_id or 'the newest version'}: the loader is closed")
         store = ModelStore(store_root)
         if not version_id:
             latest = store.latest()
@@ -131,7 +201,7 @@ def vla_loader(store_root: str, *, deterministic: bool = False, seed: int = 0) -
             validate_heads(store, version_id, latents=latent)
             how = "shared, heads validated in-process"
         else:
-            _validate_in_subprocess(store.root, version_id)
+            validators.run(store.root, version_id)
             shared, how = None, "loaded"
         runtime = make_runtime(info.path, reuse=shared)  # type: ignore[arg-type]
         probe = probe_observation(runtime.config)
@@ -151,4 +221,4 @@ def vla_loader(store_root: str, *, deterministic: bool = False, seed: int = 0) -
             policy.load_note = f"heads-only on {info.base_version} (encoder {how})"
         return policy
 
-    return load
+    return VLALoader(load, validators)

@@ -124,6 +124,11 @@ class _RuntimeBase:
         """Exploration around `action_mean`: (action in [-1, 1], log-probability), as VLAModel.distribution."""
         return sample_action(action_mean, self.log_std, rng, deterministic=deterministic)
 
+    def close(self) -> None:
+        """Let go of the backend (sessions, model) now: a process that exits with them still referenced has them
+        destroyed during interpreter teardown, in no defined order with the libraries they run on."""
+        self._text_cache.clear()
+
 
 class OnnxPolicyRuntime(_RuntimeBase):
     """Runs a model version folder's text/encoder/heads ONNX graphs with onnxruntime on the CPU."""
@@ -250,6 +255,11 @@ class OnnxPolicyRuntime(_RuntimeBase):
         mean, value, _ = self.sessions["heads"].run(None, {"latent": latent})
         return mean, value
 
+    def close(self) -> None:
+        super().close()
+        # A session shared with another runtime (heads-only versions) lives on until that one closes too.
+        self.sessions = {}
+
 
 def _base_meta(name: str, base_path: Path, pinned_sha256: str, verify: bool) -> dict[str, Any]:
     """The base version of heads-only version `name`: its meta, after checking it is the base that was pinned."""
@@ -284,6 +294,10 @@ class TorchPolicyRuntime(_RuntimeBase):
         self.encoder_version: str | None = None
         self.device = model.log_std.device
         self.log_std = model.log_std.detach().cpu().numpy().astype(np.float32)
+
+    def close(self) -> None:
+        super().close()
+        self.model = None
 
     def refresh(self) -> None:
         """Re-read log_std after the model's weights changed (e.g. new weights pushed by the learner)."""

@@ -84,7 +84,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from irevla_ros.bringup.demo import run_demo
+    from irevla_ros.bringup.demo import demo_exit_code, run_demo
 
     summary = run_demo(
         episodes=args.episodes,
@@ -97,8 +97,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         sft_steps=args.sft_steps,
     )
     print(json.dumps(summary), flush=True)
+    for failure in summary["failed"]:  # type: ignore[attr-defined]
+        print(f"irevla demo: {failure}", file=sys.stderr)
     expected = args.episodes + 2 * max(0, args.vla_episodes)  # the VLA runs a session before and after
-    return 0 if summary["lost_steps"] == 0 and summary["episodes"] == expected else 1
+    return demo_exit_code(summary, expected)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from irevla_ros.bringup.demo import run_iteration_sessions
+from irevla_ros.bringup.demo import exit_summary, run_iteration_sessions
 from irevla_ros.policies.scripted import ScriptedExpertPolicy
 from irevla_ros.store.episode_store import EpisodeStore
 from irevla_ros.train.iteration import IterationRecord
@@ -52,7 +52,7 @@ def test_session_stage2_validated_version_hot_swapped_into_the_running_policy(ro
 
     for session in (session1, session2):
         assert session["episodes"] == 1 and session["lost_steps"] == 0 and session["incomplete"] == 0, session
-    assert all(code == 0 for code in session2["exit_codes"].values()), session2["exit_codes"]
+    assert exit_summary({"vla": session1, "vla_after": session2})["failed"] == [], session2["exit_codes"]
     record = IterationRecord.load(trainer_dir / "iteration.json")
     assert record.iteration == 2 and verdict["promoted"], verdict
     candidate = ModelStore(models).get(verdict["candidate"])

@@ -132,7 +132,7 @@ class SimGraph:
     def check(self) -> None:
         failed = self.runner.poll()  # type: ignore[attr-defined]
         if failed is not None:
-            raise BenchError(f"{failed.executable} exited with {failed.popen.returncode}; see {self.log_dir}")
+            raise BenchError(f"{failed.label} exited with {failed.popen.returncode}; see {self.log_dir}")
 
     def wait_for(self, predicate: Callable[[], bool], timeout: float, what: str) -> int:
         """Wait until `predicate()` holds; returns the wall time (ns) it did. Raises after `timeout` s."""

@@ -14,10 +14,11 @@ successes, steps, missed_ticks, lost_steps, incomplete, store, and the iteration
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -162,9 +163,7 @@ class DemoGraph:
     def check(self) -> None:
         failed = self.runner.poll()
         if failed is not None:
-            raise RuntimeError(
-                f"{failed.executable} exited with {failed.popen.returncode}; see {self.log_dir}"
-            )
+            raise RuntimeError(f"{failed.label} exited with {failed.popen.returncode}; see {self.log_dir}")
 
     def next_batch(self) -> None:
         """The operator's reset button: the episode manager starts another batch of num_episodes."""
@@ -313,6 +312,7 @@ def run_demo(
     )  # fmt: skip
     summary: dict[str, object] = dict(expert)
     if vla_episodes <= 0:
+        summary.update(exit_summary({"expert": expert}))
         return summary
 
     from irevla_ros.train.pipeline import train_first_version
@@ -356,7 +356,45 @@ def run_demo(
         report=str(trainer_dir / "report" / "report.md"),
         sessions=sessions,
     )
+    summary.update(exit_summary(sessions))
     return summary
+
+
+def _describe(code: int) -> str:
+    if code < 0:
+        try:
+            return f"{code} ({signal.Signals(-code).name})"
+        except ValueError:
+            return f"{code} (signal {-code})"
+    return str(code)
+
+
+def exit_summary(sessions: Mapping[str, Mapping[str, object]]) -> dict[str, object]:
+    """The processes' exit codes over all sessions, without letting one session's clean stop hide another's crash:
+    `exit_codes` has, per executable, its worst code in any session (a signal is worse than an error exit, which
+    is worse than 0), `failed` names every session and process that did not exit 0, e.g.
+    "vla/policy_node exited -11 (SIGSEGV)"."""
+    worst: dict[str, int] = {}
+    failed: list[str] = []
+    for session, data in sessions.items():
+        codes = data.get("exit_codes") or {}
+        for process, code in codes.items():  # type: ignore[attr-defined]
+            code = int(code)
+            if code != 0:
+                failed.append(f"{session}/{process} exited {_describe(code)}")
+            if process not in worst or (code != 0, code < 0) > (worst[process] != 0, worst[process] < 0):
+                worst[process] = code
+    return {"exit_codes": worst, "failed": failed}
+
+
+def demo_exit_code(summary: Mapping[str, object], expected_episodes: int) -> int:
+    """0 only if every process of every session exited 0, every episode was stored and no step was lost."""
+    ok = (
+        not summary.get("failed")
+        and summary.get("lost_steps") == 0
+        and summary.get("episodes") == expected_episodes
+    )
+    return 0 if ok else 1
 
 
 def _graph_tasks(overrides: Sequence[str]) -> list[str]:

@@ -42,6 +42,7 @@ class Child:
     executable: str
     popen: subprocess.Popen[bytes]
     stop_timeout: float = 10.0
+    label: str = ""  # GraphRunner.label: unique in the graph
 
 
 class GraphRunner:
@@ -79,12 +80,21 @@ class GraphRunner:
             cmd += ["--params-file", str(path)]
         return cmd
 
+    def label(self, process: ProcessSpec) -> str:
+        """The process's name in exit codes and log files: its executable, with its node's name when several
+        processes run the same executable (one camera_node per camera), so that no process's code or log hides
+        another's."""
+        if sum(p.executable == process.executable for p in self.graph.processes) == 1:
+            return process.executable
+        return f"{process.executable}-{process.nodes[0].name}"
+
     def start(self) -> None:
         for process in self.graph.processes:
             out = None
+            label = self.label(process)
             if self.log_dir is not None:
                 self.log_dir.mkdir(parents=True, exist_ok=True)
-                out = open(self.log_dir / f"{process.executable}.log", "ab")  # noqa: SIM115 (lives with child)
+                out = open(self.log_dir / f"{label}.log", "ab")  # noqa: SIM115 (lives with child)
             popen = subprocess.Popen(
                 self.command(process),
                 env=self.env,
@@ -92,7 +102,7 @@ class GraphRunner:
                 stderr=subprocess.STDOUT if out else None,
                 preexec_fn=_die_with_parent,
             )
-            self.children.append(Child(process.executable, popen, process.stop_timeout))
+            self.children.append(Child(process.executable, popen, process.stop_timeout, label))
 
     def poll(self) -> Child | None:
         """The first child that has exited, if any."""
@@ -100,7 +110,8 @@ class GraphRunner:
 
     def stop(self, grace: float | None = None) -> dict[str, int]:
         """SIGINT every child at once, wait for each up to its own `stop_timeout` (or `grace` for all), then
-        terminate and finally kill what is left; returns the exit codes."""
+        terminate and finally kill what is left; returns every process's exit code by label (negative: the
+        signal that ended it, e.g. -11 for a crash, -15 / -9 for one that had to be terminated / killed)."""
         for child in self.children:
             if child.popen.poll() is None:
                 child.popen.send_signal(signal.SIGINT)
@@ -117,7 +128,7 @@ class GraphRunner:
                     child.popen.kill()
                     child.popen.wait()
         shutil.rmtree(self._tmp, ignore_errors=True)
-        return {c.executable: int(c.popen.returncode) for c in self.children}
+        return {c.label: int(c.popen.returncode) for c in self.children}
 
     def __enter__(self) -> GraphRunner:
         self.start()
@@ -150,7 +161,7 @@ def run_graph(graph: GraphSpec, overrides: Sequence[str] = (), duration: float =
         time.sleep(0.2)
     if failed is not None:
         print(
-            f"[bringup] {failed.executable} exited with {failed.popen.returncode}: stopping the graph",
+            f"[bringup] {failed.label} exited with {failed.popen.returncode}: stopping the graph",
             flush=True,
         )
     codes = runner.stop()

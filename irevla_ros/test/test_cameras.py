@@ -15,6 +15,7 @@ from irevla_ros.hardware.camera import (
     CameraError,
     CameraFrame,
     InvalidCameraParameterError,
+    UnknownCameraKindError,
     make_camera,
     parse_profile,
 )
@@ -56,7 +57,10 @@ def assert_video_frame(frame: CameraFrame, index: int, size: tuple[int, int] = (
 
 def test_registry_names_known_kinds():
     assert set(CAMERA_KINDS) == {"sim", "opencv", "realsense"}
-    with pytest.raises(ValueError, match="opencv"):
+    with pytest.raises(
+        UnknownCameraKindError,
+        match="unknown camera kind 'kinect'; known camera kinds: sim, opencv, realsense",
+    ):
         make_camera("kinect")
 
 
@@ -139,18 +143,24 @@ def test_sim_camera_frames_follow_simulation_time():
     cell = MetaWorldCell(tasks=("button-press-v3",), width=80, height=60, cameras=("corner", "topview"))
     try:
         cam = make_camera("sim", cell=cell, camera="corner")
+        published: list[int] = []
+        cam.on_frame = lambda: published.append(1)  # what the camera node sets: publish on arrival
         with cam:
+            assert cam.read() is None  # nothing rendered yet
+            cam.capture()  # render + offer: in sim_cell_node, the cell's thread after each period
             first = cam.read()
-            assert first is not None
+            assert first is not None and published == [1]
             assert first.color.shape == (60, 80, 3) and first.color.dtype == np.uint8 and first.depth is None
             assert first.stamp == cell.sim_time
             np.testing.assert_array_equal(first.color, cell.render("corner"))
-            assert cam.read() is None  # simulation did not advance: no duplicate stamp
+            assert cam.read() is None  # a frame is returned once
             cell.apply_action(np.array([0.0, 1.0, 0.0, 0.0]))
+            cam.offer(cam.render(stamp=12.5))  # the cell node stamps with its period's /clock time
             second = cam.read()
-            assert second is not None
-            assert second.stamp == pytest.approx(first.stamp + cell.control_dt)
+            assert second is not None and published == [1, 1]
+            assert second.stamp == 12.5
             assert second.frame_number == first.frame_number + 1
+            assert not np.array_equal(second.color, first.color)  # the arm moved
         info = cam.info
         fy = 30.0 / math.tan(math.radians(cell.camera_fovy("corner")) / 2.0)
         assert (info.width, info.height) == (80, 60)

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from irevla_ros.policies import make_policy
+from irevla_ros.policies import UnknownPolicyError, make_policy_slot_parts
 from irevla_ros.policies.base import Observation, PolicyError
 from irevla_ros.policies.scripted import EXPERT_ACTION_KEY, ScriptedExpertPolicy
 from irevla_ros.session import Session, SessionConfig, SessionState, TransitionError
@@ -112,7 +112,11 @@ def test_scripted_expert_noise_and_log_prob():
 
 
 def test_policy_registry():
-    action = make_policy("random", seed=0).act(_obs(None)).action
-    assert action.shape == (4,) and np.all(np.abs(action) <= 1)
-    with pytest.raises(ValueError, match="unknown policy"):
-        make_policy("magic")
+    params = {"action_noise": 0.0, "seed": 0}
+    policy, loader = make_policy_slot_parts({**params, "policy": "random"})
+    action = policy.act(_obs(None)).action
+    assert action.shape == (4,) and np.all(np.abs(action) <= 1) and loader is None
+    with pytest.raises(
+        UnknownPolicyError, match="unknown policy 'magic'; known policies: scripted_expert, random, vla"
+    ):
+        make_policy_slot_parts({**params, "policy": "magic"})

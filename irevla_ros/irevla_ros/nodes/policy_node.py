@@ -60,8 +60,7 @@ from irevla_ros.observation import (
     holding,
 )
 from irevla_ros.policies import make_policy_slot_parts
-from irevla_ros.policies.base import Observation, Policy
-from irevla_ros.policies.scripted import EXPERT_ACTION_KEY
+from irevla_ros.policies.base import EXPERT_ACTION_KEY, Observation, Policy
 from irevla_ros.policies.slot import PolicySlot
 
 # Messages kept per input: the tick of time t uses the newest one stamped no later than t, so an input of a later

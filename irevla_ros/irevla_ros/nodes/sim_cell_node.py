@@ -22,7 +22,6 @@ counts, from that first observation.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import threading
 import time
@@ -39,51 +38,12 @@ from irevla_interfaces.msg import ArmCommand
 from irevla_interfaces.srv import ResetEpisode
 from irevla_ros import topics
 from irevla_ros.hardware.arm import make_arm
-from irevla_ros.hardware.camera.base import CameraBackend, CameraFrame, CameraInfoData
-from irevla_ros.hardware.camera.sim import SimCamera
+from irevla_ros.hardware.camera import CameraBackend, make_camera
 from irevla_ros.node_parameters import SIM_CELL
 from irevla_ros.nodes.arm_controller_node import ArmControllerNode
 from irevla_ros.nodes.camera_node import CameraNode
 from irevla_ros.nodes.common import declare_parameters, run_nodes
 from irevla_ros.sim.cell import MetaWorldCell, finish_control_period
-
-
-class RenderedCamera(CameraBackend):
-    """Camera backend `sim`: the newest frame the cell rendered for one of its cameras (rendering happens on the
-    cell's thread, where its OpenGL context lives)."""
-
-    def __init__(self, source: SimCamera) -> None:
-        self._info = source.info
-        self._frame: CameraFrame | None = None
-        self._returned: int | None = None
-        self._lock = threading.Lock()
-        # Set by the camera node: publish as soon as the cell has rendered, before /clock moves on, so the
-        # policy's tick at time t sees the frame of time t.
-        self.on_frame: Callable[[], None] | None = None
-
-    def offer(self, frame: CameraFrame) -> None:
-        with self._lock:
-            self._frame = frame
-        if self.on_frame is not None:
-            self.on_frame()
-
-    def open(self) -> None:
-        self._returned = None
-
-    def read(self, timeout: float = 0.0) -> CameraFrame | None:
-        with self._lock:
-            frame = self._frame
-            if frame is None or frame.frame_number == self._returned:
-                return None
-            self._returned = frame.frame_number
-            return frame
-
-    def close(self) -> None:
-        pass
-
-    @property
-    def info(self) -> CameraInfoData:
-        return self._info
 
 
 class SimCellNode(Node):
@@ -105,8 +65,7 @@ class SimCellNode(Node):
         self.clock_ns = 0
         self.substeps = max(1, round(self.period / self.cell.control_dt))
         # Rendered only once a camera node asks for them (camera_backend), on the cell's thread.
-        self._renderers: dict[str, SimCamera] = {}
-        self.cameras: dict[str, RenderedCamera] = {}
+        self.cameras: dict[str, CameraBackend] = {}
         self._clock_pub = self.create_publisher(Clock, "/clock", 10)
         self._success_pub = self.create_publisher(Bool, topics.SIM_SUCCESS, 10)
         self._expert_pub = self.create_publisher(ArmCommand, topics.SIM_EXPERT_ACTION, 10)
@@ -128,7 +87,7 @@ class SimCellNode(Node):
     def start(self) -> None:
         self._thread.start()
 
-    def camera_backend(self, camera: str) -> RenderedCamera:
+    def camera_backend(self, camera: str) -> CameraBackend:
         """The `sim` camera backend for MuJoCo camera `camera`; it is rendered after every period from now on."""
         if camera not in self.cell.cameras:
             raise ValueError(
@@ -136,10 +95,7 @@ class SimCellNode(Node):
             )
         with self.cell.lock:
             if camera not in self.cameras:
-                renderer = SimCamera(self.cell, camera, skip_unchanged=False)
-                renderer.open()
-                self._renderers[camera] = renderer
-                self.cameras[camera] = RenderedCamera(renderer)
+                self.cameras[camera] = make_camera("sim", cell=self.cell, camera=camera)
             return self.cameras[camera]
 
     def _on_reset(
@@ -234,15 +190,15 @@ class SimCellNode(Node):
 
     def _publish_period(self) -> None:
         with self.cell.lock:
-            frames = {name: r.read() for name, r in self._renderers.items()}
             now = self.clock_ns * 1e-9
+            # Rendered here, on the cell's thread with its OpenGL context, stamped with this period's clock.
+            frames = [(camera, camera.render(now)) for camera in self.cameras.values()]  # type: ignore[attr-defined]
             success = self.cell.success()
             expert = self.cell.expert_action()
             for callback in self.on_period:
                 callback(now)
-        for name, frame in frames.items():
-            if frame is not None:
-                self.cameras[name].offer(dataclasses.replace(frame, stamp=now))
+        for camera, frame in frames:
+            camera.offer(frame)  # type: ignore[attr-defined]  # the camera node publishes it now, before /clock
         stamp = TimeMsg(sec=self.clock_ns // 10**9, nanosec=self.clock_ns % 10**9)
         self._success_pub.publish(Bool(data=bool(success)))
         # Stamped, like the frames and the arm state: the policy's tick of t waits for the expert's action of t.

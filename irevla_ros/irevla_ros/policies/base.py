@@ -9,6 +9,8 @@ from typing import Protocol
 import numpy as np
 
 ACTION_DIM = 4  # end-effector delta (x, y, z) + gripper, normalised to [-1, 1]
+# Observation.extras key of the simulator's scripted expert action (the scripted expert acts on it).
+EXPERT_ACTION_KEY = "expert_action"
 
 
 @dataclass

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import numpy as np
 
-from irevla_ros.policies.base import ACTION_DIM, Observation, PolicyError, PolicyOutput
+from irevla_ros.policies.base import ACTION_DIM, EXPERT_ACTION_KEY, Observation, PolicyError, PolicyOutput
 
-EXPERT_ACTION_KEY = "expert_action"
+__all__ = ["EXPERT_ACTION_KEY", "RandomPolicy", "ScriptedExpertPolicy", "expert_slot", "random_slot"]
 
 
 class ScriptedExpertPolicy:
@@ -65,3 +66,13 @@ class RandomPolicy:
         return PolicyOutput(
             self._rng.uniform(-1, 1, ACTION_DIM).astype(np.float32), log_prob=-ACTION_DIM * math.log(2.0)
         )
+
+
+def expert_slot(params: Mapping[str, object]) -> tuple[ScriptedExpertPolicy, None]:
+    """Registry factory `scripted_expert` (see irevla_ros.policies): takes no versions."""
+    return ScriptedExpertPolicy(noise_std=float(params["action_noise"]), seed=int(params["seed"])), None  # type: ignore[arg-type, call-overload]
+
+
+def random_slot(params: Mapping[str, object]) -> tuple[RandomPolicy, None]:
+    """Registry factory `random`: takes no versions."""
+    return RandomPolicy(seed=int(params["seed"])), None  # type: ignore[call-overload]

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -222,3 +222,14 @@ def vla_loader(store_root: str, *, deterministic: bool = False, seed: int = 0) -
         return policy
 
     return VLALoader(load, validators)
+
+
+def vla_slot(params: Mapping[str, object]) -> tuple[VLAPolicy, VLALoader]:
+    """Registry factory `vla` (see irevla_ros.policies): `version` of `model_store` ('' = newest), and the loader
+    of the versions announced later."""
+    loader = vla_loader(
+        str(params["model_store"]),
+        deterministic=bool(params["deterministic"]),
+        seed=int(params["seed"]),  # type: ignore[call-overload]
+    )
+    return loader(str(params["version"])), loader

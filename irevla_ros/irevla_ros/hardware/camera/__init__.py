@@ -6,7 +6,6 @@ use the others.
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 from irevla_ros.hardware.camera.base import (
@@ -17,28 +16,34 @@ from irevla_ros.hardware.camera.base import (
     InvalidCameraParameterError,
     parse_profile,
 )
-
-CAMERA_KINDS: dict[str, str] = {
-    "sim": "irevla_ros.hardware.camera.sim:SimCamera",
-    "opencv": "irevla_ros.hardware.camera.opencv_camera:OpenCVCamera",
-    "realsense": "irevla_ros.hardware.camera.realsense_camera:RealSenseCamera",
-}
+from irevla_ros.registry import Registry
 
 
 class UnknownCameraKindError(ValueError):
     """`make_camera` was asked for a backend it does not know."""
 
 
+# kind -> the backend class, constructed (not opened) with the kind's keyword parameters. "sim" renders a camera
+# of a simulated cell (SimCamera(cell, camera)): sim_cell_node builds it, since it owns the cell.
+CAMERAS: Registry[CameraBackend] = Registry(
+    "camera kind",
+    {
+        "sim": "irevla_ros.hardware.camera.sim:SimCamera",
+        "opencv": "irevla_ros.hardware.camera.opencv_camera:OpenCVCamera",
+        "realsense": "irevla_ros.hardware.camera.realsense_camera:RealSenseCamera",
+    },
+    UnknownCameraKindError,
+)
+CAMERA_KINDS: tuple[str, ...] = CAMERAS.names
+
+
 def make_camera(kind: str, **params: Any) -> CameraBackend:
     """Construct (not open) the camera backend `kind` with its keyword parameters."""
-    if kind not in CAMERA_KINDS:
-        raise UnknownCameraKindError(f"unknown camera kind {kind!r}; known kinds: {sorted(CAMERA_KINDS)}")
-    module_name, class_name = CAMERA_KINDS[kind].split(":")
-    backend_cls = getattr(importlib.import_module(module_name), class_name)
-    return backend_cls(**params)
+    return CAMERAS.make(kind, **params)
 
 
 __all__ = [
+    "CAMERAS",
     "CAMERA_KINDS",
     "CameraBackend",
     "CameraError",

@@ -68,11 +68,19 @@ CAMERA = (
 
 ARM_CONTROLLER = (
     *GRAPH_WIDE,
-    ParamSpec("backend", "sim", "arm backend", choices=("sim", "franky")),
+    # A backend's own parameters are named "<backend>_<its keyword>" (the node passes them on with the prefix cut).
+    ParamSpec("backend", "sim", "arm backend", choices=("sim", "franky", "ur_rtde")),
     ParamSpec("franky_host", "172.16.0.2", "franky backend: robot (or franky-sim) address"),
     ParamSpec(
         "franky_dynamics_factor", 0.1, "franky backend: velocity/acceleration scaling", min=0.01, max=1.0
     ),
+    ParamSpec("ur_rtde_host", "192.168.1.102", "ur_rtde backend: UR controller (or protocol peer) address"),
+    ParamSpec("ur_rtde_frequency", 500.0, "ur_rtde backend: RTDE rate (Hz; CB3: 125)", min=1.0, max=500.0),
+    ParamSpec("ur_rtde_servo_rate", 125.0, "ur_rtde backend: servoL stream rate (Hz)", min=10.0, max=500.0),
+    ParamSpec("ur_rtde_lookahead_time", 0.1, "ur_rtde backend: servoL lookahead (s)", min=0.03, max=0.2),
+    ParamSpec("ur_rtde_gain", 300.0, "ur_rtde backend: servoL gain", min=100.0, max=2000.0),
+    ParamSpec("ur_rtde_home_speed", 0.05, "ur_rtde backend: move_home moveL speed (m/s)", min=0.001, max=0.5),
+    ParamSpec("ur_rtde_gripper", "robotiq", "ur_rtde backend: gripper", choices=("robotiq", "none")),
     ParamSpec("action_frame", "base", "frame of the end-effector deltas", choices=("base",)),
     ParamSpec("state_rate", 10.0, "JointState / pose publish rate (Hz)", min=1.0, max=1000.0),
     *parameter_specs(SafetyLimits),

@@ -1,4 +1,4 @@
-"""ros2 launch irevla_ros collect.launch.py [hardware:=sim|robot]
+"""ros2 launch irevla_ros collect.launch.py [hardware:=sim|robot|robot_ur]
 
 Brings up the collection graph. The node list lives in irevla_ros.bringup.graph (shared with `irevla bringup`
 on pip-only machines): this file only translates it into launch_ros actions.
@@ -14,6 +14,7 @@ from launch_ros.actions import Node
 
 from irevla_ros.bringup.graph import (
     DEFAULT_CAMERAS,
+    HARDWARE_PROFILES,
     collect_graph,
     process_parameter_paths,
     validate_graph,
@@ -45,7 +46,11 @@ def _nodes(context, *args, **kwargs):
 def generate_launch_description():
     return LaunchDescription(
         [
-            DeclareLaunchArgument("hardware", default_value="sim", description="sim or robot"),
+            DeclareLaunchArgument(
+                "hardware",
+                default_value="sim",
+                description="hardware profile: " + ", ".join(HARDWARE_PROFILES),
+            ),
             DeclareLaunchArgument(
                 "cameras",
                 default_value=",".join(DEFAULT_CAMERAS),

@@ -37,7 +37,7 @@ def peer() -> Iterator[PeerProcess]:
 
 @pytest.fixture
 def arm(peer: PeerProcess) -> Iterator[UrRtdeArm]:
-    backend = make_arm("ur_rtde", host=peer.host, rtde_frequency=125.0, max_speed=MAX_SPEED)
+    backend = make_arm("ur_rtde", host=peer.host, frequency=125.0, max_speed=MAX_SPEED)
     assert isinstance(backend, UrRtdeArm)
     backend.connect()
     yield backend
@@ -279,7 +279,7 @@ def test_a_dropped_connection_raises_and_clears_is_connected(arm, peer):
 
 def test_a_lost_link_is_a_clear_error_and_the_arm_holds_where_the_stream_stopped(peer):
     # No gripper socket here: the loss must be seen on the RTDE link itself.
-    arm = make_arm("ur_rtde", host=peer.host, rtde_frequency=125.0, max_speed=MAX_SPEED, gripper="none")
+    arm = make_arm("ur_rtde", host=peer.host, frequency=125.0, max_speed=MAX_SPEED, gripper="none")
     arm.connect()
     try:
         here = arm.read_state().ee_position
@@ -312,3 +312,78 @@ def test_connecting_to_nothing_is_a_clear_error():
     with pytest.raises(ArmConnectionError, match="cannot connect"):
         arm.connect()
     assert not arm.is_connected
+
+
+def test_arm_controller_node_latches_a_protective_stop_and_clears_it_through_recovery(
+    peer, ros_context, spin
+):
+    # The node picks the backend by name from its parameters, as under `--hardware robot_ur`.
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.node import Node
+    from rclpy.parameter import Parameter
+    from std_srvs.srv import Trigger
+
+    from irevla_interfaces.msg import ArmCommand
+    from irevla_ros import topics
+    from irevla_ros.nodes.arm_controller_node import ArmControllerNode
+
+    start = np.asarray(peer.call("pose"))[:3]
+    limits = limits_around(start)
+    overrides = [
+        Parameter("backend", value="ur_rtde"),
+        Parameter("ur_rtde_host", value=peer.host),
+        Parameter("ur_rtde_frequency", value=125.0),
+        Parameter("workspace_low", value=list(limits.workspace_low)),
+        Parameter("workspace_high", value=list(limits.workspace_high)),
+        Parameter("home", value=list(limits.home)),
+        Parameter("max_speed", value=MAX_SPEED),
+    ]
+    node = ArmControllerNode(context=ros_context, parameter_overrides=overrides)
+    client = Node("ur_test_client", context=ros_context)
+    executor = SingleThreadedExecutor(context=ros_context)
+    executor.add_node(node)
+    executor.add_node(client)
+    pub = client.create_publisher(ArmCommand, topics.ACTION, 10)
+    clear = client.create_client(Trigger, topics.CLEAR_ESTOP)
+
+    def act(dz: float, ticks: int) -> None:
+        for _ in range(ticks):
+            msg = ArmCommand(ee_delta=[0.0, 0.0, dz], gripper=-1.0, episode_id="ep")
+            msg.header.stamp = client.get_clock().now().to_msg()
+            pub.publish(msg)
+            spin(executor, lambda: False, timeout=TICK)
+
+    def clear_estop() -> Trigger.Response:
+        assert clear.wait_for_service(timeout_sec=10.0)
+        future = clear.call_async(Trigger.Request())
+        assert spin(executor, future.done, timeout=15.0)
+        return future.result()
+
+    try:
+        assert spin(executor, lambda: pub.get_subscription_count() > 0, timeout=10.0)
+        act(-1.0, 4)
+        spin(executor, lambda: False, timeout=0.6)
+        moved = np.asarray(peer.call("pose"))[:3]
+        assert start[2] - moved[2] > 0.02, start[2] - moved[2]  # the node drove the arm down
+        peer.call("protective_stop")
+        act(-1.0, 3)
+        assert node.safety.estopped
+        assert "protective stop" in (node.safety.estop_reason or "")
+        stopped = np.asarray(peer.call("pose"))[:3]
+        act(-1.0, 3)  # latched: nothing moves
+        np.testing.assert_allclose(np.asarray(peer.call("pose"))[:3], stopped, atol=1e-4)
+        refused = clear_estop()  # too soon for the controller: the e-stop stays latched, with its answer
+        assert not refused.success and "Cannot unlock protective stop" in refused.message, refused.message
+        assert node.safety.estopped
+        spin(executor, lambda: False, timeout=UNLOCK_DELAY)
+        cleared = clear_estop()
+        assert cleared.success, cleared.message
+        assert not node.safety.estopped
+        act(1.0, 5)
+        spin(executor, lambda: False, timeout=0.6)
+        assert np.asarray(peer.call("pose"))[2] - stopped[2] > 0.02  # moving again, under the node's control
+    finally:
+        executor.shutdown()
+        node.close()
+        node.destroy_node()
+        client.destroy_node()

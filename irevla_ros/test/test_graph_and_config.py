@@ -43,10 +43,11 @@ def test_launch_file_holds_no_node_list_of_its_own():
     assert "collect_graph" in source
 
 
-@pytest.mark.parametrize("hardware", ["sim", "robot"])
+@pytest.mark.parametrize("hardware", ["sim", "robot", "robot_ur"])
 def test_shipped_configuration_is_valid(hardware):
     effective = validate_graph(collect_graph(hardware))
-    assert effective["/arm_controller"]["backend"] == ("sim" if hardware == "sim" else "franky")
+    expected = {"sim": "sim", "robot": "franky", "robot_ur": "ur_rtde"}[hardware]
+    assert effective["/arm_controller"]["backend"] == expected
 
 
 def _config_copy(tmp_path: Path) -> Path:

@@ -28,7 +28,8 @@ from irevla_ros.param_spec import (
 )
 from irevla_ros.paths import config_dir
 
-HARDWARE_PROFILES = ("sim", "robot")
+# Each profile is config/<profile>.yaml: "robot" a Franka through franky, "robot_ur" a UR arm through ur_rtde.
+HARDWARE_PROFILES = ("sim", "robot", "robot_ur")
 # Camera nodes the graph can run (camera.yaml configures each); "camera" alone by default.
 KNOWN_CAMERAS = ("camera", "wrist_camera")
 DEFAULT_CAMERAS = ("camera",)

@@ -14,8 +14,9 @@ measure zero time since the last command and refuse to move).
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 import numpy as np
@@ -30,7 +31,7 @@ from std_srvs.srv import Trigger
 
 from irevla_interfaces.msg import ArmCommand, EpisodeEvent
 from irevla_ros import topics
-from irevla_ros.hardware.arm import ArmBackend, make_arm
+from irevla_ros.hardware.arm import ArmBackend, ArmError, make_arm
 from irevla_ros.node_parameters import ARM_CONTROLLER
 from irevla_ros.nodes.common import RELIABLE_QOS, RosTimePeriodic, declare_parameters, run_nodes, time_to_ns
 from irevla_ros.param_spec import ConfigError, ParamValue, from_parameters
@@ -38,6 +39,15 @@ from irevla_ros.safety import SafetyConfigError, SafetyLayer, SafetyLimits
 
 _HOME_TOLERANCE = 0.005  # m
 _HOMING_TIMEOUT = 60.0  # s
+
+
+def backend_parameters(kind: str, params: dict[str, ParamValue]) -> dict[str, ParamValue]:
+    """The keyword parameters of backend `kind`: its "<kind>_<keyword>" node parameters, prefix cut, and the
+    safety layer's max_speed (a backend's own speed cap must not let it overshoot a streamed target faster
+    than the layer allowed)."""
+    prefix = f"{kind}_"
+    own = {name[len(prefix) :]: value for name, value in params.items() if name.startswith(prefix)}
+    return {**own, "max_speed": params["max_speed"]}
 
 
 class ArmControllerNode(Node):
@@ -69,14 +79,7 @@ class ArmControllerNode(Node):
                 raise ValueError(
                     "arm backend 'sim' runs inside sim_cell_node (it steps the shared simulated cell)"
                 )
-            # The backend's own speed cap equals the safety layer's: franky's motion generator must not overshoot
-            # a streamed target faster than the layer allowed.
-            self.backend = make_arm(
-                kind,
-                host=p["franky_host"],
-                dynamics_factor=p["franky_dynamics_factor"],
-                max_speed=p["max_speed"],
-            )
+            self.backend = make_arm(kind, **backend_parameters(kind, p))
         else:
             self.backend = backend_factory(p)
         self.backend.connect()
@@ -132,8 +135,23 @@ class ArmControllerNode(Node):
             self.get_logger().warning(f"holding the arm: {why}")
             self._last_status = why
 
+    @contextlib.contextmanager
+    def _backend_faults(self) -> Iterator[None]:
+        """An ArmError from the backend (a protective or emergency stop, a lost connection, a refused command)
+        latches the e-stop with the backend's own message: every command is a hold (the arm's controller has
+        stopped it already) until ~/clear_estop, which first asks the backend to recover."""
+        try:
+            yield
+        except ArmError as exc:
+            if not self.safety.estopped:
+                self.get_logger().error(f"E-STOP latched by the arm backend: {exc}")
+            self.safety.estop(f"arm backend: {exc}")
+            if self._homing is not None:  # a reset-to-home in progress fails now, not at its deadline
+                self._homing.set_result((False, f"arm backend: {exc}"))
+                self._homing = None
+
     def _on_action(self, msg: ArmCommand) -> None:
-        with self._lock:
+        with self._lock, self._backend_faults():
             if self._homing is not None:
                 return
             if msg.hold:
@@ -175,13 +193,14 @@ class ArmControllerNode(Node):
 
     def _on_timer(self) -> None:
         with self._lock:
-            if self._homing is not None:
-                self._step_home()
-            elif self.safety.check_watchdog(self._now()) or self._never_commanded():
-                self._hold("no fresh action within the watchdog deadline")
-            if self._state_on_ticker:
-                self.publish_state()
-            self._publish_diagnostics()
+            with self._backend_faults():
+                if self._homing is not None:
+                    self._step_home()
+                elif self.safety.check_watchdog(self._now()) or self._never_commanded():
+                    self._hold("no fresh action within the watchdog deadline")
+                if self._state_on_ticker:
+                    self.publish_state()
+            self._publish_diagnostics()  # also (above all) when the backend failed
 
     def publish_state(self, stamp_s: float | None = None) -> None:
         """Publish /joint_states and ~/ee_pose as the backend reads them now, stamped `stamp_s` (ROS seconds;
@@ -220,7 +239,7 @@ class ArmControllerNode(Node):
             DiagnosticStatus(
                 level=level,
                 name="irevla: arm controller",
-                message="e-stop latched" if self.safety.estopped else "ok",
+                message=f"e-stop latched: {self.safety.estop_reason}" if self.safety.estopped else "ok",
                 hardware_id=str(self.params["backend"]),
                 values=[
                     KeyValue(key="commands_sent", value=str(self.commands_sent)),
@@ -234,13 +253,20 @@ class ArmControllerNode(Node):
     def _on_estop(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
         with self._lock:
             self.safety.estop("e-stop service")
-            self.backend.hold()
+            with self._backend_faults():
+                self.backend.hold()
         self.get_logger().error("E-STOP latched: the arm holds until ~/clear_estop")
         response.success, response.message = True, "e-stop latched"
         return response
 
     def _on_clear_estop(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
         with self._lock:
+            try:
+                self.backend.recover()  # e.g. a UR's protective stop: unlock, power, brakes, script
+            except ArmError as exc:
+                self.get_logger().error(f"e-stop stays latched: the arm backend cannot recover: {exc}")
+                response.success, response.message = False, f"arm backend cannot recover: {exc}"
+                return response
             self.safety.clear_estop()
             self._reset_safety(self._now())
         self.get_logger().info("e-stop cleared")
@@ -281,7 +307,8 @@ class ArmControllerNode(Node):
 
     def close(self) -> None:
         try:
-            self.backend.hold()
+            with contextlib.suppress(ArmError):  # stopped or gone already: nothing left to hold
+                self.backend.hold()
         finally:
             self.backend.close()
 

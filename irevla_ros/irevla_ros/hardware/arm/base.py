@@ -99,6 +99,10 @@ class ArmBackend(ABC):
         ArmError after `timeout` seconds). Speed is bounded by the backend's own limits; for a move that
         obeys the SafetyLayer's per-tick step, stream `SafetyLayer.command_home` through `send_target`."""
 
+    def recover(self) -> None:  # noqa: B027 (a default that does nothing, not an abstract method)
+        """Clear a fault the arm's own controller latched (a reflex, a protective stop) so that commands are
+        accepted again; raises ArmError if the controller refuses. Backends without such faults do nothing."""
+
     def __enter__(self) -> ArmBackend:
         self.connect()
         return self

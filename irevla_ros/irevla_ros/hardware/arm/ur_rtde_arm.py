@@ -229,7 +229,7 @@ class UrRtdeArm(ArmBackend):
     def __init__(
         self,
         host: str,
-        rtde_frequency: float = 500.0,
+        frequency: float = 500.0,
         servo_rate: float = 125.0,
         max_speed: float = 0.1,
         lookahead_time: float = 0.1,
@@ -249,7 +249,7 @@ class UrRtdeArm(ArmBackend):
         if not host:
             raise ValueError("host must name the UR controller's address")
         for name, value, low, high in (
-            ("rtde_frequency", rtde_frequency, 1.0, 500.0),
+            ("frequency", frequency, 1.0, 500.0),
             ("servo_rate", servo_rate, 10.0, 500.0),
             ("max_speed", max_speed, 1e-3, 1.0),
             ("lookahead_time", lookahead_time, 0.03, 0.2),
@@ -263,7 +263,7 @@ class UrRtdeArm(ArmBackend):
             if not (math.isfinite(value) and low <= value <= high):
                 raise ValueError(f"{name} must lie in [{low}, {high}], got {value}")
         self._host = host
-        self._frequency = float(rtde_frequency)
+        self._frequency = float(frequency)
         self._servo_dt = 1.0 / float(servo_rate)
         self._max_speed = float(max_speed)
         self._lookahead = float(lookahead_time)

@@ -387,3 +387,16 @@ def test_arm_controller_node_latches_a_protective_stop_and_clears_it_through_rec
         node.close()
         node.destroy_node()
         client.destroy_node()
+
+
+def test_backend_benchmark_code_path(tmp_path):
+    import json
+
+    from irevla_ros.bench import arm_backends
+
+    path = arm_backends.run(tmp_path, kinds=("ur_rtde",), steps=3, seconds=2.0)
+    (entry,) = json.loads(path.read_text())["entries"]
+    assert entry["backend"] == "ur_rtde"
+    assert entry["latency_command_to_state_ms"]["n"] == 3
+    assert 0.0 < entry["latency_command_to_state_ms"]["p50"] < 500.0
+    assert entry["tracking_error_mm"]["n"] > 5 and entry["tracking_error_mm"]["p99"] < 20.0

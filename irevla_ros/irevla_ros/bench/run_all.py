@@ -13,7 +13,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from irevla_ros.bench import control_loop, plot, policy_node, sim_camera, trainer, transport
+from irevla_ros.bench import arm_backends, control_loop, plot, policy_node, sim_camera, trainer, transport
 from irevla_ros.bench.harness import RESULTS_DIR, log
 
 
@@ -37,6 +37,7 @@ def benchmarks(out: Path, work: Path, quick: bool) -> list[tuple[str, Callable[[
                 ),
             ),
             ("trainer", lambda: trainer.run(out, work / "trainer", quick=True)),
+            ("arm_backends", lambda: arm_backends.run(out, steps=3, seconds=2.0)),
         ]
     return [
         ("control_loop", lambda: control_loop.run(out, work / "control_loop", vla_seconds=75.0)),
@@ -46,6 +47,7 @@ def benchmarks(out: Path, work: Path, quick: bool) -> list[tuple[str, Callable[[
         ("policy", lambda: policy_latency(out, steps=300)),
         ("policy_node", lambda: policy_node.run(out, work / "policy_node")),
         ("trainer", lambda: trainer.run(out, work / "trainer", quick=False)),
+        ("arm_backends", lambda: arm_backends.run(out)),
     ]
 
 

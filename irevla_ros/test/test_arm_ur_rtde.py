@@ -400,3 +400,44 @@ def test_backend_benchmark_code_path(tmp_path):
     assert entry["latency_command_to_state_ms"]["n"] == 3
     assert 0.0 < entry["latency_command_to_state_ms"]["p50"] < 500.0
     assert entry["tracking_error_mm"]["n"] > 5 and entry["tracking_error_mm"]["p99"] < 20.0
+
+
+@pytest.mark.parametrize("kind", ["franky", "ur_rtde"])
+def test_the_nodes_parameters_build_each_hardware_backend(kind):
+    # Every "<kind>_<keyword>" parameter of the schema must be a keyword of the backend (and be accepted).
+    pytest.importorskip({"franky": "franky", "ur_rtde": "rtde_control"}[kind])
+    from irevla_ros.node_parameters import ARM_CONTROLLER
+    from irevla_ros.nodes.arm_controller_node import backend_parameters
+
+    params = {spec.name: spec.default for spec in ARM_CONTROLLER}
+    built = backend_parameters(kind, params)
+    assert {k for k in built if k != "max_speed"} == {
+        spec.name[len(kind) + 1 :] for spec in ARM_CONTROLLER if spec.name.startswith(f"{kind}_")
+    }
+    arm = make_arm(kind, **built)
+    assert not arm.is_connected
+
+
+def test_the_peer_integrates_speedl_and_stops_on_speed_stop(peer):
+    # The peer's speedL emulation, driven by ur_rtde directly (the backend servos; speedL is its alternative).
+    import rtde_control
+    import rtde_receive
+
+    receive = rtde_receive.RTDEReceiveInterface(peer.host, 125.0, ["timestamp", "actual_TCP_pose"])
+    control = rtde_control.RTDEControlInterface(peer.host, 125.0)
+    try:
+        z0 = receive.getActualTCPPose()[2]
+        assert control.speedL([0.0, 0.0, 0.05, 0.0, 0.0, 0.0], 0.5, 0.0)
+        time.sleep(0.5)
+        assert control.speedStop(1.0)
+        time.sleep(0.3)
+        z1 = receive.getActualTCPPose()[2]
+        time.sleep(0.2)
+        assert receive.getActualTCPPose()[2] == pytest.approx(z1, abs=1e-5)  # stopped
+        # 0.5 s at 0.05 m/s after a 0.1 s ramp at 0.5 m/s^2, then a 0.05 s stop: about 2.3 cm.
+        assert 0.015 < z1 - z0 < 0.03, z1 - z0
+        assert 10 in peer.call("commands_seen") and 15 in peer.call("commands_seen")
+    finally:
+        control.stopScript()
+        control.disconnect()
+        receive.disconnect()

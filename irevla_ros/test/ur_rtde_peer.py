@@ -8,14 +8,14 @@ loopback, behind a kinematic UR5e (DH forward kinematics, damped least-squares d
   the peer does not serve), CONTROL_PACKAGE_SETUP_INPUTS 'I' (IN_USE for a register another client already
   writes), CONTROL_PACKAGE_START 'S' / PAUSE 'P', DATA_PACKAGE 'U' both ways (big-endian; header uint16 size +
   uint8 type). Outputs go out at each client's requested frequency.
-- The script ports (30001/30002/30003): RTDEControlInterface uploads its control script there. The peer checks
-  that it is ur_rtde's `rtde_control` program and then runs an emulation of that script's main loop at the
-  register level: input_int_register_0 is the command id, input_double_registers its arguments,
+- The script ports (30001/30002/30003): RTDEControlInterface 1.6.5 uploads its control script to 30003. The
+  peer checks that it is ur_rtde's `rtde_control` program and then runs an emulation of that script's main
+  loop at the register level: input_int_register_0 is the command id, input_double_registers its arguments,
   output_int_register_0 is 1 (ready) / 2 (done with command); the real-time commands (servoL 24, speedL 10)
   signal ready again at once, the others execute once and signal done until the command is cleared (0).
-  Emulated commands: moveL 3, speedL 10, speed stop 15, servo stop 16, servoL 24, protective stop 31, stopL 33,
-  stop script 255. Any other command ends the program with a text message
-  (as a runtime error would on the robot), so an unexpected use shows up instead of passing silently.
+  Emulated commands: moveL 3, speedL 10, speed stop 15, servo stop 16, servoL 24, protective stop 31, stopL
+  33, stop script 255. Any other command ends the program with a text message (as a runtime error would on the
+  robot), so an unexpected use shows up instead of passing silently.
 - The dashboard server (29999, text lines): PolyscopeVersion, get serial number, is in remote control,
   robotmode, safetystatus, programState, power on / power off, brake release, unlock protective stop, close
   safety popup, stop, pause, play (no program file: refused), restart safety.

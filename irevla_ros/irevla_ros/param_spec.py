@@ -45,6 +45,9 @@ class ParamSpec:
     # `min` itself is refused (lr > 0). ROS ranges are inclusive: a node's descriptor carries `min`, and `check`
     # (run on every declared value) refuses the bound.
     min_exclusive: bool = False
+    # Settable at run time (`ros2 param set`): the node applies a change between two ticks through the callback
+    # it hands to `declare_parameters`. Every other parameter is read-only (read once, at start).
+    runtime: bool = False
 
     @property
     def type_name(self) -> str:
@@ -192,11 +195,14 @@ def setting(
     max: float | None = None,
     min_exclusive: bool = False,
     choices: tuple[str, ...] | None = None,
+    runtime: bool = False,
 ) -> Any:
     """A config dataclass field that is also a node parameter: its default, description and range (`min_exclusive`:
     the value must lie above `min`, e.g. a learning rate). The dataclass's `__post_init__` enforces them with
-    `check_settings`, a parameter file with `ParamSpec.check`: one declaration, both checks."""
-    meta = {"doc": doc, "min": min, "max": max, "min_exclusive": min_exclusive, "choices": choices}
+    `check_settings`, a parameter file with `ParamSpec.check`: one declaration, both checks. `runtime`: the
+    parameter may be changed while the node runs (see `ParamSpec.runtime`)."""
+    meta = {"doc": doc, "min": min, "max": max, "min_exclusive": min_exclusive, "choices": choices,
+            "runtime": runtime}  # fmt: skip
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -206,7 +212,7 @@ def required(doc: str, parameter_default: Any, **bounds: Any) -> Any:
     """A config field the dataclass requires to be given (no default there), whose node parameter still has a
     default: `parameter_default`, what a node without a parameter file gets."""
     return field(metadata={"doc": doc, "min": None, "max": None, "min_exclusive": False, "choices": None,
-                           **bounds, "parameter_default": parameter_default})  # fmt: skip
+                           "runtime": False, **bounds, "parameter_default": parameter_default})  # fmt: skip
 
 
 def group(factory: Any, doc: str) -> Any:
@@ -232,7 +238,14 @@ def _spec(f: Field[Any], name: str) -> ParamSpec:
     meta = f.metadata
     value = list(default) if isinstance(default, tuple) else default
     return ParamSpec(
-        name, value, meta["doc"], meta["min"], meta["max"], meta["choices"], meta["min_exclusive"]
+        name,
+        value,
+        meta["doc"],
+        meta["min"],
+        meta["max"],
+        meta["choices"],
+        meta["min_exclusive"],
+        meta["runtime"],
     )
 
 

@@ -88,23 +88,39 @@ class SafetyLimits:
     home must be given here; the node's parameter defaults for them are the simulated cell's (Meta-World's hand
     bounds): a real arm's profile sets its own box and speed."""
 
-    workspace_low: Vec3 = required("workspace box lower corner (m, base frame)", (-0.525, 0.348, -0.0525))
-    workspace_high: Vec3 = required("workspace box upper corner (m, base frame)", (0.525, 1.025, 0.7))
-    home: Vec3 = required("reset-to-home end-effector position (m)", (0.0, 0.6, 0.2))
-    max_step: float = setting(0.01, "largest end-effector move per command (m)", min=1e-4, max=0.1)
-    # Above max_step per control period (0.1 m/s at 10 Hz), so that it bounds bursts of early commands without
-    # clipping every step of a regular stream.
-    max_speed: float = setting(0.25, "largest end-effector speed (m/s)", min=1e-3, max=1.0)
-    gripper_min: float = setting(0.0, "smallest gripper command (normalised opening)", min=0.0, max=1.0)
-    gripper_max: float = setting(1.0, "largest gripper command (normalised opening)", min=0.0, max=1.0)
-    watchdog_timeout: float = setting(
-        0.3, "hold the arm when the newest action is older than this (s)", min=0.01
+    # runtime=True: settable while the arm controller runs (`ros2 param set`); the node re-validates the whole set
+    # and swaps it into the layer between two commands (`SafetyLayer.set_limits`). The others are read-only,
+    # each for the reason beside it.
+    workspace_low: Vec3 = required(
+        "workspace box lower corner (m, base frame)", (-0.525, 0.348, -0.0525), runtime=True
     )
+    workspace_high: Vec3 = required(
+        "workspace box upper corner (m, base frame)", (0.525, 1.025, 0.7), runtime=True
+    )
+    home: Vec3 = required("reset-to-home end-effector position (m)", (0.0, 0.6, 0.2), runtime=True)
+    max_step: float = setting(
+        0.01, "largest end-effector move per command (m)", min=1e-4, max=0.1, runtime=True
+    )
+    # Above max_step per control period (0.1 m/s at 10 Hz), so that it bounds bursts of early commands without
+    # clipping every step of a regular stream. Read-only: the arm backend's own speed cap (franky's velocity
+    # limit, ur_rtde's servo ramp) is set from it at connect, so a change would hold for the layer alone.
+    max_speed: float = setting(0.25, "largest end-effector speed (m/s)", min=1e-3, max=1.0)
+    gripper_min: float = setting(
+        0.0, "smallest gripper command (normalised opening)", min=0.0, max=1.0, runtime=True
+    )
+    gripper_max: float = setting(
+        1.0, "largest gripper command (normalised opening)", min=0.0, max=1.0, runtime=True
+    )
+    watchdog_timeout: float = setting(
+        0.3, "hold the arm when the newest action is older than this (s)", min=0.01, runtime=True
+    )
+    # Read-only: it is what a normalised action means, the scale the policy was trained and its episodes recorded
+    # under (and the direct rollout replays), not a limit; max_step bounds every step whatever it is.
     action_scale: float = setting(0.01, "metres per unit of normalised policy action", min=1e-4, max=0.1)
     max_abs_action: float = setting(
-        10.0, "normalised actions above this magnitude are rejected as garbage", min=1.0
+        10.0, "normalised actions above this magnitude are rejected as garbage", min=1.0, runtime=True
     )
-    home_gripper: float = setting(1.0, "gripper opening at home", min=0.0, max=1.0)
+    home_gripper: float = setting(1.0, "gripper opening at home", min=0.0, max=1.0, runtime=True)
     max_lead: float | None = internal(
         None, "how far the target may run ahead of the measured end effector; None: 4 * max_step"
     )
@@ -235,6 +251,23 @@ class SafetyLayer:
         with self._lock:
             return self._s.estop_reason
 
+    def set_limits(self, limits: SafetyLimits) -> SafetyLimits:
+        """Install new limits (already validated as a whole by SafetyLimits) between two commands; returns the old.
+
+        Under the layer's lock, so no command is checked against half of each set. Kept: the last target and
+        the timing (the next step is within the new max_step and max_speed from where the last one ended), the
+        watchdog and a latched e-stop. A last target the new box leaves outside is not jumped into it: each
+        command moves at most the step budget from there toward the box (`_advance`). The last gripper opening
+        is clipped into the new range (the gripper is not rate limited)."""
+        if not isinstance(limits, SafetyLimits):
+            raise TypeError(f"limits must be SafetyLimits, got {type(limits).__name__}")
+        with self._lock:
+            old = self._limits
+            self._limits, self._low, self._high = limits, limits.low, limits.high
+            if self._s.gripper is not None:
+                self._s.gripper = min(limits.gripper_max, max(limits.gripper_min, self._s.gripper))
+            return old
+
     def reset(self) -> None:
         """Forget the last target and timing (new episode, re-homed arm): the next command starts from the
         measured position with a `max_step` budget. A latched e-stop stays latched."""
@@ -244,6 +277,10 @@ class SafetyLayer:
 
     def home_target(self) -> np.ndarray:
         return np.array(self._limits.home, dtype=np.float64)
+
+    def _outside(self, point: np.ndarray) -> float:
+        """Distance from `point` to the workspace box (0 inside)."""
+        return float(np.linalg.norm(point - np.clip(point, self._low, self._high)))
 
     # ---- e-stop and watchdog -------------------------------------------------------------------------------
 
@@ -325,7 +362,8 @@ class SafetyLayer:
 
     def command_home(self, now: float, current_ee: object) -> SafeCommand:
         """One tick toward the configured home pose and home gripper."""
-        return self.command_toward(self.home_target(), now, current_ee, self._limits.home_gripper)
+        lim = self._limits  # one set: home and home gripper from the same limits, even across a swap
+        return self.command_toward(np.array(lim.home, dtype=np.float64), now, current_ee, lim.home_gripper)
 
     # ---- internals -----------------------------------------------------------------------------------------
 
@@ -426,7 +464,14 @@ class SafetyLayer:
             step_vec = step_vec * (allowed / step)
             limit_name = "max_speed*dt" if first is None and allowed < lim.max_step else "max_step"
             reasons.append(f"step {step:.4f} m limited to {allowed:.4f} m ({limit_name})")
-        target = np.clip(ref + step_vec, self._low, self._high)
+        outside = self._outside(ref)
+        if outside == 0.0:
+            target = np.clip(ref + step_vec, self._low, self._high)  # float rounding only
+        else:
+            # The last target lies outside a box shrunk since (`set_limits`): projecting it in could jump further
+            # than the step budget. Along the segment toward the box the distance to it only shrinks (convex).
+            target = ref + step_vec
+            reasons.append(f"last target {outside:.4f} m outside the new workspace box: moving back into it")
 
         self._verify(target, ref, allowed, gripper)
         if first is not None and float(np.linalg.norm(target - first)) > lim.max_step + _EPS:
@@ -453,7 +498,8 @@ class SafetyLayer:
         problems = []
         if target.shape != (3,) or not np.all(np.isfinite(target)):
             problems.append(f"target {target!r} not a finite 3-vector")
-        elif np.any(target < self._low - _EPS) or np.any(target > self._high + _EPS):
+        elif self._outside(target) > self._outside(ref) + _EPS:
+            # Inside the box, or (the last target outside a box shrunk since) no further outside than before.
             problems.append(f"target {target.tolist()} outside the box")
         elif float(np.linalg.norm(target - ref)) > allowed + _EPS:
             problems.append(f"step {np.linalg.norm(target - ref)} > allowed {allowed}")

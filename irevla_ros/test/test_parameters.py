@@ -1,19 +1,23 @@
-"""Node parameters are read once at start: a change at run time is refused with a reason, never reported as
+"""A node parameter is read-only (a change at run time is refused with a reason) or a runtime one the node applies
+(the arm controller's safety limits: re-validated, in force from the next command, logged); never reported as
 applied and then ignored (real nodes, real DDS, the SetParameters service `ros2 param set` calls)."""
 
 from __future__ import annotations
 
+import array
 import math
 from dataclasses import dataclass
 
 import numpy as np
 import pytest
 from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
-from rcl_interfaces.srv import GetParameters, SetParameters
+from rcl_interfaces.srv import GetParameters, SetParameters, SetParametersAtomically
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter as RclpyParameter
 
+from irevla_interfaces.msg import ArmCommand
+from irevla_ros import topics
 from irevla_ros.bringup.graph import collect_graph, validate_graph, with_overrides
 from irevla_ros.cli import main
 from irevla_ros.hardware.arm import make_arm
@@ -86,17 +90,184 @@ def test_ros2_param_set_on_the_arm_controller_is_refused_and_changes_nothing(ros
 
 
 @pytest.mark.parametrize("kind", sorted(SCHEMAS))
-def test_every_declared_parameter_is_read_only(ros_context, kind):
+def test_every_parameter_is_read_only_or_runtime_with_a_callback_that_applies_it(ros_context, kind):
+    specs = SCHEMAS[kind]
+    runtime = [spec.name for spec in specs if spec.runtime]
     node = Node(f"schema_{kind}", context=ros_context)
     try:
-        declare_parameters(node, SCHEMAS[kind])
-        names = [spec.name for spec in SCHEMAS[kind]]
-        descriptors = node.describe_parameters(names)
-        assert [d.read_only for d in descriptors] == [True] * len(names)
+        if runtime:
+            # A runtime parameter without the node's callback would be accepted and ignored: refused at declaration.
+            with pytest.raises(TypeError, match=r"runtime parameters \[.*\] need an `apply` callback"):
+                declare_parameters(node, specs)
+            assert set(runtime) == set(RUNTIME_CHANGES), "a runtime parameter the node test does not apply"
+            return  # what the callback does: test_each_runtime_parameter_is_applied_by_the_arm_controller
+        declare_parameters(node, specs)
+        names = [spec.name for spec in specs]
+        assert [d.read_only for d in node.describe_parameters(names)] == [True] * len(names)
         results = node.set_parameters([node.get_parameter(name) for name in names])
-        assert not any(r.successful for r in results)
+        assert all(not r.successful and "read-only" in r.reason for r in results)
     finally:
         node.destroy_node()
+
+
+# A valid new value for each runtime parameter of the arm controller, in an order each is valid in (home_gripper
+# before gripper_max shrinks below its default).
+RUNTIME_CHANGES: dict[str, object] = {
+    "workspace_low": [-0.5, 0.35, -0.05],
+    "workspace_high": [0.5, 1.0, 0.6],
+    "home": [0.0, 0.62, 0.25],
+    "max_step": 0.005,
+    "home_gripper": 0.8,
+    "gripper_min": 0.1,
+    "gripper_max": 0.9,
+    "watchdog_timeout": 0.5,
+    "max_abs_action": 5.0,
+}
+
+
+class ArmUnderTest:
+    """A real ArmControllerNode on the sim backend (its time: the cell's), a client node, one executor."""
+
+    def __init__(self, ros_context, spin, overrides=()) -> None:
+        self.cell = MetaWorldCell(tasks=("button-press-v3",), width=64, height=64, seed=0)
+        self.cell.reset("button-press-v3", seed=0)
+        self.arm = ArmControllerNode(
+            backend_factory=lambda params: make_arm("sim", cell=self.cell),
+            context=ros_context,
+            time_source=lambda: self.cell.sim_time,
+            parameter_overrides=[RclpyParameter(n, value=v) for n, v in overrides],
+        )
+        self.client = Node("param_client", context=ros_context)
+        self.executor = SingleThreadedExecutor(context=ros_context)
+        self.executor.add_node(self.arm)
+        self.executor.add_node(self.client)
+        self.spin = spin
+        self._set = self.client.create_client(SetParameters, "/arm_controller/set_parameters")
+        self._set_atomic = self.client.create_client(
+            SetParametersAtomically, "/arm_controller/set_parameters_atomically"
+        )
+        self._get = self.client.create_client(GetParameters, "/arm_controller/get_parameters")
+        self._action = self.client.create_publisher(ArmCommand, topics.ACTION, 10)
+
+    def set(self, name: str, value: object):
+        """What `ros2 param set /arm_controller NAME VALUE` sends; returns the one result."""
+        msg = RclpyParameter(name, value=value).to_parameter_msg()
+        (result,) = _call(
+            self.executor, self._set, SetParameters.Request(parameters=[msg]), self.spin
+        ).results
+        return result
+
+    def set_atomically(self, values: dict[str, object]):
+        msgs = [RclpyParameter(n, value=v).to_parameter_msg() for n, v in values.items()]
+        request = SetParametersAtomically.Request(parameters=msgs)
+        return _call(self.executor, self._set_atomic, request, self.spin).result
+
+    def get(self, name: str) -> object:
+        (value,) = _call(self.executor, self._get, GetParameters.Request(names=[name]), self.spin).values
+        got = RclpyParameter.from_parameter_msg(Parameter(name=name, value=value)).value
+        return list(got) if isinstance(got, array.array) else got
+
+    def command(self, delta: list[float]) -> float:
+        """Publish one action over DDS, wait until the node sent it to the arm; the step of the target (m)."""
+        before = self.arm.safety.last_target
+        sent = self.arm.commands_sent
+        self._action.publish(ArmCommand(ee_delta=delta, gripper=-1.0, episode_id="param-test"))
+        assert self.spin(self.executor, lambda: self.arm.commands_sent > sent, timeout=10.0), "not sent"
+        after = self.arm.safety.last_target
+        assert after is not None
+        return 0.0 if before is None else float(np.linalg.norm(after - before))
+
+    def close(self) -> None:
+        self.executor.shutdown(timeout_sec=2.0)
+        self.arm.close()
+        self.arm.destroy_node()
+        self.client.destroy_node()
+        self.cell.close()
+
+
+@pytest.fixture
+def arm_under_test(ros_context, spin):
+    # max_speed (read-only) at its maximum: over the cell's 12.5 ms step it allows 12.5 mm, so max_step binds.
+    under_test = ArmUnderTest(ros_context, spin, overrides=[("max_speed", 1.0)])
+    yield under_test
+    under_test.close()
+
+
+def test_ros2_param_set_lowering_max_step_holds_from_the_next_command_and_is_logged(arm_under_test, capfd):
+    t = arm_under_test
+    steps = [t.command([1.0, 1.0, 0.0]) for _ in range(4)]
+    assert steps[1:] == pytest.approx([0.01] * 3)  # the default max_step binds (|delta| = 14 mm)
+    result = t.set("max_step", 0.002)
+    assert result.successful, result.reason
+    assert t.arm.safety.limits.max_step == 0.002 == t.get("max_step") == t.arm.params["max_step"]
+    after = [t.command([1.0, 1.0, 0.0]) for _ in range(4)]
+    assert all(0.0 < step <= 0.002 + 1e-9 for step in after), after
+    assert "safety limits changed at run time: max_step 0.01 -> 0.002" in capfd.readouterr().err
+
+
+def test_an_invalid_limit_set_is_refused_with_the_reason_and_the_old_limits_hold(arm_under_test, capfd):
+    t = arm_under_test
+    before = t.arm.safety.limits
+    refused = [
+        # rclpy's own check of the declared range (the descriptor) comes first ...
+        ("max_step", -0.01, "max_step"),
+        # ... then the whole set, built as SafetyLimits: each value against the others in force.
+        (
+            "workspace_low",
+            [0.6, 0.348, -0.0525],
+            "workspace_low[0]=0.6 must be below workspace_high[0]=0.525",
+        ),
+        (
+            "workspace_high",
+            [0.525, 0.5, 0.7],
+            "home=[0.0, 0.6, 0.2] lies outside the workspace box on axes [1]",
+        ),
+        ("gripper_max", 0.5, "home_gripper=1.0 must lie in [0.0, 0.5]"),
+        ("workspace_low", [0.0, 0.5], "workspace_low must be 3 numbers"),
+    ]
+    for name, value, reason in refused:
+        result = t.set(name, value)
+        assert not result.successful and reason in result.reason, (name, value, result.reason)
+        assert t.arm.safety.limits == before and t.get(name) == t.arm.params[name]
+    assert t.get("workspace_high") == list(before.workspace_high)
+    # Read-only ones stay refused by rclpy, before any callback.
+    result = t.set("backend", "franky")
+    assert not result.successful and "read-only" in result.reason
+    assert t.get("backend") == "sim"
+    # The old limits are in force: steps of the old max_step, inside the old box.
+    steps = [t.command([1.0, 1.0, 0.0]) for _ in range(3)]
+    assert steps[1:] == pytest.approx([before.max_step] * 2)
+    # Refused alone, valid together: an atomic set is validated as one (a smaller box and a home inside it).
+    result = t.set_atomically({"workspace_high": [0.525, 0.7, 0.7], "home": [0.0, 0.55, 0.2]})
+    assert result.successful, result.reason
+    assert t.arm.safety.limits.workspace_high == (0.525, 0.7, 0.7) and t.arm.safety.limits.home == (
+        0.0,
+        0.55,
+        0.2,
+    )
+    assert "changed at run time" in capfd.readouterr().err
+
+
+def test_each_runtime_parameter_is_applied_by_the_arm_controller(arm_under_test):
+    t = arm_under_test
+    for name, value in RUNTIME_CHANGES.items():
+        result = t.set(name, value)
+        assert result.successful, (name, result.reason)
+        expected = tuple(value) if isinstance(value, list) else value
+        assert getattr(t.arm.safety.limits, name) == expected, name
+        assert t.get(name) == value
+    # A smaller box with the arm outside it: the arm moves back at most max_step per command, never jumps.
+    for _ in range(12):
+        t.command([0.0, 0.0, 1.0])
+    target = t.arm.safety.last_target
+    assert target is not None
+    top = float(target[2]) - 0.02  # 4 steps of the new max_step below the last target
+    home = [0.0, 0.62, top - 0.01]
+    assert t.set_atomically({"workspace_high": [0.5, 1.0, top], "home": home}).successful
+    steps = [t.command([0.0, 0.0, 1.0]) for _ in range(6)]  # the policy still pushes up
+    assert all(0.0 < step <= 0.005 + 1e-9 for step in steps[:4]), steps
+    final = t.arm.safety.last_target
+    assert final is not None and final[2] == pytest.approx(top)
 
 
 # ---- one source per setting: the config dataclasses -------------------------------------------------------------

@@ -476,3 +476,85 @@ def test_limits_match_the_shipped_parameter_file():
     names = {f.name for f in fields(SafetyLimits)}
     limits = SafetyLimits.from_dict({k: v for k, v in params.items() if k in names})
     assert in_box(np.array(limits.home), limits)
+
+
+# ---- limits changed at run time (the arm controller's runtime parameters) -----------------------------------
+
+
+def box_distance(x: np.ndarray, lim: SafetyLimits) -> float:
+    return float(np.linalg.norm(x - np.clip(x, lim.low, lim.high)))
+
+
+def test_a_shrunk_box_with_the_target_outside_is_reentered_at_most_max_step_per_command():
+    limits = make_limits(max_step=0.01, max_speed=1.0, action_scale=0.02)
+    layer = SafetyLayer(limits)
+    ee = np.array(limits.home)
+    for i in range(10):  # +y to 0.7
+        ee = layer.command(np.array([0.0, 1.0, 0.0, 0.0]), i * 0.1, ee).target
+    assert ee[1] == pytest.approx(0.7)
+    # The new box ends 4.5 cm below the arm: projecting the last target in would be a 4.5 cm jump.
+    smaller = make_limits(max_step=0.01, max_speed=1.0, action_scale=0.02, workspace_high=(0.5, 0.655, 0.5))
+    old = layer.set_limits(smaller)
+    assert old == limits and layer.limits == smaller
+    distances = [box_distance(ee, smaller)]
+    for i in range(10, 20):
+        cmd = layer.command(np.array([0.0, 1.0, 0.0, 0.0]), i * 0.1, ee)  # the policy still pushes outward
+        assert cmd.moves and cmd.step <= smaller.max_step + EPS, cmd
+        distances.append(box_distance(cmd.target, smaller))
+        ee = cmd.target
+    assert distances[:6] == pytest.approx([0.045, 0.035, 0.025, 0.015, 0.005, 0.0])
+    assert in_box(ee, smaller) and ee[1] == pytest.approx(0.655)
+
+
+def test_new_limits_keep_the_estop_the_watchdog_and_the_step_budget():
+    limits = make_limits(max_step=0.01, max_speed=1.0, action_scale=0.05, watchdog_timeout=0.3)
+    layer = SafetyLayer(limits)
+    ee = np.array(limits.home)
+    ee = layer.command(np.array([1.0, 0.0, 0.0, 1.0]), 0.0, ee).target
+    layer.set_limits(make_limits(max_step=0.002, max_speed=1.0, action_scale=0.05, watchdog_timeout=1.0))
+    cmd = layer.command(np.array([1.0, 0.0, 0.0, 1.0]), 0.1, ee)
+    assert cmd.step == pytest.approx(0.002) and "max_step" in cmd.reason  # from the next command on
+    assert not layer.check_watchdog(0.1 + 0.5)  # the new timeout, from the same last valid action
+    assert layer.check_watchdog(0.1 + 1.0)
+    layer.estop("operator")
+    layer.set_limits(limits)
+    assert layer.estopped and layer.command(np.zeros(4), 1.2, ee).status is CommandStatus.ESTOP
+    # A last gripper opening outside a narrower range is clipped into it (the gripper is not rate limited).
+    layer.clear_estop()
+    layer.set_limits(
+        make_limits(max_step=0.01, max_speed=1.0, gripper_min=0.3, gripper_max=0.6, home_gripper=0.6)
+    )
+    toward = layer.command_toward(ee, 1.3, ee)
+    assert toward.moves and toward.gripper == pytest.approx(0.3)
+
+
+@PROPERTY
+@given(
+    sets=st.lists(limits_strategy(), min_size=2, max_size=5),
+    ops=st.lists(st.tuples(st.integers(0, 4), good_action, st.floats(0.0, 0.2), ee_mode), max_size=40),
+    seed=st.integers(0, 2**16),
+)
+def test_no_sequence_of_limit_changes_makes_a_command_jump(sets, ops, seed):
+    rng = np.random.default_rng(seed)
+    layer = SafetyLayer(sets[0])
+    trace = Trace()
+    now = 0.0
+    for which, payload, dt, mode in ops:
+        now += dt
+        if which < len(sets) and rng.random() < 0.3:
+            layer.set_limits(sets[which])
+            continue
+        lim = layer.limits
+        ee = measured_ee(mode, trace, lim, rng)
+        cmd = layer.command(payload, now, ee)
+        if not cmd.moves:
+            continue
+        assert lim.gripper_min <= cmd.gripper <= lim.gripper_max, cmd
+        if trace.target is None:
+            assert np.linalg.norm(cmd.target - ee) <= lim.max_step + EPS and in_box(cmd.target, lim), cmd
+        else:
+            step = float(np.linalg.norm(cmd.target - trace.target))
+            assert step <= lim.max_step + EPS and step <= lim.max_speed * (now - trace.last_accept) + EPS
+            # Inside the box in force, or no further outside it than the last target was (a box shrunk since).
+            assert box_distance(cmd.target, lim) <= box_distance(trace.target, lim) + EPS, cmd
+        trace.target, trace.last_accept = cmd.target.copy(), now

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Literal
 
 import numpy as np
@@ -64,7 +64,7 @@ class ArmControllerNode(Node):
             raise ValueError(f"state_publisher must be 'ticker' or 'external', got {state_publisher!r}")
         self._state_on_ticker = state_publisher == "ticker"
         self._time_source = time_source
-        p = declare_parameters(self, ARM_CONTROLLER)
+        p = declare_parameters(self, ARM_CONTROLLER, apply=self._apply_parameters)
         self.params = p
         try:
             limits = from_parameters(SafetyLimits, p)
@@ -110,6 +110,20 @@ class ArmControllerNode(Node):
         self.get_logger().info(
             f"arm backend {p['backend']} connected; workspace {p['workspace_low']}..{p['workspace_high']}"
         )
+
+    def _apply_parameters(self, values: Mapping[str, ParamValue], changed: Mapping[str, ParamValue]) -> None:
+        """A `ros2 param set` of safety limits (the runtime parameters): the whole new set is validated (each value
+        and how they relate: home inside the box, gripper_min < gripper_max) and installed between two commands;
+        an invalid set raises, so the change is refused with the reason and the old limits stay in force."""
+        limits = from_parameters(SafetyLimits, values)  # SafetyConfigError: refused
+        with self._lock:  # never while a command, a tick or a homing step is being checked
+            old = self.safety.set_limits(limits)
+        diff = ", ".join(
+            f"{name} {getattr(old, name)} -> {getattr(limits, name)}"
+            for name in changed
+            if getattr(old, name) != getattr(limits, name)
+        )
+        self.get_logger().warning(f"safety limits changed at run time: {diff or 'no change'}")
 
     def _never_commanded(self) -> bool:
         """No action accepted since start (or since the last reset) for longer than the watchdog deadline: hold
@@ -287,7 +301,7 @@ class ArmControllerNode(Node):
     def _step_home(self) -> None:
         """One control tick of homing (called with the lock held)."""
         assert self._homing is not None
-        home = np.asarray(self.params["home"], dtype=np.float64)
+        home = self.safety.home_target()  # a runtime parameter: the limits in force now
         state = self.backend.read_state()
         result: tuple[bool, str] | None = None
         if np.linalg.norm(state.ee_position - home) < _HOME_TOLERANCE:

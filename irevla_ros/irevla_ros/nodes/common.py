@@ -3,20 +3,23 @@ QoS profiles, and a `run_nodes` main loop that shuts down cleanly on Ctrl-C and 
 
 from __future__ import annotations
 
+import array
 import faulthandler
+import functools
 import gc
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import rclpy
 from builtin_interfaces.msg import Time as TimeMsg
-from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
 from rclpy.context import Context
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
+from rclpy.parameter import Parameter
 from rclpy.qos import (
     DurabilityPolicy,
     HistoryPolicy,
@@ -41,15 +44,28 @@ LATCHED_QOS = QoSProfile(
 )
 
 
-def declare_parameters(node: Node, specs: Sequence[ParamSpec]) -> dict[str, ParamValue]:
+# Applies a change of runtime parameters: (every parameter's value with the change, the changed ones). Raises
+# ValueError (ConfigError, SafetyConfigError, ...) to refuse the change, its message the reason.
+ApplyParameters = Callable[[Mapping[str, ParamValue], Mapping[str, ParamValue]], None]
+
+
+def declare_parameters(
+    node: Node, specs: Sequence[ParamSpec], apply: ApplyParameters | None = None
+) -> dict[str, ParamValue]:
     """Declare `specs` with descriptors (description, ranges) and return their validated values.
 
-    Every parameter is read-only: nodes read their parameters once, at construction, so a change at run time
-    (`ros2 param set`) would be reported as applied and change nothing. rclpy refuses it instead, with a reason;
-    values still come from parameter files and `--ros-args -p` (overrides apply at declaration)."""
+    A parameter is read-only unless its spec says `runtime`: most are read once, at construction, so a change at
+    run time (`ros2 param set`) would be reported as applied and change nothing; rclpy refuses it instead, with a
+    reason. Values still come from parameter files and `--ros-args -p` (overrides apply at declaration). A change
+    of runtime parameters (one SetParameters entry, or an atomic set of several) is checked against their specs
+    and handed to `apply`, which must put it into effect or raise to refuse it with the reason: only then is it
+    stored, and the returned dict (the node's values) updated. A node with runtime parameters must pass `apply`."""
+    runtime = {spec.name: spec for spec in specs if spec.runtime}
+    if runtime and apply is None:
+        raise TypeError(f"{node.get_name()}: runtime parameters {sorted(runtime)} need an `apply` callback")
     values: dict[str, ParamValue] = {}
     for spec in specs:
-        descriptor = ParameterDescriptor(description=spec.description, read_only=True)
+        descriptor = ParameterDescriptor(description=spec.description, read_only=not spec.runtime)
         if spec.choices:
             descriptor.additional_constraints = "one of: " + ", ".join(spec.choices)
         if spec.min_exclusive:
@@ -79,7 +95,38 @@ def declare_parameters(node: Node, specs: Sequence[ParamSpec]) -> dict[str, Para
             raise ConfigError(f"{node.get_fully_qualified_name()}: parameter {spec.name}: {exc}") from exc
         where = f"{node.get_fully_qualified_name()}: parameter {spec.name}"
         values[spec.name] = spec.check(param.value, where)
+    if runtime:
+        assert apply is not None
+        # Registered after declaring: rclpy runs these callbacks on declaration too.
+        node.add_on_set_parameters_callback(functools.partial(_on_set, runtime, values, apply))
     return values
+
+
+def _on_set(
+    runtime: Mapping[str, ParamSpec],
+    values: dict[str, ParamValue],
+    apply: ApplyParameters,
+    parameters: list[Parameter],
+) -> SetParametersResult:
+    """rclpy's on-set callback: rclpy has refused read-only parameters and wrong types before calling it."""
+    changed: dict[str, ParamValue] = {}
+    for param in parameters:
+        spec = runtime.get(param.name)
+        if spec is None:  # a built-in one (use_sim_time): rclpy's own
+            continue
+        value = param.value
+        converted, problem = spec.convert(list(value) if isinstance(value, (tuple, array.array)) else value)
+        if problem is not None:
+            return SetParametersResult(successful=False, reason=f"{param.name}: {problem}")
+        changed[param.name] = converted
+    if not changed:
+        return SetParametersResult(successful=True)
+    try:
+        apply({**values, **changed}, changed)
+    except ValueError as exc:
+        return SetParametersResult(successful=False, reason=str(exc))
+    values.update(changed)
+    return SetParametersResult(successful=True)
 
 
 def to_time_msg(seconds: float) -> TimeMsg:

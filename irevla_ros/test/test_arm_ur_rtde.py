@@ -295,7 +295,7 @@ def test_a_lost_link_is_a_clear_error_and_the_arm_holds_where_the_stream_stopped
         detected = time.monotonic() - t0
         assert detected < 2.0, detected
         assert not arm.is_connected
-        time.sleep(0.5)
+        time.sleep(1.0)  # servoL converges on its last setpoint with a 0.1 s lag (the lookahead)
         settled = np.asarray(peer.call("pose"))[:3]
         time.sleep(0.3)
         later = np.asarray(peer.call("pose"))[:3]

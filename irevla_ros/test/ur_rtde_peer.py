@@ -4,10 +4,10 @@ No URSim can be obtained here, so this module speaks the controller's side of th
 loopback, behind a kinematic UR5e (DH forward kinematics, damped least-squares differential IK):
 
 - RTDE (port 30004, protocol version 2): REQUEST_PROTOCOL_VERSION 'V', GET_URCONTROL_VERSION 'v', TEXT_MESSAGE
-  'M', CONTROL_PACKAGE_SETUP_OUTPUTS 'O' (frequency + variable names -> recipe id + types, NOT_FOUND for a name
-  the peer does not serve), CONTROL_PACKAGE_SETUP_INPUTS 'I' (IN_USE for a register another client already
-  writes), CONTROL_PACKAGE_START 'S' / PAUSE 'P', DATA_PACKAGE 'U' both ways (big-endian; header uint16 size +
-  uint8 type). Outputs go out at each client's requested frequency.
+  'M', CONTROL_PACKAGE_SETUP_OUTPUTS 'O' (frequency + variable names -> recipe id + types, NOT_FOUND for a
+  name the peer does not serve), CONTROL_PACKAGE_SETUP_INPUTS 'I' (IN_USE for a register another client
+  already writes), CONTROL_PACKAGE_START 'S' / PAUSE 'P', DATA_PACKAGE 'U' both ways (big-endian; header
+  uint16 size + uint8 type). Outputs go out at each client's requested frequency.
 - The script ports (30001/30002/30003): RTDEControlInterface 1.6.5 uploads its control script to 30003. The
   peer checks that it is ur_rtde's `rtde_control` program and then runs an emulation of that script's main
   loop at the register level: input_int_register_0 is the command id, input_double_registers its arguments,
@@ -19,8 +19,8 @@ loopback, behind a kinematic UR5e (DH forward kinematics, damped least-squares d
 - The dashboard server (29999, text lines): PolyscopeVersion, get serial number, is in remote control,
   robotmode, safetystatus, programState, power on / power off, brake release, unlock protective stop, close
   safety popup, stop, pause, play (no program file: refused), restart safety.
-- The Robotiq URCap socket (63352, text lines): SET <VAR> <n> ... -> ack, GET <VAR> -> "<VAR> <n>" for ACT, GTO,
-  POS, PRE, SPE, FOR, STA, OBJ, FLT; the finger position moves toward PRE at a speed set by SPE.
+- The Robotiq URCap socket (63352, text lines): SET <VAR> <n> ... -> ack, GET <VAR> -> "<VAR> <n>" for ACT,
+  GTO, POS, PRE, SPE, FOR, STA, OBJ, FLT; the finger position moves toward PRE at a speed set by SPE.
 
 Not covered (see the README's UR section): the primary/secondary interfaces' state packages (nothing that
 ur_rtde's ScriptClient reads), real servoL/speedL dynamics (the peer tracks with a first-order lag capped by a
@@ -841,7 +841,7 @@ class UrRtdePeer:
         g["OBJ"] = 3 if self._gripper_pos == target else 0
 
 
-# ---- the peer in its own process -----------------------------------------------------------------------------
+# ---- the peer in its own process ---------------------------------------------------------------------------
 
 
 def _serve(conn: object, kwargs: dict[str, object]) -> None:

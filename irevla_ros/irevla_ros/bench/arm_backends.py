@@ -1,6 +1,6 @@
 """Benchmark `arm_backends.json`: command-to-state latency and 10 Hz tracking error of each real-arm backend
-against its protocol peer: FrankyArm against franky-sim (libfranka's protocol, MuJoCo FR3) and UrRtdeArm against
-the test suite's UR protocol peer (ur_rtde's RTDE/dashboard/script protocols, kinematic UR5e).
+against its protocol peer: FrankyArm against franky-sim (libfranka's protocol, MuJoCo FR3) and UrRtdeArm
+against the test suite's UR protocol peer (ur_rtde's RTDE/dashboard/script protocols, kinematic UR5e).
 
 The peers are the test suite's (irevla_ros/test/): run from a source checkout. What the numbers measure is the
 backend + client library + loopback protocol + the peer's arm model, not a robot: the peer's dynamics decide

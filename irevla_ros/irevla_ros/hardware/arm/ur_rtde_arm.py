@@ -10,8 +10,8 @@ more than `max_speed` (pass the SafetyLayer's) and servoL follows that ramp at t
 `lookahead_time` smoothing and `gain` stiffness (ur_rtde's ranges: 0.03..0.2 s, 100..2000). Orientation is
 held at the one the arm had at `connect()` (or `orientation`, a UR rotation vector).
 
-hold(): the stream stops and servoStop decelerates the arm (`stop_deceleration`, m/s^2) along its path; the next
-send_target starts a new ramp from where the arm is. move_home(): a blocking moveL at `home_speed`.
+hold(): the stream stops and servoStop decelerates the arm (`stop_deceleration`, m/s^2) along its path; the
+next send_target starts a new ramp from where the arm is. move_home(): a blocking moveL at `home_speed`.
 
 Faults. The UR reports a protective stop, an emergency stop or a stopped control script in its RTDE state;
 send_target / hold / move_home then raise ArmError saying which (the arm is already stopped by the
@@ -98,7 +98,7 @@ def rotvec_to_quaternion(r: Sequence[float]) -> np.ndarray:
     return np.array([*(axis * math.sin(angle / 2)), math.cos(angle / 2)])
 
 
-# ---- grippers ------------------------------------------------------------------------------------------------
+# ---- grippers ----------------------------------------------------------------------------------------------
 
 
 class GripperInterface(ABC):
@@ -220,7 +220,7 @@ def make_gripper(kind: str, host: str, **params: Any) -> GripperInterface:
     raise ValueError(f"unknown gripper kind {kind!r}; known kinds: ['none', 'robotiq']")
 
 
-# ---- the arm -------------------------------------------------------------------------------------------------
+# ---- the arm -----------------------------------------------------------------------------------------------
 
 
 class UrRtdeArm(ArmBackend):
@@ -398,13 +398,14 @@ class UrRtdeArm(ArmBackend):
         mode = int(r.getSafetyMode())
         if mode in _EMERGENCY:
             raise ArmError(
-                f"the UR at {self._host} is in an emergency stop ({SAFETY_MODES[mode]}) while trying to {doing}: "
-                "release it at the robot, then recover()"
+                f"the UR at {self._host} is in an emergency stop ({SAFETY_MODES[mode]}) while trying to "
+                f"{doing}: release it at the robot, then recover()"
             )
         if mode not in _RUNNING_SAFETY:
             raise ArmError(
-                f"the UR at {self._host} is in a {SAFETY_MODES.get(mode, f'safety mode {mode}')} (latched) while "
-                f"trying to {doing}: inspect the cause, then recover() (the dashboard unlocks it)"
+                f"the UR at {self._host} is in a {SAFETY_MODES.get(mode, f'safety mode {mode}')} "
+                f"(latched) while trying to {doing}: inspect the cause, then recover() (the dashboard "
+                "unlocks it)"
             )
         robot_mode = int(r.getRobotMode())
         if robot_mode != ROBOT_MODE_RUNNING:
@@ -416,8 +417,8 @@ class UrRtdeArm(ArmBackend):
     def _check_program(self, doing: str) -> None:
         if int(self._receive.getRuntimeState()) != RUNTIME_PLAYING:
             raise ArmError(
-                f"the ur_rtde control script is not running on the UR at {self._host} while trying to {doing} "
-                "(stopped from the pendant or the dashboard?): recover() uploads it again"
+                f"the ur_rtde control script is not running on the UR at {self._host} while trying to "
+                f"{doing} (stopped from the pendant or the dashboard?): recover() uploads it again"
             )
 
     def _ready(self, doing: str) -> None:
@@ -437,7 +438,8 @@ class UrRtdeArm(ArmBackend):
             time.sleep(1.0 / self._frequency)
 
     def recover(self, timeout: float = 10.0) -> None:
-        """Clear a protective stop (and power the arm up) through the dashboard, then restart the control script.
+        """Clear a protective stop (and power the arm up) through the dashboard, then restart the control
+        script.
 
         Raises ArmError with the controller's answer if it refuses (e.g. within 5 s of a protective stop, or
         while an emergency stop is still pressed)."""
@@ -540,7 +542,7 @@ class UrRtdeArm(ArmBackend):
                     raise ArmError(f"the UR at {self._host} refused servoStop")
 
     def move_home(self, ee_position: np.ndarray, gripper: float, timeout: float = 30.0) -> None:
-        """Blocking moveL at `home_speed` / `home_acceleration`, orientation held; raises ArmError on failure."""
+        """Blocking moveL at `home_speed` / `home_acceleration`, orientation held; ArmError on failure."""
         pos = self._position(ee_position)
         with self._lock:
             self.hold()

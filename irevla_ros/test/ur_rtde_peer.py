@@ -630,13 +630,18 @@ class UrRtdePeer:
             self.out_int[0] = 1  # signal_ready()
 
     def _control_loop(self) -> None:
-        next_at = time.monotonic()
+        next_at = last = time.monotonic()
         while not self._stop.is_set():
             with self.lock:
+                # Integrate the time that really passed (capped after a stall), so that the arm never moves
+                # faster in wall time than its model says when a loaded machine runs this loop late.
+                now = time.monotonic()
+                dt = min(max(now - last, 1e-6), 5 * self.tick)
+                last = now
                 if self.program_running:
                     self._script_cycle()
-                self._move_arm(self.tick)
-                self._move_gripper(self.tick)
+                self._move_arm(dt)
+                self._move_gripper(dt)
             next_at += self.tick
             delay = next_at - time.monotonic()
             if delay > 0:

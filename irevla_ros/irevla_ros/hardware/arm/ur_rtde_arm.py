@@ -583,11 +583,15 @@ class UrRtdeArm(ArmBackend):
             raise self._lost(str(exc)) from exc
 
     def _servo_loop(self) -> None:
-        next_at = time.monotonic()
+        next_at = last = time.monotonic()
         while not self._stop.is_set():
             with self._lock:
+                now = time.monotonic()
                 if self._connected and self._target is not None and self._setpoint is not None:
-                    self._servo_step()
+                    # The ramp advances by the time that really passed (a late cycle, then a quick one, must
+                    # not move the setpoint faster than max_speed), at most two periods after a stall.
+                    self._servo_step(min(now - last, 2 * self._servo_dt))
+                last = now
             next_at += self._servo_dt
             delay = next_at - time.monotonic()
             if delay > 0:
@@ -595,11 +599,11 @@ class UrRtdeArm(ArmBackend):
             else:
                 next_at = time.monotonic()
 
-    def _servo_step(self) -> None:
+    def _servo_step(self, elapsed: float) -> None:
         assert self._target is not None and self._setpoint is not None
         step = self._target - self._setpoint
         dist = float(np.linalg.norm(step))
-        reach = self._max_speed * self._servo_dt
+        reach = self._max_speed * elapsed
         self._setpoint = self._target.copy() if dist <= reach else self._setpoint + step * (reach / dist)
         try:
             ok = self._control.servoL(

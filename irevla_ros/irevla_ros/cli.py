@@ -173,6 +173,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Verb]]:
     add_eval_arguments(p)
     verbs["eval"] = cmd_eval
 
+    from irevla_ros.operator.verbs import add_verbs as add_operator_verbs
+
+    add_operator_verbs(sub, verbs)  # label, reset, pause, resume, estop, clear-estop, iterate, status
+
     # Listed for --help only: main() hands `irevla bench-sim ...` to the benchmark's own parser.
     sub.add_parser(
         "bench-sim", help="the iRe-VLA simulation benchmark (Stage 0, RL + SL iterations, baselines)"

@@ -336,6 +336,7 @@ class UrRtdePeer:
         self._stop = threading.Event()
         self._offline = threading.Event()
         self._t0 = time.monotonic()
+        self._model_time = 0.0
 
     # ---- life cycle ----------------------------------------------------------------------------------------
 
@@ -461,7 +462,7 @@ class UrRtdePeer:
 
     def _value(self, name: str) -> object:
         if name == "timestamp":
-            return time.monotonic() - self._t0
+            return self._model_time  # the time the arm state refers to, as on the controller
         if name in ("actual_q", "target_q"):
             return tuple(self.arm.q)
         if name in ("actual_qd", "target_qd"):
@@ -633,15 +634,19 @@ class UrRtdePeer:
         next_at = last = time.monotonic()
         while not self._stop.is_set():
             with self.lock:
-                # Integrate the time that really passed (capped after a stall), so that the arm never moves
-                # faster in wall time than its model says when a loaded machine runs this loop late.
+                # Integrate all the time that passed, in steps of at most one tick: when a loaded machine runs
+                # this loop late, the arm must neither fall behind its target in wall time (and then chase it
+                # faster than anything commanded) nor take one long, unstable step.
                 now = time.monotonic()
-                dt = min(max(now - last, 1e-6), 5 * self.tick)
+                elapsed = min(max(now - last, 1e-6), 0.2)
                 last = now
                 if self.program_running:
                     self._script_cycle()
-                self._move_arm(dt)
-                self._move_gripper(dt)
+                steps = max(1, math.ceil(elapsed / self.tick - 1e-9))
+                for _ in range(steps):
+                    self._move_arm(elapsed / steps)
+                    self._move_gripper(elapsed / steps)
+                self._model_time = now - self._t0
             next_at += self.tick
             delay = next_at - time.monotonic()
             if delay > 0:

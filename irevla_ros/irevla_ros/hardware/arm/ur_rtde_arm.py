@@ -374,6 +374,9 @@ class UrRtdeArm(ArmBackend):
 
     def _require(self) -> None:
         if not self._connected or self._receive is None:
+            fault, self._fault = self._fault, None
+            if isinstance(fault, ArmConnectionError):
+                raise fault  # the servo thread saw the link go: say so once, then "not connected"
             raise ArmConnectionError(f"the UR at {self._host} is not connected")
 
     def _lost(self, why: str) -> ArmConnectionError:

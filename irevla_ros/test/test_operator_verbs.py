@@ -65,6 +65,20 @@ def test_every_verb_on_a_domain_without_a_graph_exits_1_within_its_timeout_namin
             assert "ROS_AUTOMATIC_DISCOVERY_RANGE" in done.stderr and "Traceback" not in done.stderr
 
 
+def test_a_bad_domain_is_a_usage_error_naming_it(monkeypatch, capsys):
+    from irevla_ros.cli import main
+
+    monkeypatch.setenv("ROS_DOMAIN_ID", "abc")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["reset"])
+    assert (
+        exit_info.value.code == 2 and "got 'abc' (from --domain or ROS_DOMAIN_ID)" in capsys.readouterr().err
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        main(["estop", "--domain", "300"])
+    assert exit_info.value.code == 2 and "must be 0..232, got 300" in capsys.readouterr().err
+
+
 def test_status_view_names_every_field_and_every_missing_source():
     empty = format_status(StatusSnapshot(domain=7))
     assert "ROS_DOMAIN_ID 7" in empty

@@ -34,17 +34,14 @@ TRIGGERS: dict[str, tuple[str, str]] = {
 LABELS = {"success": topics.LABEL_SUCCESS, "failure": topics.LABEL_FAILURE}
 
 
-def _default_domain() -> int:
-    raw = os.environ.get("ROS_DOMAIN_ID", "").strip()
-    try:
-        return int(raw) if raw else 0
-    except ValueError:
-        return 0  # what rcl does with an unparsable value is to refuse; argparse's check below names it
-
-
 def _domain(raw: str) -> int:
-    value = int(raw)
-    if not 0 <= value <= 232:  # Fast DDS / Cyclone DDS port mapping limit
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"ROS domain id must be an integer 0..232, got {raw!r} (from --domain or ROS_DOMAIN_ID)"
+        ) from None
+    if not 0 <= value <= 232:  # the DDS port mapping's limit
         raise argparse.ArgumentTypeError(f"ROS domain id must be 0..232, got {value}")
     return value
 
@@ -60,7 +57,8 @@ def _add_graph_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--domain",
         type=_domain,
-        default=_default_domain(),
+        # A string: argparse converts it with _domain when the verb runs, so a bad ROS_DOMAIN_ID is named.
+        default=os.environ.get("ROS_DOMAIN_ID", "").strip() or "0",
         help="ROS domain id of the graph (default: ROS_DOMAIN_ID from the environment, else 0)",
     )
     p.add_argument(

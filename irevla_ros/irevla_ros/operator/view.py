@@ -114,9 +114,8 @@ def format_status(snap: StatusSnapshot, now: float | None = None) -> str:
     if s is None:
         lines.append(f"session   {_missing('session')}")
     else:
-        episode = (
-            f"episode {s.episode_id} (#{s.episode_index}, step {s.step})" if s.episode_id else "no episode"
-        )
+        step = f", step {s.step}" if s.step else ""  # 0 from an episode manager that does not count steps
+        episode = f"episode {s.episode_id} (#{s.episode_index}{step})" if s.episode_id else "no episode"
         task = f"  task {s.task}" + (f' "{s.instruction}"' if s.instruction else "") if s.task else ""
         lines.append(f"session   {s.state}  {episode}{task}" + (f"  [{s.message}]" if s.message else ""))
         lines.append(

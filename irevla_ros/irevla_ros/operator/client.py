@@ -153,8 +153,9 @@ class OperatorClient:
         deadline = self._deadline()
         client = ActionClient(self.node, RunIteration, topics.RUN_ITERATION)
         if not self.spin_until(client.server_is_ready, deadline):
+            hint = "The trainer serves it only with iterate: true."
             raise NoAnswer(
-                no_answer_message("action server", topics.RUN_ITERATION, self.domain, self.timeout)
+                no_answer_message("action server", topics.RUN_ITERATION, self.domain, self.timeout, hint)
             )
         sent = client.send_goal_async(
             goal,

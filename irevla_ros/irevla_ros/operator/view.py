@@ -188,7 +188,7 @@ def format_result(
     return "\n".join(lines)
 
 
-def no_answer_message(what: str, name: str, domain: int, timeout: float) -> str:
+def no_answer_message(what: str, name: str, domain: int, timeout: float, hint: str = "") -> str:
     """Why a verb gave up: the service/action/topics that did not answer, where it looked, and what to check."""
     discovery = os.environ.get("ROS_AUTOMATIC_DISCOVERY_RANGE", "")
     peers = os.environ.get("ROS_STATIC_PEERS", "")
@@ -207,7 +207,9 @@ def no_answer_message(what: str, name: str, domain: int, timeout: float) -> str:
         )
     return (
         f"no {what} {name} answered within {timeout:g} s on ROS_DOMAIN_ID {domain}.\n"
-        f"  Is the graph running (irevla bringup, or ros2 launch irevla_ros collect.launch.py)?\n"
+        f"  Is the graph running (irevla bringup, or ros2 launch irevla_ros collect.launch.py)?"
+        + (f" {hint}" if hint else "")
+        + "\n"
         f"  Is it on the same ROS_DOMAIN_ID ({domain} here; set it or pass --domain N)?\n"
         f"  {range_hint}"
     )

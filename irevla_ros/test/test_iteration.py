@@ -54,9 +54,16 @@ def cell(tmp_path: Path, first_version) -> tuple[EpisodeStore, ModelStore, str]:
 def test_one_iteration_pushes_heads_then_promotes_a_stage2_version(cell, tmp_path):
     store, models, v1 = cell
     announced = []
+    progress: list[tuple[str, float, str]] = []
     metrics = MetricsLog(tmp_path / "run")
     runner = IterationRunner(
-        tmp_path / "run", store, models, config(), announce=announced.append, metrics=metrics
+        tmp_path / "run",
+        store,
+        models,
+        config(),
+        announce=announced.append,
+        metrics=metrics,
+        progress=lambda *p: progress.append(p),
     )
     runner.start("")  # the newest version
     assert runner.record.running_version == v1
@@ -77,6 +84,9 @@ def test_one_iteration_pushes_heads_then_promotes_a_stage2_version(cell, tmp_pat
 
     record = IterationRecord.load(tmp_path / "run" / "iteration.json")
     assert record.iteration == 2 and record.phase == "session"
+    # the status line of the next session is about that session, not the last validation step
+    assert progress[-2][0] == "validation"
+    assert progress[-1] == ("session", 0.0, f"iteration 2: session with {record.running_version}")
     verdict = record.history[0]
     assert verdict["end_reason"] == "episode_budget" and verdict["promoted"], verdict
     assert verdict["session_episodes"] == 4 and verdict["session_success_rate"] == 0.5

@@ -365,6 +365,7 @@ class IterationRunner:
             self._log(f"iteration {record.iteration} cancelled: {exc}")
             record.phase, record.candidate = "session", ""
             record.save(self._state_path)
+            self._progress_session()
             request.result = {
                 "promoted": False,
                 "new_version": "",
@@ -407,6 +408,12 @@ class IterationRunner:
         record.session_episodes, record.session_successes = [], []
         record.candidate, record.end_reason = "", ""
         self._online, self._model = None, None  # a fresh critic and RL state for the next session
+        self._progress_session()
+
+    def _progress_session(self) -> None:
+        # Without it the last Stage 2 / validation line stayed in /trainer/status for the whole next session.
+        record = self.record
+        self._progress("session", 0.0, f"iteration {record.iteration}: session with {record.running_version}")
 
     def _stage2(self, request: IterationRequest) -> VersionInfo:
         from irevla_ros.train.stage2 import Stage2Runner

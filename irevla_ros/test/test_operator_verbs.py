@@ -194,9 +194,9 @@ def test_each_verb_against_the_running_graph(ros_context, ros_domain, operator_g
 
     timings: dict[str, float] = {}
 
-    def verb(*argv: str, code: int = 0) -> str:
+    def verb(*argv: str, code: int = 0, limit: float = 60.0) -> str:
         started = time.monotonic()
-        done = irevla(*argv, "--timeout", "20")
+        done = irevla(*argv, "--timeout", "20", timeout=limit)
         timings[" ".join(argv)] = (
             time.monotonic() - started
         )  # the domain comes from ROS_DOMAIN_ID, as ros2cli's does
@@ -278,7 +278,9 @@ def test_each_verb_against_the_running_graph(ros_context, ros_domain, operator_g
     out = "".join(lines)
     assert "cancelling the iteration" in out and "iteration cancelled" in out, out
 
-    out = verb("iterate", "--max-supervised-steps", "3")
+    # A hang guard, not a speed check: Stage 2, saving with the ONNX export and validation took 11-36 s here
+    # under load, and over 50 s on a slower CI machine (the whole test 110 s there, 72 s on a quiet run).
+    out = verb("iterate", "--max-supervised-steps", "3", limit=300.0)
     assert "goal accepted" in out and "[stage2" in out, out
     assert "iteration succeeded: new version" in out and "(promoted)" in out, out
     new = out.split("new version ", 1)[1].split()[0]

@@ -87,6 +87,27 @@ else
   say "irevla_interfaces up to date"
 fi
 
+# 4b. tf2_msgs (TFMessage only) when the wheels lack it: the arm controller publishes /tf, the servo backend reads it
+TF2_HASH=$(hash_of third_party/tf2_msgs/package.xml third_party/tf2_msgs/CMakeLists.txt third_party/tf2_msgs/msg/*)
+if [ ! -f "$VENV/share/tf2_msgs/irevla_vendored" ] && "$VENV/bin/python" -c 'import tf2_msgs.msg' 2>/dev/null; then
+  say "tf2_msgs provided by the environment"
+elif stamp_ok tf2_msgs "$TF2_HASH" && [ -f "$VENV/share/tf2_msgs/irevla_vendored" ]; then
+  say "tf2_msgs up to date"
+else
+  say "building tf2_msgs (TFMessage only; the PyPI wheels have no tf2_msgs)"
+  export AMENT_PREFIX_PATH="$VENV" CMAKE_PREFIX_PATH="$VENV"
+  rm -rf build/tf2_msgs; mkdir -p build
+  cmake -S third_party/tf2_msgs -B build/tf2_msgs -DCMAKE_BUILD_TYPE=Release \
+    -DCMAKE_INSTALL_PREFIX="$VENV" -DPython3_EXECUTABLE="$VENV/bin/python" -DBUILD_TESTING=OFF \
+    > build/tf2_msgs.configure.log 2>&1 \
+    || { tail -30 build/tf2_msgs.configure.log >&2; echo "setup: CMake configure of tf2_msgs failed" >&2; exit 1; }
+  cmake --build build/tf2_msgs -j "$(nproc)" > build/tf2_msgs.build.log 2>&1 \
+    || { tail -30 build/tf2_msgs.build.log >&2; echo "setup: tf2_msgs build failed (log above)" >&2; exit 1; }
+  cmake --install build/tf2_msgs > /dev/null
+  touch "$VENV/share/tf2_msgs/irevla_vendored"
+  stamp_set tf2_msgs "$TF2_HASH"
+fi
+
 # 5. irevla_ros, editable, with console scripts -----------------------------------------------------------------
 PKG_HASH=$(hash_of irevla_ros/setup.py irevla_ros/setup.cfg irevla_ros/package.xml)
 if ! stamp_ok package "$PKG_HASH" || [ ! -x "$VENV/bin/irevla" ]; then

@@ -14,14 +14,15 @@ class UnknownArmError(ValueError):
 
 
 # kind -> the backend class, constructed with the kind's keyword parameters (not connected). Modules are imported
-# only when their kind is asked for, so that a machine without franky (or, later, ur_rtde) can still run the
-# simulator.
+# only when their kind is asked for, so that a machine without franky or ur_rtde can still run the simulator.
 ARMS: Registry[ArmBackend] = Registry(
     "arm kind",
     {
         "sim": "irevla_ros.hardware.arm.sim:SimArm",
         "franky": "irevla_ros.hardware.arm.franky_arm:FrankyArm",
         "ur_rtde": "irevla_ros.hardware.arm.ur_rtde_arm:UrRtdeArm",
+        # An arm run by its own ROS 2 driver + MoveIt Servo; takes the node's ROS transport (`needs_transport`).
+        "servo": "irevla_ros.hardware.arm.servo_arm:ServoArm",
     },
     UnknownArmError,
 )

@@ -669,7 +669,7 @@ def test_v1_catalogue_migrates_to_timing_errors(tmp_path: Path):
         assert (
             store._conn.execute("SELECT version FROM schema_version").fetchone()[0]
             == catalog.SCHEMA_VERSION
-            == 2
+            == 3
         )
         stored = store.get("ep-old")
         assert stored.timing_errors == 0 and stored.complete and stored.num_steps == 3

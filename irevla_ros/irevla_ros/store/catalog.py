@@ -58,12 +58,22 @@ def _migrate_to_v2(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE episodes ADD COLUMN timing_errors INTEGER NOT NULL DEFAULT 0")
 
 
-MIGRATIONS: dict[int, Migration] = {1: _migrate_to_v1, 2: _migrate_to_v2}
+def _migrate_to_v3(conn: sqlite3.Connection) -> None:
+    # NULL = not counted yet: SQL cannot read the episode files, so EpisodeStore counts these rows' takeovers
+    # from their files when it next opens the store writable (EpisodeStore._count_interventions).
+    conn.execute("ALTER TABLE episodes ADD COLUMN interventions INTEGER")
+    conn.execute("ALTER TABLE episodes ADD COLUMN intervention_steps INTEGER")
+
+
+MIGRATIONS: dict[int, Migration] = {1: _migrate_to_v1, 2: _migrate_to_v2, 3: _migrate_to_v3}
 SCHEMA_VERSION = max(MIGRATIONS)
 
 INSERT_EPISODE = """INSERT INTO episodes (episode_id, task, instruction, outcome, label_source, policy_version,
-    source, num_steps, complete, reasons, sha256, path, size_bytes, started_ns, ended_ns, stored_ns, timing_errors)
-    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
+    source, num_steps, complete, reasons, sha256, path, size_bytes, started_ns, ended_ns, stored_ns, timing_errors,
+    interventions, intervention_steps)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
+SELECT_UNCOUNTED = "SELECT * FROM episodes WHERE interventions IS NULL OR intervention_steps IS NULL"
+UPDATE_INTERVENTIONS = "UPDATE episodes SET interventions = ?, intervention_steps = ? WHERE episode_id = ?"
 INSERT_LABEL = (
     "INSERT INTO labels (episode_id, outcome, label_source, stamp_ns, applied) VALUES (?, ?, ?, ?, ?)"
 )
@@ -119,4 +129,7 @@ def to_stored(row: sqlite3.Row) -> StoredEpisode:
         corrupt=bool(row["corrupt"]),
         corrupt_reason=row["corrupt_reason"],
         timing_errors=row["timing_errors"],
+        # NULL only while a migrated row's file could not be read to count them (see _migrate_to_v3)
+        interventions=row["interventions"] or 0,
+        intervention_steps=row["intervention_steps"] or 0,
     )

@@ -53,9 +53,11 @@ from irevla_ros.store.records import (
     InvalidRecordError,
     LabelEntry,
     RecoveryReport,
+    StepData,
     StoredEpisode,
     StoreStats,
     check_episode_id,
+    intervention_segments,
     label_wins,
 )
 
@@ -97,6 +99,12 @@ def _file_sha256(path: Path) -> tuple[str, int]:
             digest.update(chunk)
             size += len(chunk)
     return digest.hexdigest(), size
+
+
+def _intervention_counts(steps: list[StepData]) -> tuple[int, int]:
+    """(takeovers, operator-commanded steps) of an episode's recorded steps."""
+    flags = [bool(s.intervention) for s in steps]
+    return len(intervention_segments(flags)), sum(flags)
 
 
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -159,6 +167,7 @@ class EpisodeStore:
                 durable.fsync_dir(
                     self.root
                 )  # a freshly created catalogue's directory entry must be durable too
+                self._count_interventions()
             self.last_recovery = (
                 RecoveryReport() if read_only else self.recover(verify_checksums=verify_on_open)
             )
@@ -246,6 +255,7 @@ class EpisodeStore:
                     rel,
                     size,
                     episode.timing_errors,
+                    _intervention_counts(episode.steps),
                 )
                 self._hook("after_commit")
                 return stored
@@ -311,6 +321,7 @@ class EpisodeStore:
         rel: str,
         size: int,
         timing_errors: int,
+        interventions: tuple[int, int],
     ) -> StoredEpisode:
         stored_ns = time.time_ns()
         with self._transaction() as conn:
@@ -334,6 +345,7 @@ class EpisodeStore:
                     meta.ended_ns,
                     stored_ns,
                     timing_errors,
+                    *interventions,
                 ),
             )
             conn.execute(
@@ -545,6 +557,22 @@ class EpisodeStore:
 
     # -- recovery ---------------------------------------------------------------------------------------
 
+    def _count_interventions(self) -> None:
+        """Fill the takeover counts of rows catalogued before schema v3 from their files (once per row); a row
+        whose file cannot be read keeps NULL (reported as 0) until a later open finds it readable."""
+        with self._lock:
+            rows = self._conn.execute(catalog.SELECT_UNCOUNTED).fetchall()
+            for row in rows:
+                try:
+                    data = (self.root / row["path"]).read_bytes()
+                    if hashlib.sha256(data).hexdigest() != row["sha256"]:
+                        continue  # recover() marks it corrupt; counting a damaged file would be a guess
+                    counts = _intervention_counts(decode_episode(data).steps)
+                except (OSError, EpisodeFormatError):
+                    continue
+                with self._transaction() as conn:
+                    conn.execute(catalog.UPDATE_INTERVENTIONS, (*counts, row["episode_id"]))
+
     def recover(self, verify_checksums: bool = True) -> RecoveryReport:
         """Bring catalogue and files back in line after a crash; never deletes episode data.
 
@@ -581,8 +609,22 @@ class EpisodeStore:
             report.unreadable_files.append(rel)
             return
         sha = hashlib.sha256(data).hexdigest()
+        # The file's metadata does not hold the takeover counts: they come from its steps.
+        try:
+            counts = _intervention_counts(decode_episode(data).steps)
+        except EpisodeFormatError:
+            report.unreadable_files.append(rel)
+            return
         self._insert(
-            info.meta, info.complete, info.reasons, info.num_steps, sha, rel, len(data), info.timing_errors
+            info.meta,
+            info.complete,
+            info.reasons,
+            info.num_steps,
+            sha,
+            rel,
+            len(data),
+            info.timing_errors,
+            counts,
         )
         report.reindexed.append(info.meta.episode_id)
 

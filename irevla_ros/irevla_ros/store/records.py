@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -173,6 +174,21 @@ class EpisodeMeta:
 
 
 @dataclass
+def intervention_segments(flags: Sequence[bool]) -> list[tuple[int, int]]:
+    """[start, stop) of each maximal run of True in `flags` (one per operator takeover), in order."""
+    segments: list[tuple[int, int]] = []
+    start: int | None = None
+    for i, flag in enumerate(flags):
+        if flag and start is None:
+            start = i
+        elif not flag and start is not None:
+            segments.append((start, i))
+            start = None
+    if start is not None:
+        segments.append((start, len(flags)))
+    return segments
+
+
 class AssembledEpisode:
     """An ended episode ready to be stored; incomplete ones are stored too, with the reasons."""
 
@@ -248,6 +264,8 @@ class RecoveryReport:
     unreadable_files: list[str] = field(default_factory=list)  # un-catalogued files that cannot be parsed
 
     @property
+    interventions: int = 0  # operator takeovers: maximal runs of consecutive steps with intervention=true
+    intervention_steps: int = 0  # steps the operator commanded (intervention=true)
     def clean(self) -> bool:
         return not (self.missing or self.corrupt or self.unreadable_files)
 

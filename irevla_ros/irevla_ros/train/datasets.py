@@ -1,6 +1,14 @@
 """Training data from the episode store: the expert set D_e, the RL set D_RL (successful policy episodes), and
 everything RL needs (failures included), as flat arrays of transitions.
 
+Operator takeovers (HIL-SERL style: a `policy` episode whose steps the operator commanded carry
+`intervention=true`) are expert actions in the states the policy reached. Every intervention segment of every
+trainable policy episode, whatever its outcome, is part of D_e (`intervention_set`): the operator's command is
+the label for that state whether or not the episode succeeded in the end (HG-DAgger and HIL-SERL keep all
+interventions; a takeover usually happens because the episode was going wrong, so keeping only successes would
+drop most corrections). D_RL keeps only the policy's own steps of its successful episodes, so no step is in
+both sets.
+
 Each episode is decoded once and cached as a compressed .npz named by the episode's checksum, so a second epoch,
 a second stage or a restarted trainer does not decode MCAP again; a changed file (new checksum) misses the cache.
 Reading goes through the episode store (it verifies checksums); the cache holds only derived arrays.
@@ -16,7 +24,7 @@ import numpy as np
 
 from irevla_ros import durable
 from irevla_ros.store.episode_store import EpisodeStore
-from irevla_ros.store.records import StoredEpisode
+from irevla_ros.store.records import StoredEpisode, intervention_segments
 
 
 @dataclass
@@ -34,6 +42,16 @@ class Transitions:
     instructions: list[str]
     episode_ids: list[str] = field(default_factory=list)  # one per episode, in order
     episode_starts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    # (N,) bool: the operator commanded the step (StepRecord.intervention); all False when not given
+    interventions: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+
+    def __post_init__(self) -> None:
+        if self.interventions.shape[0] == 0 and len(self):
+            self.interventions = np.zeros(len(self), bool)
+        if self.interventions.shape != (len(self),):
+            raise DatasetError(
+                f"interventions has shape {self.interventions.shape}, expected ({len(self)},): one flag per step"
+            )
 
     def __len__(self) -> int:
         return int(self.actions.shape[0])
@@ -54,7 +72,9 @@ def _episode_arrays(
     cached = cache_dir / key if cache_dir is not None else None
     if cached is not None and cached.exists():
         with np.load(cached, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
+            arrays = {k: data[k] for k in data.files}
+        if "interventions" in arrays:  # an entry from before the flag was cached is recomputed
+            return arrays
     record = store.read(row.episode_id)
     steps = [s for s in record.steps if not (skip_holds and s.hold)]
     if not steps:
@@ -69,6 +89,7 @@ def _episode_arrays(
         "proprio": np.stack([s.proprioception for s in steps]).astype(np.float32),
         "actions": np.stack([s.action for s in steps]).astype(np.float32),
         "log_probs": np.array([np.nan if s.log_prob is None else s.log_prob for s in steps], np.float32),
+        "interventions": np.array([bool(s.intervention) for s in steps], bool),
     }
     if cached is not None:
         cached.parent.mkdir(parents=True, exist_ok=True)
@@ -86,6 +107,19 @@ def load_transitions(
     cache_dir: Path | None = None,
 ) -> Transitions:
     """Flatten `rows` (catalogue rows, e.g. `store.trainable(source="expert")`) into transitions."""
+    return transitions_from_episodes(_episodes(store, rows, cameras, skip_holds, cache_dir))
+
+
+EpisodeArrays = tuple[str, str, bool, Mapping[str, np.ndarray]]
+
+
+def _episodes(
+    store: EpisodeStore,
+    rows: Iterable[StoredEpisode],
+    cameras: Sequence[str],
+    skip_holds: bool = True,
+    cache_dir: Path | None = None,
+) -> list[EpisodeArrays]:
     episodes = []
     for row in rows:
         if not row.trainable:
@@ -93,7 +127,36 @@ def load_transitions(
         arrays = _episode_arrays(store, row, cameras, skip_holds, cache_dir)
         if arrays is not None:
             episodes.append((row.episode_id, row.instruction, row.outcome == "success", arrays))
-    return transitions_from_episodes(episodes)
+    return episodes
+
+
+def _select(arrays: Mapping[str, np.ndarray], keep: slice | np.ndarray) -> dict[str, np.ndarray]:
+    return {k: v[keep] for k, v in arrays.items()}
+
+
+def intervention_segments_of(episodes: Iterable[EpisodeArrays]) -> list[EpisodeArrays]:
+    """Each operator takeover of `episodes` as its own episode `<id>/intervention-<k>` (k from 0), holds already
+    left out; never a success (the reward of a segment is not the episode's)."""
+    out: list[EpisodeArrays] = []
+    for episode_id, instruction, _success, arrays in episodes:
+        flags = arrays.get("interventions")
+        if flags is None:
+            continue
+        for k, (start, stop) in enumerate(intervention_segments(flags.tolist())):
+            out.append(
+                (f"{episode_id}/intervention-{k}", instruction, False, _select(arrays, slice(start, stop)))
+            )
+    return out
+
+
+def _policy_steps_only(episodes: Iterable[EpisodeArrays]) -> list[EpisodeArrays]:
+    out: list[EpisodeArrays] = []
+    for episode_id, instruction, success, arrays in episodes:
+        flags = arrays.get("interventions")
+        own = arrays if flags is None else _select(arrays, ~flags.astype(bool))
+        if own["actions"].shape[0]:
+            out.append((episode_id, instruction, success, own))
+    return out
 
 
 def transitions_from_episodes(
@@ -106,6 +169,7 @@ def transitions_from_episodes(
     instruction_ids: list[np.ndarray] = []
     ids: list[str] = []
     rewards: list[np.ndarray] = []
+    flags: list[np.ndarray] = []
     for episode_id, instruction, success, arrays in episodes:
         n = arrays["actions"].shape[0]
         if instruction not in instructions:
@@ -114,6 +178,7 @@ def transitions_from_episodes(
         reward = np.zeros(n, np.float32)
         reward[-1] = 1.0 if success else 0.0
         rewards.append(reward)
+        flags.append(np.asarray(arrays.get("interventions", np.zeros(n, bool)), bool))
         parts.append(arrays)
         ids.append(episode_id)
     if not parts:
@@ -133,22 +198,40 @@ def transitions_from_episodes(
         instructions=instructions,
         episode_ids=ids,
         episode_starts=starts,
+        interventions=np.concatenate(flags),
     )
 
 
 def expert_set(
     store: EpisodeStore, cameras: Sequence[str] = ("camera",), cache_dir: Path | None = None
 ) -> Transitions:
-    """D_e: complete expert demonstrations (scripted or teleoperated) that succeeded."""
+    """D_e: complete expert demonstrations (scripted or teleoperated) that succeeded, and every operator takeover
+    of a policy episode (`intervention_set`)."""
     rows = [r for r in store.trainable(source="expert", outcome="success")]
     rows += [r for r in store.trainable(source="intervention", outcome="success")]
-    return load_transitions(store, rows, cameras, cache_dir=cache_dir)
+    episodes = _episodes(store, rows, cameras, cache_dir=cache_dir)
+    episodes += intervention_segments_of(
+        _episodes(store, _with_interventions(store), cameras, cache_dir=cache_dir)
+    )
+    return transitions_from_episodes(episodes)
+
+
+def _with_interventions(store: EpisodeStore) -> list[StoredEpisode]:
+    return [r for r in store.trainable(source="policy") if r.intervention_steps > 0]
+
+
+def intervention_set(
+    store: EpisodeStore, cameras: Sequence[str] = ("camera",), cache_dir: Path | None = None
+) -> Transitions:
+    """The operator's takeovers of trainable policy episodes (any outcome), one episode per segment."""
+    episodes = _episodes(store, _with_interventions(store), cameras, cache_dir=cache_dir)
+    return transitions_from_episodes(intervention_segments_of(episodes))
 
 
 def rl_set(
     store: EpisodeStore, cameras: Sequence[str] = ("camera",), cache_dir: Path | None = None
 ) -> Transitions:
-    """D_RL: successful episodes of the policy itself (the RL stage's successes)."""
-    return load_transitions(
-        store, store.trainable(source="policy", outcome="success"), cameras, cache_dir=cache_dir
-    )
+    """D_RL: successful episodes of the policy itself (the RL stage's successes), without the steps the operator
+    commanded (those are in D_e)."""
+    rows = store.trainable(source="policy", outcome="success")
+    return transitions_from_episodes(_policy_steps_only(_episodes(store, rows, cameras, cache_dir=cache_dir)))

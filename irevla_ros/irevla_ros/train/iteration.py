@@ -75,6 +75,7 @@ class IterationRecord:
     )  # versions whose episodes belong to this session
     session_episodes: list[str] = field(default_factory=list)  # fed to Stage 1, in order
     session_successes: list[bool] = field(default_factory=list)
+    session_interventions: list[int] = field(default_factory=list)  # operator takeovers per session episode
     end_reason: str = ""
     candidate: str = ""
     history: list[dict[str, Any]] = field(default_factory=list)  # one entry per finished iteration
@@ -263,6 +264,16 @@ class IterationRunner:
             demos += self.store.trainable(source="intervention", outcome="success")
             if demos:
                 self._online.add_demos(self._latent_episodes(demos))
+            # The operator's takeovers in earlier sessions' policy episodes are demonstrations too (HIL-SERL
+            # keeps every intervention in its demo buffer); this session's go in as they are stored.
+            taken_over = [
+                r
+                for r in self.store.trainable(source="policy")
+                if r.intervention_steps and r.episode_id not in self.record.session_episodes
+            ]
+            operator = self._latent_episodes(taken_over).by_commander()[0] if taken_over else None
+            if operator is not None:
+                self._online.add_demos(operator)
         # Episodes fed before a restart but after the last checkpoint: OnlineRL ignores those it already has.
         if self.record.session_episodes:
             rows = [self.store.get(e) for e in self.record.session_episodes]
@@ -286,6 +297,7 @@ class IterationRunner:
         for row in rows:
             record.session_episodes.append(row.episode_id)
             record.session_successes.append(row.outcome == "success")
+            record.session_interventions.append(row.interventions)
         record.save(self._state_path)
         if self.config.stage1_enabled:
             self._stage1(rows)
@@ -295,6 +307,7 @@ class IterationRunner:
             self.metrics.scalar("session/success_rate", rate, n, iteration=record.iteration)
             for row in rows:
                 self.metrics.scalar("session/episode_length", row.num_steps, n, iteration=record.iteration)
+                self.metrics.scalar("session/interventions", row.interventions, n, iteration=record.iteration)
 
     def _stage1(self, rows: list[StoredEpisode]) -> None:
         online = self._ensure_stage1()
@@ -396,6 +409,8 @@ class IterationRunner:
             "end_reason": record.end_reason,
             "session_episodes": len(record.session_episodes),
             "session_success_rate": _rate(record.session_successes),
+            "session_interventions": sum(record.session_interventions),
+            "interventions_per_episode": _mean(record.session_interventions),
         }
 
     def _next_session(self, promoted: str | None) -> None:
@@ -405,7 +420,7 @@ class IterationRunner:
         if promoted is not None:
             record.base_version = record.running_version = promoted
         record.session_versions = [record.running_version]
-        record.session_episodes, record.session_successes = [], []
+        record.session_episodes, record.session_successes, record.session_interventions = [], [], []
         record.candidate, record.end_reason = "", ""
         self._online, self._model = None, None  # a fresh critic and RL state for the next session
         self._progress_session()
@@ -509,6 +524,10 @@ def simulation_evaluator(models_root: str | Path) -> Callable[[str, Sequence[str
 
 
 def _rate(values: Sequence[bool]) -> float:
+    return round(sum(values) / len(values), 4) if values else 0.0
+
+
+def _mean(values: Sequence[int]) -> float:
     return round(sum(values) / len(values), 4) if values else 0.0
 
 

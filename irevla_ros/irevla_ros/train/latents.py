@@ -53,8 +53,12 @@ class LatentEpisodes:
     episode_starts: np.ndarray  # (E,) int64 index of each episode's first step
     episode_ids: list[str] = field(default_factory=list)  # (E,)
     outcomes: list[str] = field(default_factory=list)  # (E,) the stored outcome of each episode
+    # (N,) bool: the operator commanded the step (a takeover), not the policy; all False when not given
+    interventions: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
 
     def __post_init__(self) -> None:
+        if self.interventions.shape[0] == 0 and len(self):
+            self.interventions = np.zeros(len(self), bool)
         self.validate()
 
     # ---- construction ----
@@ -80,6 +84,7 @@ class LatentEpisodes:
         log_probs: np.ndarray | None = None,
         *,
         terminal_outcomes: Sequence[str] = TERMINAL_OUTCOMES,
+        interventions: np.ndarray | None = None,
     ) -> LatentEpisodes:
         """One episode from its arrays (a direct simulation rollout, or a cache hit)."""
         n = int(np.asarray(latents).shape[0])
@@ -102,6 +107,7 @@ class LatentEpisodes:
             episode_starts=np.zeros(1, np.int64),
             episode_ids=[episode_id],
             outcomes=[outcome],
+            interventions=np.zeros(n, bool) if interventions is None else np.asarray(interventions, bool),
         )
 
     @classmethod
@@ -127,6 +133,7 @@ class LatentEpisodes:
             ),
             episode_ids=[i for p in parts for i in p.episode_ids],
             outcomes=[o for p in parts for o in p.outcomes],
+            interventions=np.concatenate([p.interventions for p in parts]),
         )
 
     def append(self, other: LatentEpisodes) -> LatentEpisodes:
@@ -167,7 +174,46 @@ class LatentEpisodes:
             episode_starts=np.zeros(1, np.int64),
             episode_ids=[self.episode_ids[index]],
             outcomes=[self.outcomes[index]],
+            interventions=self.interventions[s],
         )
+
+    def by_commander(self) -> tuple[LatentEpisodes | None, LatentEpisodes | None]:
+        """(the operator's transitions, the policy's transitions), each as sub-episodes `<id>#<first step>`, so
+        that an off-policy buffer built from them samples exactly the transitions of each kind: a run of steps
+        that does not end its episode is followed by the next state (the first step of the next run) as a
+        truncated last step, which a replay buffer never samples but bootstraps from; the run that ends the
+        episode keeps the episode's ending (terminal or truncated) and reward. None for a kind with no step."""
+        parts: dict[bool, list[LatentEpisodes]] = {True: [], False: []}
+        for e, s in enumerate(self.episode_slices()):
+            flags = self.interventions[s]
+            n = s.stop - s.start
+            bounds = np.flatnonzero(np.diff(flags.astype(np.int8))) + 1
+            for a, b in zip(np.concatenate([[0], bounds]), np.concatenate([bounds, [n]]), strict=True):
+                a, b = int(a), int(b)
+                last = b if b < n else n - 1  # the next run's first state closes a run that does not end it
+                rows = slice(s.start + a, s.start + last + 1)
+                rewards = self.rewards[rows].copy()
+                terminals = self.terminals[rows].copy()
+                if b < n:
+                    rewards[-1], terminals[-1] = 0.0, False
+                dones = np.zeros(last + 1 - a, bool)
+                dones[-1] = True
+                parts[bool(flags[a])].append(
+                    LatentEpisodes(
+                        latents=self.latents[rows],
+                        actions=self.actions[rows],
+                        log_probs=self.log_probs[rows],
+                        rewards=rewards,
+                        dones=dones,
+                        terminals=terminals,
+                        episode_starts=np.zeros(1, np.int64),
+                        episode_ids=[f"{self.episode_ids[e]}#{a}"],
+                        outcomes=[self.outcomes[e]],
+                        interventions=self.interventions[rows],
+                    )
+                )
+        operator, policy = (LatentEpisodes.concat(parts[k]) if parts[k] else None for k in (True, False))
+        return operator, policy
 
     def successful(self) -> list[bool]:
         return [bool(self.rewards[s].sum() > 0) for s in self.episode_slices()]
@@ -189,7 +235,7 @@ class LatentEpisodes:
             a = getattr(self, name)
             if a.shape != (n,) or a.dtype != np.float32:
                 raise LatentDataError(f"{name} must be float32 ({n},), got {a.dtype} {a.shape}")
-        for name in ("dones", "terminals"):
+        for name in ("dones", "terminals", "interventions"):
             a = getattr(self, name)
             if a.shape != (n,) or a.dtype != bool:
                 raise LatentDataError(f"{name} must be bool ({n},), got {a.dtype} {a.shape}")
@@ -317,6 +363,7 @@ def from_transitions(
         episode_starts=transitions.episode_starts.astype(np.int64),
         episode_ids=list(transitions.episode_ids),
         outcomes=list(outcomes),
+        interventions=transitions.interventions.astype(bool),
     )
 
 
@@ -346,7 +393,8 @@ class LatentCache:
             return None
         try:
             with np.load(path, allow_pickle=False) as data:
-                arrays = {k: data[k] for k in ("latents", "actions", "log_probs", "key")}
+                # an entry from before interventions were cached misses (KeyError) and is recomputed
+                arrays = {k: data[k] for k in ("latents", "actions", "log_probs", "interventions", "key")}
         except (OSError, ValueError, KeyError):
             return None
         if str(arrays.pop("key")) != f"{_CACHE_FORMAT}:{self.model_key}:{sha256}":
@@ -354,7 +402,13 @@ class LatentCache:
         return arrays
 
     def put(
-        self, episode_id: str, sha256: str, latents: np.ndarray, actions: np.ndarray, log_probs: np.ndarray
+        self,
+        episode_id: str,
+        sha256: str,
+        latents: np.ndarray,
+        actions: np.ndarray,
+        log_probs: np.ndarray,
+        interventions: np.ndarray | None = None,
     ) -> Path:
         self.directory.mkdir(parents=True, exist_ok=True)
         final = self.path(episode_id, sha256)
@@ -364,6 +418,7 @@ class LatentCache:
                 latents=latents,
                 actions=actions,
                 log_probs=log_probs,
+                interventions=np.zeros(len(actions), bool) if interventions is None else interventions,
                 key=np.array(f"{_CACHE_FORMAT}:{self.model_key}:{sha256}"),
             )
         return final
@@ -396,7 +451,12 @@ def latent_episodes_from_store(
                     continue
                 raise
             latents = encode_transitions(model, data, batch_size)
-            arrays = {"latents": latents, "actions": data.actions, "log_probs": data.log_probs}
+            arrays = {
+                "latents": latents,
+                "actions": data.actions,
+                "log_probs": data.log_probs,
+                "interventions": data.interventions,
+            }
             if cache is not None:
                 cache.put(row.episode_id, row.sha256, **arrays)
         parts.append(
@@ -407,6 +467,7 @@ def latent_episodes_from_store(
                 row.outcome,
                 arrays["log_probs"],
                 terminal_outcomes=terminal_outcomes,
+                interventions=arrays["interventions"],
             )
         )
     if not parts:

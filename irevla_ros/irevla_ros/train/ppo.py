@@ -11,6 +11,11 @@ of sparse binary reward instead of a vectorised environment:
   last observed state (the best estimate there is without the next observation).
 - Target KL: measured against the policy at the start of this update (not the behaviour policy, which may be a
   few pushes old), so stale data cannot stop every update before its first step.
+- Operator takeovers: steps with `interventions` set were commanded by the operator, not sampled from the
+  policy, so they have no behaviour log-probability of the policy's and are not its actions: they stay in the
+  episode for GAE (their rewards and values carry the return back to the policy's earlier steps) but no
+  minibatch holds them (no policy, value or entropy term); an update on episodes without takeovers is
+  unchanged, sample for sample.
 
 `ppo_loss(model, latent, minibatch, cfg)` is the one loss; `PPOLearner.update(batch, latent_fn=None)` feeds it
 latents from the cache, or (for the equivalence test and the benchmark) from `latent_fn`, which recomputes them
@@ -194,9 +199,10 @@ class PPOLearner:
         infos: list[dict[str, torch.Tensor]] = []
         stopped = False
         epochs = 0
+        own = torch.from_numpy(np.flatnonzero(~batch.interventions))  # the policy's own steps
         for _epoch in range(cfg.update_epochs):
-            perm = torch.randperm(n, generator=self.generator)
-            for lo in range(0, n, cfg.minibatch_size):
+            perm = own[torch.randperm(len(own), generator=self.generator)]
+            for lo in range(0, len(own), cfg.minibatch_size):
                 index = perm[lo : lo + cfg.minibatch_size]
                 latent = self._latents(batch, index, latent_fn)
                 loss, info = ppo_loss(self.model, latent, {k: v[index] for k, v in data.items()}, cfg)
@@ -214,7 +220,7 @@ class PPOLearner:
             if stopped:
                 break
         self.updates += 1
-        self.samples += n
+        self.samples += len(own)
 
         returns_var = float(np.var(returns_np))
         stats: dict[str, float] = {
@@ -233,7 +239,8 @@ class PPOLearner:
             early_stopped=float(stopped),
             epochs=float(epochs),
             minibatch_steps=float(len(infos)),
-            samples=float(n),
+            samples=float(len(own)),
+            intervention_steps=float(n - len(own)),
             episodes=float(batch.episodes),
             batch_success_rate=float(np.mean(batch.successful())) if batch.episodes else float("nan"),
             log_std_mean=float(self.model.log_std.detach().mean()),

@@ -1,6 +1,6 @@
 """The report written after every iteration, next to the run: `report/report.md`, `report/report.json` and PNG plots
-(success rate per iteration and per task, Stage 1 and Stage 2 losses), from the iteration history and the metrics
-log (train/metrics.py)."""
+(success rate and the operator's takeovers per episode per iteration, success rate per task, Stage 1 and Stage 2
+losses), from the iteration history and the metrics log (train/metrics.py)."""
 
 from __future__ import annotations
 
@@ -67,8 +67,20 @@ def write_report(run_dir: str | Path, history: Sequence[dict[str, Any]]) -> Path
     ax.grid(alpha=0.3)
     if its:
         ax.set_xticks(its)
-    ax.legend(fontsize=7)
-    ax.set_title("success rate per iteration")
+    # Takeovers per session episode on their own axis: fewer is the other half of "the policy got better".
+    takeovers = [(i, h["interventions_per_episode"]) for i, h in zip(its, history, strict=True)
+                 if h.get("interventions_per_episode") is not None]  # fmt: skip
+    handles, labels = ax.get_legend_handles_labels()
+    if takeovers:
+        tx = ax.twinx()
+        (line,) = tx.plot([p[0] for p in takeovers], [p[1] for p in takeovers], marker="^", linestyle="--",
+                          color="tab:red", label="operator takeovers per session episode")  # fmt: skip
+        tx.set_ylabel("takeovers per episode")
+        tx.set_ylim(bottom=0.0, top=max(1.0, 1.1 * max(p[1] for p in takeovers)))
+        handles.append(line)
+        labels.append(line.get_label())
+    ax.legend(handles, labels, fontsize=7)
+    ax.set_title("success rate and takeovers per iteration")
     tasks = sorted({t for h in history for t in _task_rates((h.get("evaluation") or {}).get("candidate"))})
     if tasks:
         grid = np.full((len(tasks), len(its)), np.nan)
@@ -113,12 +125,14 @@ def write_report(run_dir: str | Path, history: Sequence[dict[str, Any]]) -> Path
     fig.savefig(out / "losses.png", dpi=110)
     plt.close(fig)
 
-    lines = ["# iRe-VLA iterations", "", "| iteration | end | episodes | session success | candidate | promoted | why |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["# iRe-VLA iterations", "",
+             "| iteration | end | episodes | session success | takeovers (per episode) | candidate | promoted | why |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for h in history:
         lines.append(
             f"| {h['iteration']} | {h.get('end_reason', '')} | {h.get('session_episodes', 0)} | "
-            f"{h.get('session_success_rate', 0.0):.2f} | {h.get('candidate', '')} | "
+            f"{h.get('session_success_rate', 0.0):.2f} | {h.get('session_interventions', 0)} "
+            f"({h.get('interventions_per_episode', 0.0):.2f}) | {h.get('candidate', '')} | "
             f"{'yes' if h.get('promoted') else 'no'} | {h.get('why', '')} |"
         )
     lines += ["", "![success rate](success_rate.png)", "", "![losses](losses.png)", ""]

@@ -49,7 +49,16 @@ _LOG = logging.getLogger(__name__)
 def _episodes_state(batch: LatentEpisodes | None) -> dict[str, Any] | None:
     if batch is None or not len(batch):
         return None
-    arrays = ("latents", "actions", "log_probs", "rewards", "dones", "terminals", "episode_starts")
+    arrays = (
+        "latents",
+        "actions",
+        "log_probs",
+        "rewards",
+        "dones",
+        "terminals",
+        "episode_starts",
+        "interventions",
+    )
     state: dict[str, Any] = {k: torch.from_numpy(np.ascontiguousarray(getattr(batch, k))) for k in arrays}
     state["episode_ids"] = list(batch.episode_ids)
     state["outcomes"] = list(batch.outcomes)
@@ -122,7 +131,11 @@ class OnlineRL:
         return LatentEpisodes.concat([batch.episode(i) for i in keep])
 
     def add_episodes(self, batch: LatentEpisodes) -> int:
-        """New episodes of the policy (successes and failures); returns how many were new (others: ignored)."""
+        """New episodes of the policy (successes and failures); returns how many were new (others: ignored).
+
+        Steps the operator commanded (`interventions`, a takeover) are not the policy's actions: SACfD puts those
+        transitions into its demo buffer and the rest into the online buffer, as HIL-SERL does; PPO keeps the
+        whole episode for its advantages but leaves them out of its loss (ppo.PPOLearner.update)."""
         new = self._new_only(batch)
         if new is None:
             return 0
@@ -130,7 +143,11 @@ class OnlineRL:
             self._pending = new if self._pending is None else self._pending.append(new)
             self.transitions_seen += len(new)
         else:
-            added = self.learner.add_episodes(new, demo=False)  # type: ignore[call-arg]
+            operator, policy = new.by_commander()
+            added = 0
+            for part, demo in ((operator, True), (policy, False)):
+                if part is not None:
+                    added += self.learner.add_episodes(part, demo=demo)  # type: ignore[call-arg]
             self.transitions_seen += added
             self.owed_updates += added * self.config.sacfd.utd_ratio
         self.episodes_seen += new.episodes

@@ -8,8 +8,9 @@ the writer and the project's own reader cannot hide here. For each episode file 
 - each image's capture stamp (its header.stamp) is no later than its step's stamp: no step observes the future;
 - every step message has its images (tied by the MCAP sequence = step index) and the indices run 0..n-1.
 
-The topics and the log_time = step stamp convention are those the file format documents (store/mcap_format.py):
-`/irevla/episode/step` and `/irevla/episode/<camera>/image`.
+The layout it reads is the one the file format documents (store/mcap_format.py): format 2, the live topics
+(`/policy/episode_step`, whose `image_topics` name each camera's image topic, step log_time = step stamp), and
+format 1 files written before issue 14 (`/irevla/episode/step`, `/irevla/episode/<camera>/image`).
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from pathlib import Path
 
 from mcap_ros2.reader import read_ros2_messages
 
-STEP_TOPIC = "/irevla/episode/step"
-IMAGE_PREFIX = "/irevla/episode/"
+STEP_TOPICS = ("/policy/episode_step", "/irevla/episode/step")
+V1_IMAGE_PREFIX = "/irevla/episode/"
 
 
 def _ns(stamp: object) -> int:
@@ -31,19 +32,29 @@ def timing_problems(path: Path, period_ns: int, tolerance_ns: int = 0) -> list[s
     steps: dict[int, int] = {}  # step index -> step stamp (ns)
     cameras: dict[int, list[str]] = {}
     images: dict[int, dict[str, int]] = {}  # step index -> camera -> capture stamp (ns)
+    by_topic: dict[str, dict[int, int]] = {}  # topic -> sequence -> header stamp (ns)
+    topics_of: dict[int, dict[str, str]] = {}  # step index -> camera -> its image topic (format 2)
     problems: list[str] = []
     for m in read_ros2_messages(str(path), log_time_order=False):
         topic = m.channel.topic
-        if topic == STEP_TOPIC:
+        if topic in STEP_TOPICS:
             index = int(m.ros_msg.step_index)
             stamp = _ns(m.ros_msg.header.stamp)
             if stamp != m.log_time_ns:
                 problems.append(f"step {index}: header stamp {stamp} != log_time {m.log_time_ns}")
             steps[index] = stamp
             cameras[index] = list(m.ros_msg.camera_names)
-        elif topic.startswith(IMAGE_PREFIX) and topic.endswith("/image"):
-            camera = topic[len(IMAGE_PREFIX) : -len("/image")]
+            if hasattr(m.ros_msg, "image_topics"):
+                topics_of[index] = dict(zip(m.ros_msg.camera_names, m.ros_msg.image_topics, strict=True))
+        elif topic.startswith(V1_IMAGE_PREFIX) and topic.endswith("/image"):
+            camera = topic[len(V1_IMAGE_PREFIX) : -len("/image")]
             images.setdefault(int(m.sequence_count), {})[camera] = _ns(m.ros_msg.header.stamp)
+        elif m.schema.name == "sensor_msgs/msg/Image":
+            by_topic.setdefault(topic, {})[int(m.sequence_count)] = _ns(m.ros_msg.header.stamp)
+    for index, named in topics_of.items():
+        for camera, topic in named.items():
+            if index in by_topic.get(topic, {}):
+                images.setdefault(index, {})[camera] = by_topic[topic][index]
     order = sorted(steps)
     if order != list(range(len(order))):
         problems.append(f"step indices are not 0..{len(order) - 1}: {order[:5]}...")

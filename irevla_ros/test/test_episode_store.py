@@ -454,13 +454,18 @@ def test_mcap_file_is_a_ros2_bag_readable_by_the_plain_reader(store: EpisodeStor
         summary = reader.get_summary()
         channels = {c.topic: c for c in summary.channels.values()}
         assert set(channels) == {
-            "/irevla/episode/front/image",
-            "/irevla/episode/wrist/image",
-            "/irevla/episode/step",
+            "/front/front/color/image_raw",
+            "/wrist/wrist/color/image_raw",
+            "/policy/episode_step",
+            "/policy/action",
         }
         assert {c.message_encoding for c in channels.values()} == {"cdr"}
         schemas = {summary.schemas[c.schema_id].name for c in channels.values()}
-        assert schemas == {"sensor_msgs/msg/Image", "irevla_interfaces/msg/EpisodeStep"}
+        assert schemas == {
+            "sensor_msgs/msg/Image",
+            "irevla_interfaces/msg/EpisodeStep",
+            "irevla_interfaces/msg/ArmCommand",
+        }
         assert {s.encoding for s in summary.schemas.values()} == {"ros2msg"}
         assert all(summary.statistics.channel_message_counts[c.id] == 4 for c in channels.values())
         metadata = {m.name: m.metadata for m in reader.iter_metadata()}
@@ -469,11 +474,12 @@ def test_mcap_file_is_a_ros2_bag_readable_by_the_plain_reader(store: EpisodeStor
         assert metadata["irevla_assembly"]["complete"] == "true"
     with open(store.root / stored.path, "rb") as f:
         reader = make_reader(f, decoder_factories=[DecoderFactory()])
-        for _, _channel, message, msg in reader.iter_decoded_messages(topics=["/irevla/episode/wrist/image"]):
+        wrist = "/wrist/wrist/color/image_raw"
+        for _, _channel, message, msg in reader.iter_decoded_messages(topics=[wrist]):
             step = episode.steps[message.sequence]
-            assert message.log_time == step.stamp_ns
+            assert message.log_time == step.image_stamps_ns["wrist"]  # published when captured
             assert (msg.encoding, msg.height, msg.width, msg.step) == ("rgb8", 32, 40, 120)
-            assert msg.header.frame_id == "wrist"
+            assert msg.header.frame_id == "wrist"  # these steps carry no frame id: the camera name
             assert msg.header.stamp.sec * 10**9 + msg.header.stamp.nanosec == step.image_stamps_ns["wrist"]
             assert bytes(msg.data) == step.images["wrist"].tobytes()
 

@@ -492,7 +492,10 @@ class PolicyNode(Node):
         record.header.stamp = stamp
         if obs is not None:
             record.camera_names = list(obs.images)
-            record.images = [image_to_msg(img, stamp, cam) for cam, img in obs.images.items()]
+            # The frame's own frame id, so the stored episode replays the camera topic as it was published.
+            record.images = [
+                image_to_msg(img, stamp, frames[cam].header.frame_id) for cam, img in obs.images.items()
+            ]
             record.image_stamps = [frames[cam].header.stamp for cam in obs.images]
             record.proprioception = [float(x) for x in obs.proprioception]
         if output is not None and output.log_prob is not None:

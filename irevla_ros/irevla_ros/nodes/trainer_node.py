@@ -52,6 +52,7 @@ from irevla_ros.nodes.common import (
     time_to_ns,
 )
 from irevla_ros.nodes.event_codes import OUTCOME_CODES, OUTCOME_NAMES, SOURCE_NAMES
+from irevla_ros.nodes.robot_state_recording import record_robot_state
 from irevla_ros.param_spec import ConfigError, from_parameters
 from irevla_ros.store.assembler import EpisodeAssembler
 from irevla_ros.store.collector import EpisodeCollector
@@ -112,6 +113,7 @@ def step_from_msg(msg: StepRecord) -> StepData:
         policy_version=msg.policy_version,
         intervention=bool(msg.intervention),
         hold=bool(msg.hold),
+        image_frame_ids={n: img.header.frame_id for n, img in zip(msg.camera_names, msg.images, strict=True)},
     )
 
 
@@ -149,6 +151,7 @@ class TrainerNode(Node):
         self.create_subscription(
             EpisodeEvent, topics.EPISODE_EVENTS, self._on_event, RELIABLE_QOS, callback_group=group
         )
+        record_robot_state(self, self.collector, group)  # /joint_states, /tf: stored with each step
         self._stored_pub = self.create_publisher(EpisodeStored, topics.EPISODE_STORED, RELIABLE_QOS)
         self._status_pub = self.create_publisher(TrainerStatus, topics.TRAINER_STATUS, LATCHED_QOS)
         # Wall-clock timers: storing must go on while the simulated clock is paused.

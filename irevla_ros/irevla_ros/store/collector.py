@@ -14,22 +14,87 @@ episodes:
   for an episode already handed over, `label` returns False and the caller relabels the stored one;
 - `shutdown` hands over every episode still open, as incomplete unless it had fully ended.
 
+The arm's state is not in the step records: the trainer hands the collector what it hears on /joint_states and
+/tf (`add_joint_state`, `add_transforms`), and each finalised step carries the newest sample stamped no later than
+the step (`RobotStateWindow`), so the stored file replays those topics as they were.
+
 Thread-safe; time comes from `clock` (monotonic seconds) and `wall_ns` (stamps), so tests drive it by hand.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import threading
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from irevla_ros.store.assembler import EpisodeAssembler
-from irevla_ros.store.records import AssembledEpisode, EpisodeMeta, StepData, label_wins
+from irevla_ros.store.records import (
+    AssembledEpisode,
+    EpisodeMeta,
+    JointStateSample,
+    StepData,
+    TransformSample,
+    label_wins,
+)
 
 GRACE_S = 3.0  # wall seconds to wait for in-flight records (and for the START of early steps)
 STEPS_DONE_TIMEOUT_S = 10.0  # wall seconds after END before an episode without STEPS_DONE is stored
+# A step gets no arm state when the newest sample before it is older than this (the arm's driver was silent).
+STATE_MAX_AGE_NS = 1_000_000_000
+# Samples kept: at a robot's 100 Hz state rate 20000 cover 200 s, longer than an episode plus its closing.
+STATE_WINDOW = 20_000
+
+
+class RobotStateWindow:
+    """The most recent /joint_states and /tf samples, by stamp; `at(stamp)` is the state a step had.
+
+    Samples may arrive in any order (stamps sort them). Thread-safe."""
+
+    def __init__(self, maxlen: int = STATE_WINDOW, max_age_ns: int = STATE_MAX_AGE_NS) -> None:
+        self._lock = threading.Lock()
+        self._joints: deque[JointStateSample] = deque(maxlen=maxlen)
+        self._tf: dict[tuple[str, str], deque[TransformSample]] = {}
+        self._maxlen = maxlen
+        self.max_age_ns = max_age_ns
+
+    def add_joint_state(self, sample: JointStateSample) -> None:
+        with self._lock:
+            self._joints.append(sample)
+
+    def add_transforms(self, samples: Iterable[TransformSample]) -> None:
+        with self._lock:
+            for t in samples:
+                self._tf.setdefault((t.parent_frame, t.child_frame), deque(maxlen=self._maxlen)).append(t)
+
+    def attach(self, steps: list[StepData]) -> list[StepData]:
+        """`steps` with the joint state and transforms each had at its stamp (steps already carrying them, and
+        steps with nothing recent enough, unchanged)."""
+        with self._lock:
+            joints = sorted(self._joints, key=lambda s: s.stamp_ns)
+            tf = {pair: sorted(q, key=lambda s: s.stamp_ns) for pair, q in self._tf.items()}
+        joint_stamps = [s.stamp_ns for s in joints]
+        tf_stamps = {pair: [s.stamp_ns for s in q] for pair, q in tf.items()}
+        out = []
+        for step in steps:
+            changes: dict[str, object] = {}
+            if step.joint_state is None:
+                i = bisect.bisect_right(joint_stamps, step.stamp_ns)
+                if i and step.stamp_ns - joint_stamps[i - 1] <= self.max_age_ns:
+                    changes["joint_state"] = joints[i - 1]
+            if not step.transforms:
+                found = []
+                for pair in sorted(tf):
+                    i = bisect.bisect_right(tf_stamps[pair], step.stamp_ns)
+                    if i and step.stamp_ns - tf_stamps[pair][i - 1] <= self.max_age_ns:
+                        found.append(tf[pair][i - 1])
+                if found:
+                    changes["transforms"] = tuple(found)
+            out.append(dataclasses.replace(step, **changes) if changes else step)  # type: ignore[arg-type]
+        return out
 
 
 @dataclass
@@ -63,8 +128,10 @@ class EpisodeCollector:
         clock: Callable[[], float] = time.monotonic,
         wall_ns: Callable[[], int] = time.time_ns,
         log: Callable[[str], None] | None = None,
+        state: RobotStateWindow | None = None,
     ) -> None:
         self.assembler = assembler if assembler is not None else EpisodeAssembler()
+        self.state = state if state is not None else RobotStateWindow()
         self.grace_s = grace_s
         self.steps_done_timeout_s = steps_done_timeout_s
         self._clock = clock
@@ -76,6 +143,14 @@ class EpisodeCollector:
         self.rejected_steps = 0
 
     # --- inputs ---------------------------------------------------------------------------------------------
+    def add_joint_state(self, sample: JointStateSample) -> None:
+        """A /joint_states message: stored with the steps it is the newest sample of."""
+        self.state.add_joint_state(sample)
+
+    def add_transforms(self, samples: Iterable[TransformSample]) -> None:
+        """The transforms of a /tf message."""
+        self.state.add_transforms(samples)
+
     def add_step(self, step: StepData) -> None:
         """A step record. Raises ValueError (LateStepError, ...) when it cannot be part of an episode."""
         with self._lock:
@@ -208,6 +283,7 @@ class EpisodeCollector:
 
     def _finish(self, episode_id: str, closing: _Closing) -> AssembledEpisode:
         self._closing.pop(episode_id, None)
-        return self.assembler.end(
+        episode = self.assembler.end(
             episode_id, closing.outcome, closing.label_source, closing.num_steps, closing.ended_ns
         )
+        return dataclasses.replace(episode, steps=self.state.attach(episode.steps))

@@ -69,6 +69,28 @@ def _same_array(a: np.ndarray, b: np.ndarray) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
 
 
+@dataclass(frozen=True)
+class JointStateSample:
+    """One /joint_states message (sensor_msgs/JointState) as the arm controller published it."""
+
+    stamp_ns: int
+    names: tuple[str, ...]
+    position: tuple[float, ...]
+    velocity: tuple[float, ...] = ()
+    effort: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class TransformSample:
+    """One transform of a /tf message (geometry_msgs/TransformStamped)."""
+
+    stamp_ns: int
+    parent_frame: str
+    child_frame: str
+    translation: tuple[float, float, float]
+    rotation: tuple[float, float, float, float]  # quaternion x, y, z, w
+
+
 @dataclass(eq=False)
 class StepData:
     """One control step: the exact observation the action was computed from, and the action."""
@@ -87,6 +109,11 @@ class StepData:
     policy_version: str
     intervention: bool
     hold: bool
+    # The live topics' context, kept so a stored episode plays back as recorded (store/mcap_format.py); not
+    # part of `same_as`: duplicates are told apart by what the policy produced, these are attached at closing.
+    image_frame_ids: dict[str, str] = field(default_factory=dict)  # camera -> header.frame_id as published
+    joint_state: JointStateSample | None = None  # /joint_states as it was at this step (newest <= stamp)
+    transforms: tuple[TransformSample, ...] = ()  # /tf as it was at this step (newest per frame pair)
 
     def __post_init__(self) -> None:
         check_episode_id(self.episode_id)
@@ -147,6 +174,21 @@ class StepData:
         )
 
 
+def intervention_segments(flags: Sequence[bool]) -> list[tuple[int, int]]:
+    """[start, stop) of each maximal run of True in `flags` (one per operator takeover), in order."""
+    segments: list[tuple[int, int]] = []
+    start: int | None = None
+    for i, flag in enumerate(flags):
+        if flag and start is None:
+            start = i
+        elif not flag and start is not None:
+            segments.append((start, i))
+            start = None
+    if start is not None:
+        segments.append((start, len(flags)))
+    return segments
+
+
 @dataclass
 class EpisodeMeta:
     """What is known about an episode: set at START, completed (outcome, end, count) at END."""
@@ -174,21 +216,6 @@ class EpisodeMeta:
 
 
 @dataclass
-def intervention_segments(flags: Sequence[bool]) -> list[tuple[int, int]]:
-    """[start, stop) of each maximal run of True in `flags` (one per operator takeover), in order."""
-    segments: list[tuple[int, int]] = []
-    start: int | None = None
-    for i, flag in enumerate(flags):
-        if flag and start is None:
-            start = i
-        elif not flag and start is not None:
-            segments.append((start, i))
-            start = None
-    if start is not None:
-        segments.append((start, len(flags)))
-    return segments
-
-
 class AssembledEpisode:
     """An ended episode ready to be stored; incomplete ones are stored too, with the reasons."""
 
@@ -237,6 +264,8 @@ class StoredEpisode:
     corrupt: bool
     corrupt_reason: str
     timing_errors: int = 0  # see AssembledEpisode; such an episode is incomplete
+    interventions: int = 0  # operator takeovers: maximal runs of consecutive steps with intervention=true
+    intervention_steps: int = 0  # steps the operator commanded (intervention=true)
 
     @property
     def trainable(self) -> bool:
@@ -264,8 +293,6 @@ class RecoveryReport:
     unreadable_files: list[str] = field(default_factory=list)  # un-catalogued files that cannot be parsed
 
     @property
-    interventions: int = 0  # operator takeovers: maximal runs of consecutive steps with intervention=true
-    intervention_steps: int = 0  # steps the operator commanded (intervention=true)
     def clean(self) -> bool:
         return not (self.missing or self.corrupt or self.unreadable_files)
 

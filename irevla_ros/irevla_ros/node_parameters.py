@@ -69,7 +69,7 @@ CAMERA = (
 ARM_CONTROLLER = (
     *GRAPH_WIDE,
     # A backend's own parameters are named "<backend>_<its keyword>" (the node passes them on with the prefix cut).
-    ParamSpec("backend", "sim", "arm backend", choices=("sim", "franky", "ur_rtde")),
+    ParamSpec("backend", "sim", "arm backend", choices=("sim", "franky", "ur_rtde", "servo")),
     ParamSpec("franky_host", "172.16.0.2", "franky backend: robot (or franky-sim) address"),
     ParamSpec(
         "franky_dynamics_factor", 0.1, "franky backend: velocity/acceleration scaling", min=0.01, max=1.0
@@ -81,7 +81,60 @@ ARM_CONTROLLER = (
     ParamSpec("ur_rtde_gain", 300.0, "ur_rtde backend: servoL gain", min=100.0, max=2000.0),
     ParamSpec("ur_rtde_home_speed", 0.05, "ur_rtde backend: move_home moveL speed (m/s)", min=0.001, max=0.5),
     ParamSpec("ur_rtde_gripper", "robotiq", "ur_rtde backend: gripper", choices=("robotiq", "none")),
+    # servo: an arm run by its own ROS 2 driver + MoveIt Servo (or a Cartesian-velocity forward controller).
+    ParamSpec(
+        "servo_command_mode",
+        "twist",
+        "servo backend: twist (TwistStamped to MoveIt Servo) or velocity_array (Float64MultiArray vx..wz)",
+        choices=("twist", "velocity_array"),
+    ),
+    ParamSpec("servo_command_topic", "/servo_node/delta_twist_cmds", "servo backend: command topic"),
+    ParamSpec("servo_twist_frame", "", "servo backend: the twist's header frame (empty: base_frame)"),
+    ParamSpec("servo_rate", 50.0, "servo backend: command stream rate (Hz)", min=5.0, max=1000.0),
+    ParamSpec(
+        "servo_period", 0.1, "servo backend: twist = (target - current) / period (s)", min=0.01, max=2.0
+    ),
+    ParamSpec("servo_max_angular_speed", 0.5, "servo backend: angular speed cap (rad/s)", min=0.001, max=3.2),
+    ParamSpec(
+        "servo_state_source",
+        "tf",
+        "servo backend: end-effector pose from tf or pose_topic",
+        choices=("tf", "pose"),
+    ),
+    ParamSpec("servo_joint_states_topic", "/joint_states", "servo backend: the driver's joint states"),
+    ParamSpec("servo_pose_topic", "", "servo backend: PoseStamped of the end effector (state_source pose)"),
+    ParamSpec(
+        "servo_joint_names",
+        [
+            "shoulder_pan_joint",
+            "shoulder_lift_joint",
+            "elbow_joint",
+            "wrist_1_joint",
+            "wrist_2_joint",
+            "wrist_3_joint",
+        ],
+        "servo backend: the arm's joints in the driver's /joint_states, in order",
+    ),
+    ParamSpec(
+        "servo_gripper_joints",
+        ["fr3_finger_joint1", "fr3_finger_joint2"],
+        "servo backend: finger joints whose positions sum to the gripper width (absent: the commanded opening)",
+    ),
+    ParamSpec("servo_gripper_max_width", 0.08, "servo backend: fully open width (m)", min=0.001, max=1.0),
+    ParamSpec(
+        "servo_state_timeout",
+        0.5,
+        "servo backend: driver state older than this is stale (s)",
+        min=0.01,
+        max=10.0,
+    ),
+    ParamSpec(
+        "servo_connect_timeout", 10.0, "servo backend: wait for the driver's state (s)", min=0.1, max=120.0
+    ),
     ParamSpec("action_frame", "base", "frame of the end-effector deltas", choices=("base",)),
+    # Standard robot state (REP-105 style): /tf base_frame -> ee_frame, ~/ee_pose in base_frame.
+    ParamSpec("base_frame", "world", "robot base frame (fr3_link0, base, world for the simulated cell)"),
+    ParamSpec("ee_frame", "hand", "end-effector frame (fr3_hand_tcp, tool0, hand for the simulated cell)"),
     ParamSpec("state_rate", 10.0, "JointState / pose publish rate (Hz)", min=1.0, max=1000.0),
     *parameter_specs(SafetyLimits),
 )

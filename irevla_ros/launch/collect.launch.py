@@ -1,4 +1,4 @@
-"""ros2 launch irevla_ros collect.launch.py [hardware:=sim|robot|robot_ur]
+"""ros2 launch irevla_ros collect.launch.py [hardware:=sim|robot|robot_ur|robot_servo]
 
 Brings up the collection graph. The node list lives in irevla_ros.bringup.graph (shared with `irevla bringup`
 on pip-only machines): this file only translates it into launch_ros actions.

@@ -154,7 +154,10 @@ class Controller:
 def test_stream_through_the_safety_layer_box_home_and_close(arm, sim):
     state = arm.read_state()
     assert arm.is_connected
-    assert state.joint_positions.shape == (7,) and state.joint_names[0] == "fr3_joint1"
+    assert state.joint_positions.shape == (9,) and state.joint_names[0] == "fr3_joint1"
+    # franka_ros2's finger joints: each at half the measured width (metres).
+    assert state.joint_names[7:] == ("fr3_finger_joint1", "fr3_finger_joint2")
+    assert state.joint_positions[7] == pytest.approx(state.gripper * arm._max_width / 2, abs=1e-6)
     assert np.linalg.norm(state.ee_orientation) == pytest.approx(1.0, abs=1e-6)
     assert 0.0 <= state.gripper <= 1.0
     start = state.ee_position

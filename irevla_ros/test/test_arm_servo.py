@@ -1,11 +1,10 @@
 """ServoArm (the ROS-native backend for arms run by a ROS 2 driver + MoveIt Servo) against `servo_peer`, a stand-in
 for MoveIt Servo and the driver: real rclpy over Fast DDS in both directions (TwistStamped / Float64MultiArray out,
 /joint_states, /tf, /tf_static, PoseStamped in). The backend's transport is the node-side rclpy one the arm
-controller uses, on a test node spun on its own thread."""
+controller uses (its own node, spun on its own thread)."""
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 
@@ -14,8 +13,6 @@ import pytest
 
 pytest.importorskip("tf2_msgs.msg")
 
-from rclpy.executors import SingleThreadedExecutor
-from rclpy.node import Node
 from servo_peer import START_POSITION, UR_JOINTS, ServoPeer
 from test_safety import Trace, check
 
@@ -29,33 +26,10 @@ MAX_SPEED = 0.1
 MAX_ANGULAR = 0.5
 
 
-class Spinner:
-    """A node spun on its own thread (the arm controller node's executor does this in the graph)."""
-
-    def __init__(self, context: object) -> None:
-        self.node = Node("servo_client", context=context)
-        self._executor = SingleThreadedExecutor(context=context)
-        self._executor.add_node(self.node)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._spin, daemon=True)
-        self._thread.start()
-
-    def _spin(self) -> None:
-        while not self._stop.is_set():
-            self._executor.spin_once(timeout_sec=0.02)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5.0)
-        self._executor.shutdown()
-        self.node.destroy_node()
-
-
 @pytest.fixture
-def spinner(ros_context) -> Iterator[Spinner]:
-    s = Spinner(ros_context)
-    yield s
-    s.close()
+def spinner(ros_context) -> object:
+    """The context the backend's transport runs its own node in (as the arm controller's does)."""
+    return ros_context
 
 
 @pytest.fixture
@@ -64,9 +38,9 @@ def peer(ros_domain) -> Iterator[ServoPeer]:
         yield p
 
 
-def make_servo(spinner: Spinner, **kwargs: object) -> ServoArm:
+def make_servo(context: object, **kwargs: object) -> ServoArm:
     params: dict[str, object] = {
-        "transport": RclpyServoTransport(spinner.node),
+        "transport": RclpyServoTransport(context, "servo_client_io"),
         "base_frame": "base_link",
         "ee_frame": "tool0",
         "joint_names": list(UR_JOINTS),
@@ -276,3 +250,92 @@ def test_bad_settings_are_refused():
         ServoArm(rate=0.0)
     with pytest.raises(ArmConnectionError, match="transport"):
         ServoArm().connect()
+
+
+# ---- the arm controller node: servo backend by name, standard robot state -----------------------------------
+
+
+def _controller_overrides(start: np.ndarray) -> list:
+    from rclpy.parameter import Parameter
+
+    limits = limits_around(start)
+    return [
+        Parameter("backend", value="servo"),
+        Parameter("base_frame", value="base_link"),
+        Parameter("ee_frame", value="tool0"),
+        Parameter("servo_state_timeout", value=0.5),
+        Parameter("workspace_low", value=list(limits.workspace_low)),
+        Parameter("workspace_high", value=list(limits.workspace_high)),
+        Parameter("home", value=list(limits.home)),
+        Parameter("max_speed", value=MAX_SPEED),
+    ]
+
+
+def test_arm_controller_node_servo_backend_latches_stale_state_and_clears_when_it_returns(
+    ros_context, peer, spin
+):
+    from geometry_msgs.msg import PoseStamped
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.node import Node
+    from sensor_msgs.msg import JointState
+    from std_srvs.srv import Trigger
+
+    from irevla_interfaces.msg import ArmCommand
+    from irevla_ros import topics
+    from irevla_ros.nodes.arm_controller_node import ArmControllerNode
+
+    start = peer.pose()[0]
+    node = ArmControllerNode(context=ros_context, parameter_overrides=_controller_overrides(start))
+    client = Node("servo_test_client", context=ros_context)
+    executor = SingleThreadedExecutor(context=ros_context)
+    executor.add_node(node)
+    executor.add_node(client)
+    seen: dict[str, list] = {"joints": [], "gripper": [], "pose": []}
+    client.create_subscription(JointState, topics.JOINT_STATES, seen["joints"].append, 50)
+    client.create_subscription(JointState, topics.GRIPPER_STATE, seen["gripper"].append, 50)
+    client.create_subscription(PoseStamped, topics.EE_POSE, seen["pose"].append, 50)
+    pub = client.create_publisher(ArmCommand, topics.ACTION, 10)
+    clear = client.create_client(Trigger, topics.CLEAR_ESTOP)
+
+    def act(dz: float, ticks: int) -> None:
+        for _ in range(ticks):
+            pub.publish(ArmCommand(ee_delta=[0.0, 0.0, dz], gripper=-1.0, episode_id="ep"))
+            spin(executor, lambda: False, timeout=TICK)
+
+    def clear_estop() -> Trigger.Response:
+        assert clear.wait_for_service(timeout_sec=10.0)
+        future = clear.call_async(Trigger.Request())
+        assert spin(executor, future.done, timeout=15.0)
+        return future.result()
+
+    try:
+        assert spin(executor, lambda: pub.get_subscription_count() > 0 and seen["pose"], timeout=10.0)
+        # The driver (the peer) is the only /joint_states source: the controller does not publish a second one.
+        assert client.count_publishers(topics.JOINT_STATES) == 1
+        assert client.count_publishers(topics.TF) == 1
+        assert seen["pose"][-1].header.frame_id == "base_link"
+        assert list(seen["gripper"][-1].name) == ["gripper_opening"]
+        act(-1.0, 4)
+        assert spin(executor, lambda: start[2] - peer.pose()[0][2] > 0.03, timeout=5.0), peer.pose()
+        assert all(tuple(m.name) == UR_JOINTS for m in seen["joints"])
+        peer.pause_state()
+        assert spin(executor, lambda: node.safety.estopped, timeout=5.0)
+        assert "silent" in (node.safety.estop_reason or ""), node.safety.estop_reason
+        stopped = peer.pose()[0]
+        act(1.0, 3)  # latched: held
+        np.testing.assert_allclose(peer.pose()[0], stopped, atol=1e-6)
+        refused = clear_estop()
+        assert not refused.success and "still silent" in refused.message, refused.message
+        peer.resume_state()
+        spin(executor, lambda: False, timeout=0.3)
+        cleared = clear_estop()
+        assert cleared.success, cleared.message
+        act(1.0, 4)
+        assert spin(executor, lambda: peer.pose()[0][2] - stopped[2] > 0.03, timeout=5.0), peer.pose()
+        for c in peer.commands_since(0.0):
+            assert np.linalg.norm(c.linear) <= MAX_SPEED + 1e-9
+    finally:
+        executor.shutdown()
+        node.close()
+        node.destroy_node()
+        client.destroy_node()

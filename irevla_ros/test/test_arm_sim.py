@@ -174,3 +174,60 @@ def test_disconnected_arm_refuses_commands(cell):
     assert not arm.is_connected
     with pytest.raises(ArmConnectionError):
         arm.send_target(np.zeros(3), 1.0)
+
+
+def test_the_arm_controller_publishes_the_standard_robot_state(cell, ros_context, spin):
+    # /joint_states with the model's own joint names (no made-up gripper joint), /tf world -> hand, the pose in
+    # the base frame and the gripper on its own topic.
+    pytest.importorskip("tf2_msgs.msg")
+    from geometry_msgs.msg import PoseStamped
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.node import Node
+    from sensor_msgs.msg import JointState
+    from tf2_msgs.msg import TFMessage
+
+    from irevla_ros import topics
+    from irevla_ros.nodes.arm_controller_node import ArmControllerNode
+
+    node = ArmControllerNode(
+        backend_factory=lambda params: make_arm("sim", cell=cell),
+        context=ros_context,
+        time_source=lambda: cell.sim_time,
+        state_publisher="external",
+    )
+    observer = Node("state_observer", context=ros_context)
+    executor = SingleThreadedExecutor(context=ros_context)
+    executor.add_node(node)
+    executor.add_node(observer)
+    seen: dict[str, list] = {"joints": [], "gripper": [], "pose": [], "tf": []}
+    observer.create_subscription(JointState, topics.JOINT_STATES, seen["joints"].append, 10)
+    observer.create_subscription(JointState, topics.GRIPPER_STATE, seen["gripper"].append, 10)
+    observer.create_subscription(PoseStamped, topics.EE_POSE, seen["pose"].append, 10)
+    observer.create_subscription(TFMessage, topics.TF, seen["tf"].append, 10)
+    try:
+        assert spin(executor, lambda: observer.count_publishers(topics.TF) > 0, timeout=10.0)
+
+        def published() -> bool:
+            node.publish_state(1.5)
+            return all(seen.values())
+
+        assert spin(executor, published, timeout=10.0, period=0.1)
+        state = node.backend.read_state()
+        joints = seen["joints"][-1]
+        assert tuple(joints.name) == state.joint_names and joints.name[0] == "right_j0"
+        assert "gripper_opening" not in joints.name
+        assert list(seen["gripper"][-1].name) == ["gripper_opening"]
+        assert seen["gripper"][-1].position[0] == pytest.approx(state.gripper)
+        (t,) = seen["tf"][-1].transforms
+        assert (t.header.frame_id, t.child_frame_id) == ("world", "hand")
+        assert t.header.stamp.sec == 1 and t.header.stamp.nanosec == 500_000_000
+        np.testing.assert_allclose(
+            [t.transform.translation.x, t.transform.translation.y, t.transform.translation.z],
+            state.ee_position,
+            atol=1e-9,
+        )
+        assert seen["pose"][-1].header.frame_id == "world"
+    finally:
+        executor.shutdown()
+        node.destroy_node()
+        observer.destroy_node()

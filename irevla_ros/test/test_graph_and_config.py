@@ -43,10 +43,10 @@ def test_launch_file_holds_no_node_list_of_its_own():
     assert "collect_graph" in source
 
 
-@pytest.mark.parametrize("hardware", ["sim", "robot", "robot_ur"])
+@pytest.mark.parametrize("hardware", ["sim", "robot", "robot_ur", "robot_servo"])
 def test_shipped_configuration_is_valid(hardware):
     effective = validate_graph(collect_graph(hardware))
-    expected = {"sim": "sim", "robot": "franky", "robot_ur": "ur_rtde"}[hardware]
+    expected = {"sim": "sim", "robot": "franky", "robot_ur": "ur_rtde", "robot_servo": "servo"}[hardware]
     assert effective["/arm_controller"]["backend"] == expected
 
 

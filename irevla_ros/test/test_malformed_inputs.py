@@ -136,7 +136,7 @@ def test_malformed_inputs_are_logged_and_the_graph_keeps_working(ros_context, si
         "camera": node.create_publisher(Image, topics.CAMERA_IMAGE, SENSOR_QOS),
         "steps": node.create_publisher(StepRecord, topics.STEP_RECORDS, RELIABLE_QOS),
         "action": node.create_publisher(ArmCommand, topics.ACTION, 10),
-        "joints": node.create_publisher(JointState, topics.JOINT_STATES, 10),
+        "joints": node.create_publisher(JointState, topics.GRIPPER_STATE, 10),
         "joy": node.create_publisher(Joy, topics.JOY, 10),
         "expert": node.create_publisher(ArmCommand, topics.SIM_EXPERT_ACTION, 10),
         "pose": node.create_publisher(PoseStamped, topics.EE_POSE, 10),
@@ -225,7 +225,7 @@ def test_malformed_inputs_are_logged_and_the_graph_keeps_working(ros_context, si
             "joint state lengths",
             lambda: pubs["joints"].publish(JointState(name=["j0", "gripper_opening"], position=[0.1])),
             "policy_node",
-            "malformed /joint_states",
+            "malformed /arm_controller/gripper_state",
         ),
         Probe(
             "NaN expert action",

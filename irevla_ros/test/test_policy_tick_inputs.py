@@ -47,7 +47,7 @@ def test_the_tick_of_t_waits_for_the_inputs_of_t(ros_context, spin):
     clock_pub = cell.create_publisher(Clock, "/clock", 10)
     image_pub = cell.create_publisher(Image, topics.CAMERA_IMAGE, SENSOR_QOS)
     pose_pub = cell.create_publisher(PoseStamped, topics.EE_POSE, 10)
-    joint_pub = cell.create_publisher(JointState, topics.JOINT_STATES, 10)
+    joint_pub = cell.create_publisher(JointState, topics.GRIPPER_STATE, 10)
     expert_pub = cell.create_publisher(ArmCommand, topics.SIM_EXPERT_ACTION, 10)
     event_pub = cell.create_publisher(EpisodeEvent, topics.EPISODE_EVENTS, RELIABLE_QOS)
     records: list[StepRecord] = []

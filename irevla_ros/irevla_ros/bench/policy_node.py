@@ -154,7 +154,7 @@ class _Peer:
         node.create_subscription(DiagnosticArray, topics.POLICY_STATUS, self._on_status, 10)
         image_pub = node.create_publisher(Image, topics.CAMERA_IMAGE, SENSOR_QOS)
         pose_pub = node.create_publisher(PoseStamped, topics.EE_POSE, 10)
-        joint_pub = node.create_publisher(JointState, topics.JOINT_STATES, 10)
+        joint_pub = node.create_publisher(JointState, topics.GRIPPER_STATE, 10)
         self.event_pub = node.create_publisher(EpisodeEvent, topics.EPISODE_EVENTS, RELIABLE_QOS)
         self.version_pub = node.create_publisher(PolicyVersion, topics.POLICY_VERSION, LATCHED_QOS)
         rng = np.random.default_rng(0)

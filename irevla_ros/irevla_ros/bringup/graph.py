@@ -28,8 +28,9 @@ from irevla_ros.param_spec import (
 )
 from irevla_ros.paths import config_dir
 
-# Each profile is config/<profile>.yaml: "robot" a Franka through franky, "robot_ur" a UR arm through ur_rtde.
-HARDWARE_PROFILES = ("sim", "robot", "robot_ur")
+# Each profile is config/<profile>.yaml: "robot" a Franka through franky, "robot_ur" a UR arm through ur_rtde,
+# "robot_servo" an arm run by its own ROS 2 driver + MoveIt Servo.
+HARDWARE_PROFILES = ("sim", "robot", "robot_ur", "robot_servo")
 # Camera nodes the graph can run (camera.yaml configures each); "camera" alone by default.
 KNOWN_CAMERAS = ("camera", "wrist_camera")
 DEFAULT_CAMERAS = ("camera",)

@@ -2,7 +2,15 @@
 
 Every command passes the one SafetyLayer (workspace box, step and speed limits, gripper range, NaN/inf
 rejection, watchdog, latched e-stop). The node never imports a concrete backend: `backend` picks one from the
-registry. Publishes /joint_states, ~/ee_pose and /diagnostics; serves ~/estop, ~/clear_estop, ~/reset_home.
+registry; a backend that needs ROS pub/sub itself (`needs_transport`: the servo backend) gets the node's rclpy
+transport (`ros_servo_transport.py`) and the node's frames. Serves ~/estop, ~/clear_estop, ~/reset_home.
+
+The robot state it publishes is the standard one: /joint_states with the driver's own joint names (sim: the
+Sawyer's MuJoCo joints right_j0..6 and fingers r_close, l_close; franky: fr3_joint1..7 and fr3_finger_joint1/2 in
+metres; ur_rtde: the UR joint names), /tf with `base_frame` -> `ee_frame` (tf2_msgs/TFMessage), ~/ee_pose
+(PoseStamped in `base_frame`), ~/gripper_state (JointState "gripper_opening", 0 closed .. 1 open: what the policy
+reads) and /diagnostics. A backend whose driver already publishes /joint_states and /tf (the servo backend:
+`publishes_robot_state` False) leaves those two to it.
 
 The state (joints, pose) goes out at `state_rate` on the node's own ticker, or, where something else knows when
 the world has moved (the simulated cell, after each control period and before its /clock), whenever that driver
@@ -21,7 +29,7 @@ from typing import Literal
 
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-from geometry_msgs.msg import PoseStamped
+from geometry_msgs.msg import PoseStamped, TransformStamped
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.node import Node
 from rclpy.task import Future
@@ -29,9 +37,14 @@ from rclpy.time import Time
 from sensor_msgs.msg import JointState
 from std_srvs.srv import Trigger
 
+try:  # a system ROS 2 has tf2_msgs; pip-only installs build it (scripts/setup.sh, third_party/tf2_msgs)
+    from tf2_msgs.msg import TFMessage
+except ImportError:  # pragma: no cover - only without the setup step: no /tf, the rest works
+    TFMessage = None
+
 from irevla_interfaces.msg import ArmCommand, EpisodeEvent
 from irevla_ros import topics
-from irevla_ros.hardware.arm import ArmBackend, ArmError, make_arm
+from irevla_ros.hardware.arm import ARMS, ArmBackend, ArmError
 from irevla_ros.node_parameters import ARM_CONTROLLER
 from irevla_ros.nodes.common import RELIABLE_QOS, RosTimePeriodic, declare_parameters, run_nodes, time_to_ns
 from irevla_ros.param_spec import ConfigError, ParamValue, from_parameters
@@ -79,7 +92,17 @@ class ArmControllerNode(Node):
                 raise ValueError(
                     "arm backend 'sim' runs inside sim_cell_node (it steps the shared simulated cell)"
                 )
-            self.backend = make_arm(kind, **backend_parameters(kind, p))
+            factory = ARMS.factory(kind)
+            params: dict[str, object] = dict(backend_parameters(kind, p))
+            if getattr(factory, "needs_transport", False):
+                from irevla_ros.nodes.ros_servo_transport import RclpyServoTransport
+
+                params.update(
+                    transport=RclpyServoTransport(self.context, f"{name}_servo_io"),
+                    base_frame=p["base_frame"],
+                    ee_frame=p["ee_frame"],
+                )
+            self.backend = factory(**params)
         else:
             self.backend = backend_factory(p)
         self.backend.connect()
@@ -97,7 +120,17 @@ class ArmControllerNode(Node):
         self.create_subscription(
             EpisodeEvent, topics.EPISODE_EVENTS, self._on_event, RELIABLE_QOS, callback_group=control
         )
-        self._joint_pub = self.create_publisher(JointState, topics.JOINT_STATES, 10)
+        # The driver's own /joint_states and /tf where it publishes them (servo backend): never a second source.
+        self._robot_state = bool(getattr(self.backend, "publishes_robot_state", True))
+        self._joint_pub = (
+            self.create_publisher(JointState, topics.JOINT_STATES, 10) if self._robot_state else None
+        )
+        self._tf_pub = (
+            self.create_publisher(TFMessage, topics.TF, 100)
+            if self._robot_state and TFMessage is not None
+            else None
+        )
+        self._gripper_pub = self.create_publisher(JointState, topics.GRIPPER_STATE, 10)
         self._pose_pub = self.create_publisher(PoseStamped, topics.EE_POSE, 10)
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self._ticker = RosTimePeriodic(
@@ -217,22 +250,35 @@ class ArmControllerNode(Node):
             self._publish_diagnostics()  # also (above all) when the backend failed
 
     def publish_state(self, stamp_s: float | None = None) -> None:
-        """Publish /joint_states and ~/ee_pose as the backend reads them now, stamped `stamp_s` (ROS seconds;
-        None: the node clock). Thread-safe: it touches no controller state, only the backend's read."""
+        """Publish the robot state (/joint_states, /tf, ~/ee_pose, ~/gripper_state) as the backend reads it now,
+        stamped `stamp_s` (ROS seconds; None: the node clock). Thread-safe: it touches no controller state, only
+        the backend's read."""
         state = self.backend.read_state()
         if stamp_s is None:
             stamp = self.get_clock().now().to_msg()
         else:
             stamp = Time(nanoseconds=round(stamp_s * 1e9), clock_type=self.get_clock().clock_type).to_msg()
-        joints = JointState()
-        joints.header.stamp = stamp
-        joints.name = [*state.joint_names, "gripper_opening"]
-        joints.position = [float(x) for x in state.joint_positions] + [float(state.gripper)]
-        joints.velocity = [float(x) for x in state.joint_velocities] + [0.0]
-        self._joint_pub.publish(joints)
+        base, ee = str(self.params["base_frame"]), str(self.params["ee_frame"])
+        if self._joint_pub is not None:
+            joints = JointState()
+            joints.header.stamp = stamp
+            joints.name = list(state.joint_names)
+            joints.position = [float(x) for x in state.joint_positions]
+            joints.velocity = [float(x) for x in state.joint_velocities]
+            self._joint_pub.publish(joints)
+        gripper = JointState(name=["gripper_opening"], position=[float(state.gripper)])
+        gripper.header.stamp = stamp
+        self._gripper_pub.publish(gripper)
+        if self._tf_pub is not None:
+            t = TransformStamped()
+            t.header.stamp, t.header.frame_id, t.child_frame_id = stamp, base, ee
+            tr, rot = t.transform.translation, t.transform.rotation
+            tr.x, tr.y, tr.z = (float(v) for v in state.ee_position)
+            rot.x, rot.y, rot.z, rot.w = (float(v) for v in state.ee_orientation)
+            self._tf_pub.publish(TFMessage(transforms=[t]))
         pose = PoseStamped()
         pose.header.stamp = stamp
-        pose.header.frame_id = str(self.params["action_frame"])
+        pose.header.frame_id = base
         pose.pose.position.x, pose.pose.position.y, pose.pose.position.z = (
             float(v) for v in state.ee_position
         )

@@ -143,7 +143,7 @@ class PolicyNode(Node):
                 Image, topic, lambda m, c=cam: self._store_frame(c, m), SENSOR_QOS, callback_group=inputs
             )
         self.create_subscription(PoseStamped, topics.EE_POSE, self._on_pose, 10, callback_group=inputs)
-        self.create_subscription(JointState, topics.JOINT_STATES, self._on_joints, 10, callback_group=inputs)
+        self.create_subscription(JointState, topics.GRIPPER_STATE, self._on_joints, 10, callback_group=inputs)
         self.create_subscription(
             ArmCommand, topics.SIM_EXPERT_ACTION, self._on_expert, 10, callback_group=inputs
         )
@@ -272,7 +272,7 @@ class PolicyNode(Node):
             self._input_arrived()
         else:
             self.get_logger().error(
-                "malformed /joint_states: names and positions differ or no gripper_opening",
+                f"malformed {topics.GRIPPER_STATE}: names and positions differ or no gripper_opening",
                 throttle_duration_sec=5.0,
             )
 
@@ -290,7 +290,7 @@ class PolicyNode(Node):
             newest: dict[str, int | None] = {
                 **{cam: max(map(_header_ns, h), default=None) for cam, h in self._frames.items()},
                 "ee_pose": max(map(_header_ns, self._poses), default=None),
-                "joint_states": max((g[0] for g in self._grippers), default=None),
+                "gripper_state": max((g[0] for g in self._grippers), default=None),
                 "expert_action": max((e[0] for e in self._experts), default=None),
             }
         lagging = []

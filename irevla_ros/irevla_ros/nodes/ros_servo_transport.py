@@ -3,21 +3,27 @@
 The backend stays ROS-free; this adapter owns the publisher of the commands (TwistStamped to MoveIt Servo or
 Float64MultiArray to a forward command controller) and the subscriptions to the driver's /joint_states, /tf,
 /tf_static (transient local, as tf2 publishes it) or pose topic, and converts messages to plain values.
+
+It runs its own node (`<controller>_servo_io`) on the controller's Context, spun by its own executor thread: the
+backend connects (waits for the driver's state) inside the controller's constructor, before the controller's
+executor spins, and the driver's 100+ Hz state never queues behind the controller's control callbacks.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from typing import Any
 
 from geometry_msgs.msg import PoseStamped, TwistStamped
-from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.context import Context
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import JointState
 from std_msgs.msg import Float64MultiArray
 
-from irevla_ros.hardware.arm.servo_arm import ServoTransport, StateSink, Transform, TransportConfig
+from irevla_ros.hardware.arm.ros_transport import ServoTransport, StateSink, Transform, TransportConfig
 
 # tf2's own QoS for /tf_static: reliable, transient local, so a late subscriber gets the fixed frames.
 TF_STATIC_QOS = QoSProfile(
@@ -44,33 +50,43 @@ def transforms_of(msg: Any, static: bool) -> list[Transform]:
 
 
 class RclpyServoTransport(ServoTransport):
-    """ServoTransport on `node` (the arm controller), its callbacks in their own callback group."""
+    """ServoTransport on its own node `name` in `context`, spun on its own thread from `open` to `close`."""
 
-    def __init__(self, node: Node) -> None:
-        self._node = node
-        self._entities: list[Any] = []
+    def __init__(self, context: Context | None, name: str) -> None:
+        self._context = context
+        self._name = name
+        self._node: Node | None = None
+        self._executor: SingleThreadedExecutor | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
         self._pub: Any = None
         self._config: TransportConfig | None = None
 
-    def open(self, config: TransportConfig, sink: StateSink) -> None:
-        from tf2_msgs.msg import (
-            TFMessage,
-        )  # a system ROS 2 has it; pip-only installs build it (scripts/setup.sh)
+    def _spin(self) -> None:
+        assert self._executor is not None
+        while not self._stop.is_set():
+            try:
+                self._executor.spin_once(timeout_sec=0.05)
+            except ExternalShutdownException:
+                return
+            except Exception:  # the context shut down under the spin (Ctrl-C): nothing left to serve
+                if self._context is not None and not self._context.ok():
+                    return
+                raise
 
-        node, group = self._node, MutuallyExclusiveCallbackGroup()
+    def open(self, config: TransportConfig, sink: StateSink) -> None:
+        # A system ROS 2 has tf2_msgs; pip-only installs build it (scripts/setup.sh, third_party/tf2_msgs).
+        from tf2_msgs.msg import TFMessage
+
+        node = self._node = Node(self._name, context=self._context)
         self._config = config
         msg_type = TwistStamped if config.command_mode == "twist" else Float64MultiArray
         self._pub = node.create_publisher(msg_type, config.command_topic, 10)
-        self._entities.append(self._pub)
 
         def on_joints(msg: JointState) -> None:
             sink.on_joint_state(list(msg.name), list(msg.position), list(msg.velocity))
 
-        subs = [
-            node.create_subscription(
-                JointState, config.joint_states_topic, on_joints, 10, callback_group=group
-            )
-        ]
+        subs = [node.create_subscription(JointState, config.joint_states_topic, on_joints, 10)]
         if config.state_source == "tf":
             subs.append(
                 node.create_subscription(
@@ -78,7 +94,6 @@ class RclpyServoTransport(ServoTransport):
                     "/tf",
                     lambda m: sink.on_transforms(transforms_of(m, False)),
                     TF_QOS,
-                    callback_group=group,
                 )
             )
             subs.append(
@@ -87,7 +102,6 @@ class RclpyServoTransport(ServoTransport):
                     "/tf_static",
                     lambda m: sink.on_transforms(transforms_of(m, True)),
                     TF_STATIC_QOS,
-                    callback_group=group,
                 )
             )
         else:
@@ -96,18 +110,21 @@ class RclpyServoTransport(ServoTransport):
                 p, o = msg.pose.position, msg.pose.orientation
                 sink.on_pose(msg.header.frame_id.lstrip("/"), (p.x, p.y, p.z), (o.x, o.y, o.z, o.w))
 
-            subs.append(
-                node.create_subscription(PoseStamped, config.pose_topic, on_pose, 10, callback_group=group)
-            )
-        self._entities.extend(subs)
+            subs.append(node.create_subscription(PoseStamped, config.pose_topic, on_pose, 10))
+        del subs  # the node holds them
+        self._executor = SingleThreadedExecutor(context=self._context)
+        self._executor.add_node(node)
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._spin, name=f"{self._name} spin", daemon=True)
+        self._thread.start()
 
     def publish_twist(self, linear: Sequence[float], angular: Sequence[float]) -> None:
-        pub, config = self._pub, self._config
-        if pub is None or config is None:
+        pub, config, node = self._pub, self._config, self._node
+        if pub is None or config is None or node is None:
             return
         if config.command_mode == "twist":
             msg = TwistStamped()
-            msg.header.stamp = self._node.get_clock().now().to_msg()
+            msg.header.stamp = node.get_clock().now().to_msg()
             msg.header.frame_id = config.twist_frame
             msg.twist.linear.x, msg.twist.linear.y, msg.twist.linear.z = (float(v) for v in linear)
             msg.twist.angular.x, msg.twist.angular.y, msg.twist.angular.z = (float(v) for v in angular)
@@ -116,10 +133,14 @@ class RclpyServoTransport(ServoTransport):
         pub.publish(msg)
 
     def close(self) -> None:
-        entities, self._entities = self._entities, []
-        pub, self._pub = self._pub, None
-        for entity in entities:
-            if entity is pub:
-                self._node.destroy_publisher(entity)
-            else:
-                self._node.destroy_subscription(entity)
+        self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(timeout=5.0)
+        self._pub = None
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown()
+        node, self._node = self._node, None
+        if node is not None:
+            node.destroy_node()

@@ -38,6 +38,8 @@ import numpy as np
 from irevla_ros.hardware.arm.base import ArmBackend, ArmConnectionError, ArmError, ArmState
 
 JOINT_NAMES: tuple[str, ...] = tuple(f"fr3_joint{i}" for i in range(1, 8))
+# The Franka hand's fingers as franka_ros2 names them: each at half the gripper width, in metres.
+FINGER_JOINTS: tuple[str, ...] = ("fr3_finger_joint1", "fr3_finger_joint2")
 
 # franky's exception classes do not share one base (pybind11 registers each on builtins.Exception).
 _FRANKY_ERRORS: tuple[type[BaseException], ...] = tuple(
@@ -196,13 +198,18 @@ class FrankyArm(ArmBackend):
             stamp = time.monotonic()
             pose = state.O_T_EE
             opening = self._read_opening()
+            names, q, dq = self._joint_names, list(state.q), list(state.dq)
+            if self._use_gripper:
+                names = (*names, *FINGER_JOINTS)
+                q += [opening * self._max_width / 2.0] * 2
+                dq += [0.0, 0.0]
             return ArmState(
                 ee_position=np.asarray(pose.translation, dtype=np.float64),
                 ee_orientation=np.asarray(pose.quaternion, dtype=np.float64),
                 gripper=opening,
-                joint_names=self._joint_names,
-                joint_positions=np.asarray(state.q, dtype=np.float64),
-                joint_velocities=np.asarray(state.dq, dtype=np.float64),
+                joint_names=names,
+                joint_positions=np.asarray(q, dtype=np.float64),
+                joint_velocities=np.asarray(dq, dtype=np.float64),
                 stamp=stamp,
                 extras={"robot_time": float(state.time.to_sec())},
             )

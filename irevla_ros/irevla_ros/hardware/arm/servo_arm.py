@@ -2,7 +2,7 @@
 ros2_control forward command controller taking a Cartesian velocity.
 
 The ROS boundary: this backend needs publishers and subscriptions but, like every backend, never imports rclpy.
-It talks through a `ServoTransport` (below: publish one twist, deliver joint states, transforms and poses to a
+It talks through a `ServoTransport` (`ros_transport.py`: publish one twist, deliver joint states, transforms and poses to a
 `StateSink`) that the arm controller node provides (`irevla_ros.nodes.ros_servo_transport`, on the node itself);
 `needs_transport` tells the node to hand one in, so the node still picks the backend by name from the registry.
 
@@ -33,75 +33,19 @@ from __future__ import annotations
 import math
 import threading
 import time
-from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
 from irevla_ros.hardware.arm.base import ArmBackend, ArmConnectionError, ArmError, ArmState
-
-COMMAND_MODES = ("twist", "velocity_array")
-STATE_SOURCES = ("tf", "pose")
-
-
-# ---- the transport the node provides ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Transform:
-    """One edge of the transform tree: `child` in `parent`, translation (m) and quaternion x, y, z, w."""
-
-    parent: str
-    child: str
-    translation: tuple[float, float, float]
-    rotation: tuple[float, float, float, float]
-    static: bool = False
-
-
-class StateSink(ABC):
-    """What a transport delivers into (called on the transport's thread)."""
-
-    @abstractmethod
-    def on_joint_state(
-        self, names: Sequence[str], positions: Sequence[float], velocities: Sequence[float]
-    ) -> None:
-        """A sensor_msgs/JointState."""
-
-    @abstractmethod
-    def on_transforms(self, transforms: Sequence[Transform]) -> None:
-        """The transforms of one tf2_msgs/TFMessage (/tf, or /tf_static with `static`)."""
-
-    @abstractmethod
-    def on_pose(self, frame_id: str, position: Sequence[float], orientation: Sequence[float]) -> None:
-        """A geometry_msgs/PoseStamped of the end effector."""
-
-
-@dataclass(frozen=True)
-class TransportConfig:
-    command_mode: str
-    command_topic: str
-    twist_frame: str
-    state_source: str
-    joint_states_topic: str
-    pose_topic: str
-
-
-class ServoTransport(ABC):
-    """Publishers and subscriptions for ServoArm, implemented by the node (rclpy) or by anything else."""
-
-    @abstractmethod
-    def open(self, config: TransportConfig, sink: StateSink) -> None:
-        """Create the command publisher and the state subscriptions; deliver state into `sink`."""
-
-    @abstractmethod
-    def publish_twist(self, linear: Sequence[float], angular: Sequence[float]) -> None:
-        """One command in `config.command_mode` (never raises for a missing subscriber)."""
-
-    @abstractmethod
-    def close(self) -> None:
-        """Destroy what `open` created (idempotent)."""
-
+from irevla_ros.hardware.arm.ros_transport import (
+    COMMAND_MODES,
+    STATE_SOURCES,
+    ServoTransport,
+    StateSink,
+    Transform,
+    TransportConfig,
+)
 
 # ---- transform tree -----------------------------------------------------------------------------------------
 

@@ -339,3 +339,67 @@ def test_arm_controller_node_servo_backend_latches_stale_state_and_clears_when_i
         node.close()
         node.destroy_node()
         client.destroy_node()
+
+
+def test_the_robot_servo_graph_runs_with_its_peer_and_stops_cleanly(ros_context, peer, spin, tmp_path):
+    # The whole `--hardware robot_servo` graph (camera from a video file instead of a RealSense, the scripted
+    # policy instead of a trained VLA) against the stand-in driver, then SIGINT: every process exits 0.
+    import cv2
+    from geometry_msgs.msg import PoseStamped
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.node import Node
+
+    from irevla_ros import topics
+    from irevla_ros.bringup.graph import collect_graph
+    from irevla_ros.bringup.launcher import GraphRunner
+
+    video = tmp_path / "camera.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 30.0, (64, 48))
+    for i in range(30):
+        writer.write(np.full((48, 64, 3), i * 8, dtype=np.uint8))
+    writer.release()
+    with peer._lock:
+        peer.state.position = np.array([0.0, 0.45, 0.3])  # the profile's home, inside its box
+    graph = collect_graph("robot_servo")
+    runner = GraphRunner(
+        graph,
+        [
+            "/camera/camera.backend=opencv",
+            f"/camera/camera.source={video}",
+            "/policy.policy=scripted_expert",
+            f"/trainer.store_path={tmp_path / 'store'}",
+            f"/trainer.run_dir={tmp_path / 'trainer'}",
+            f"/trainer.model_store={tmp_path / 'models'}",
+            f"/policy.model_store={tmp_path / 'models'}",
+        ],
+        log_dir=tmp_path / "logs",
+    )
+    observer = Node("graph_observer", context=ros_context)
+    executor = SingleThreadedExecutor(context=ros_context)
+    executor.add_node(observer)
+    poses: list = []
+    observer.create_subscription(PoseStamped, topics.EE_POSE, poses.append, 10)
+    expected = {n.fully_qualified_name for n in graph.nodes()}
+
+    def running() -> set[str]:
+        return {f"{ns.rstrip('/')}/{name}" for name, ns in observer.get_node_names_and_namespaces()}
+
+    def logs() -> str:
+        return "\n".join(
+            f"--- {p.name}\n{p.read_text(errors='replace')}" for p in (tmp_path / "logs").glob("*.log")
+        )
+
+    runner.start()
+    try:
+        assert spin(executor, lambda: expected <= running() and len(poses) > 3, timeout=90), (
+            running(),
+            logs(),
+        )
+        assert poses[-1].header.frame_id == "base_link"
+        np.testing.assert_allclose([poses[-1].pose.position.y], [0.45], atol=0.01)
+    finally:
+        codes = runner.stop()
+        executor.shutdown()
+        observer.destroy_node()
+    assert all(code == 0 for code in codes.values()), (codes, logs())
+    assert "Traceback" not in logs(), logs()

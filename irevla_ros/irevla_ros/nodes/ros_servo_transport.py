@@ -78,7 +78,8 @@ class RclpyServoTransport(ServoTransport):
         # A system ROS 2 has tf2_msgs; pip-only installs build it (scripts/setup.sh, third_party/tf2_msgs).
         from tf2_msgs.msg import TFMessage
 
-        node = self._node = Node(self._name, context=self._context)
+        # Not the process's global arguments: `-r __node:=arm_controller` would rename this node too.
+        node = self._node = Node(self._name, context=self._context, use_global_arguments=False)
         self._config = config
         msg_type = TwistStamped if config.command_mode == "twist" else Float64MultiArray
         self._pub = node.create_publisher(msg_type, config.command_topic, 10)
@@ -120,8 +121,8 @@ class RclpyServoTransport(ServoTransport):
 
     def publish_twist(self, linear: Sequence[float], angular: Sequence[float]) -> None:
         pub, config, node = self._pub, self._config, self._node
-        if pub is None or config is None or node is None:
-            return
+        if pub is None or config is None or node is None or not node.context.ok():
+            return  # closed, or Ctrl-C shut the context down first: Servo stops at its command timeout
         if config.command_mode == "twist":
             msg = TwistStamped()
             msg.header.stamp = node.get_clock().now().to_msg()
@@ -130,7 +131,11 @@ class RclpyServoTransport(ServoTransport):
             msg.twist.angular.x, msg.twist.angular.y, msg.twist.angular.z = (float(v) for v in angular)
         else:
             msg = Float64MultiArray(data=[float(v) for v in (*linear, *angular)])
-        pub.publish(msg)
+        try:
+            pub.publish(msg)
+        except Exception:
+            if node.context.ok():
+                raise  # shut down between the check and the publish: nothing to stop any more otherwise
 
     def close(self) -> None:
         self._stop.set()

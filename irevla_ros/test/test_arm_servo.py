@@ -403,3 +403,16 @@ def test_the_robot_servo_graph_runs_with_its_peer_and_stops_cleanly(ros_context,
         observer.destroy_node()
     assert all(code == 0 for code in codes.values()), (codes, logs())
     assert "Traceback" not in logs(), logs()
+
+
+def test_backend_benchmark_code_path(tmp_path):
+    import json
+
+    from irevla_ros.bench import arm_backends
+
+    path = arm_backends.run(tmp_path, kinds=("servo",), steps=3, seconds=2.0)
+    (entry,) = json.loads(path.read_text())["entries"]
+    assert entry["backend"] == "servo"
+    assert entry["latency_command_to_state_ms"]["n"] == 3
+    assert 0.0 < entry["latency_command_to_state_ms"]["p50"] < 500.0
+    assert entry["tracking_error_mm"]["n"] > 5 and entry["tracking_error_mm"]["p99"] < 20.0

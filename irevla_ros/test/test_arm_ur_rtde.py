@@ -402,10 +402,10 @@ def test_backend_benchmark_code_path(tmp_path):
     assert entry["tracking_error_mm"]["n"] > 5 and entry["tracking_error_mm"]["p99"] < 20.0
 
 
-@pytest.mark.parametrize("kind", ["franky", "ur_rtde"])
+@pytest.mark.parametrize("kind", ["franky", "ur_rtde", "servo"])
 def test_the_nodes_parameters_build_each_hardware_backend(kind):
     # Every "<kind>_<keyword>" parameter of the schema must be a keyword of the backend (and be accepted).
-    pytest.importorskip({"franky": "franky", "ur_rtde": "rtde_control"}[kind])
+    pytest.importorskip({"franky": "franky", "ur_rtde": "rtde_control", "servo": "numpy"}[kind])
     from irevla_ros.node_parameters import ARM_CONTROLLER
     from irevla_ros.nodes.arm_controller_node import backend_parameters
 

@@ -1,6 +1,8 @@
 """Benchmark `arm_backends.json`: command-to-state latency and 10 Hz tracking error of each real-arm backend
-against its protocol peer: FrankyArm against franky-sim (libfranka's protocol, MuJoCo FR3) and UrRtdeArm
-against the test suite's UR protocol peer (ur_rtde's RTDE/dashboard/script protocols, kinematic UR5e).
+against its protocol peer: FrankyArm against franky-sim (libfranka's protocol, MuJoCo FR3), UrRtdeArm
+against the test suite's UR protocol peer (ur_rtde's RTDE/dashboard/script protocols, kinematic UR5e) and
+ServoArm against the test suite's servo peer (a MoveIt Servo + driver stand-in over real rclpy/Fast DDS on
+loopback: TwistStamped in, /joint_states + /tf at 100 Hz out, kinematic end effector).
 
 The peers are the test suite's (irevla_ros/test/): run from a source checkout. What the numbers measure is the
 backend + client library + loopback protocol + the peer's arm model, not a robot: the peer's dynamics decide
@@ -65,9 +67,42 @@ def _ur_peer() -> Iterator[dict[str, object]]:
         yield {"host": peer.host, "frequency": 125.0, "max_speed": MAX_SPEED}
 
 
+@contextmanager
+def _servo_peer() -> Iterator[dict[str, object]]:
+    import os
+
+    import rclpy
+    from rclpy.context import Context
+
+    from irevla_ros.bringup.domains import leased_domain
+    from irevla_ros.nodes.ros_servo_transport import RclpyServoTransport
+
+    sys.path.insert(0, str(TEST_DIR))
+    from servo_peer import UR_JOINTS, ServoPeer
+
+    os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    with leased_domain() as domain, ServoPeer(domain) as peer:
+        context = Context()
+        rclpy.init(context=context, domain_id=domain)
+        try:
+            yield {
+                "transport": RclpyServoTransport(context, "bench_servo_io"),
+                "base_frame": peer.base_frame,
+                "ee_frame": "tool0",
+                "joint_names": list(UR_JOINTS),
+                "max_speed": MAX_SPEED,
+            }
+        finally:
+            context.try_shutdown()
+
+
 PEERS: dict[str, tuple[str, Callable[[], object]]] = {
     "franky": ("franky-sim (libfranka protocol, MuJoCo FR3)", _franky_peer),
     "ur_rtde": ("ur_rtde_peer (RTDE v2 + dashboard + script + Robotiq, kinematic UR5e)", _ur_peer),
+    "servo": (
+        "servo_peer (MoveIt Servo + driver stand-in over rclpy/Fast DDS, 100 Hz, kinematic)",
+        _servo_peer,
+    ),
 }
 
 

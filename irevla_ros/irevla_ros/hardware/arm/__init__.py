@@ -30,7 +30,8 @@ KNOWN_KINDS: tuple[str, ...] = ARMS.names
 
 
 def make_arm(kind: str, **params: Any) -> ArmBackend:
-    """An unconnected backend of `kind` ("sim": params of SimArm, "franky": params of FrankyArm)."""
+    """An unconnected backend of `kind` with that backend class's keyword parameters (SimArm, FrankyArm,
+    UrRtdeArm, ServoArm: the last also takes the node's `transport`)."""
     return ARMS.make(kind, **params)
 
 

@@ -11,8 +11,9 @@ wall was overshot by 1.7 mm (all factors 0.1) instead of < 0.5 mm (0.1 velocity,
 Orientation is held at the one the arm had at `connect()` (or `orientation`, if given).
 
 Gripper (franka_hand over its own libfranka connection): the opening 0..1 maps to `opening * max_width`
-metres. Gripper commands are slow (hundreds of ms) and blocking inside libfranka, so at most one is in
-flight: a new opening is sent only when the previous command has finished (latest wins) and differs by
+metres; the state also reports it as franka_ros2's finger joints fr3_finger_joint1/2, each at half the
+width. Gripper commands are slow (hundreds of ms) and blocking inside libfranka, so at most one is in flight:
+a new opening is sent only when the previous command has finished (latest wins) and differs by
 more than `gripper_deadband` metres. Besides being gentle on the hardware this avoids a franky-sim 1.0.4
 bug: a gripper command sent while another is running makes the server drop the first command's reply, and
 libfranka then waits for it forever (the client deadlocks). Closing below `grasp_below` uses `grasp`

@@ -10,6 +10,8 @@ NODE_EXECUTABLES: dict[str, str] = {
     "episode_manager_node": "irevla_ros.nodes.episode_manager_node:main",
     "trainer_node": "irevla_ros.nodes.trainer_node:main",
     "sim_cell_node": "irevla_ros.nodes.sim_cell_node:main",
+    "teleop_node": "irevla_ros.nodes.teleop_node:main",
+    "sim_operator_node": "irevla_ros.nodes.sim_operator_node:main",
 }
 
 TOOLS: dict[str, str] = {

@@ -11,6 +11,7 @@ from __future__ import annotations
 from irevla_ros.param_spec import ParamSpec, parameter_specs
 from irevla_ros.safety import SafetyLimits
 from irevla_ros.sim import DEFAULT_TASKS as _TASKS
+from irevla_ros.teleop.mapping import TeleopMapping
 from irevla_ros.train.config import IterationConfig
 
 DEFAULT_TASKS = list(_TASKS)
@@ -157,6 +158,12 @@ POLICY = (
     ParamSpec("model_store", "models", "model store folder (VLA policy)"),
     ParamSpec("version", "", "model-store version to start with (empty: newest)"),
     ParamSpec("deterministic", False, "VLA: act with the mean action (evaluation) instead of sampling"),
+    ParamSpec(
+        "expert_command_topic",
+        "/sim/expert_action",
+        "ArmCommand topic the scripted_expert policy follows (/teleop/command: teleoperated demonstrations)",
+    ),
+    ParamSpec("teleop_max_age", 0.25, "a teleop command older than this no longer takes over (s)", min=0.0),
 )
 
 EPISODE_MANAGER = (
@@ -187,6 +194,33 @@ EPISODE_MANAGER = (
     ),
 )
 
+TELEOP = (
+    *GRAPH_WIDE,
+    ParamSpec(
+        "device",
+        "joy_topic",
+        "joy_topic: map /joy (joy_node); evdev / spacemouse: read the device and publish /joy too",
+        choices=("joy_topic", "evdev", "spacemouse"),
+    ),
+    ParamSpec("device_path", "", "evdev: /dev/input/eventN; spacemouse: hidraw path (empty: first found)"),
+    ParamSpec("rate", 20.0, "device modes: /joy and command publish rate (Hz)", min=1.0, max=1000.0),
+    *parameter_specs(TeleopMapping),
+)
+
+SIM_OPERATOR = (
+    *GRAPH_WIDE,
+    ParamSpec("demonstrate", False, "drive expert episodes: /joy with the deadman held, from the expert"),
+    ParamSpec("takeover_probability", 0.0, "chance per policy episode of a takeover", min=0.0, max=1.0),
+    ParamSpec("takeover_start", 10, "step of a probability takeover", min=0),
+    ParamSpec("stall_steps", 0, "take over after this many steps without progress (0: never)", min=0),
+    ParamSpec(
+        "stall_distance", 0.005, "the arm moving less than this over stall_steps is no progress (m)", min=0.0
+    ),
+    ParamSpec("takeover_steps", 10, "steps a takeover lasts before handing back", min=1),
+    ParamSpec("seed", 0, "seed of the per-episode takeover draw", min=0),
+    *parameter_specs(TeleopMapping),
+)
+
 TRAINER = (
     *GRAPH_WIDE,
     ParamSpec("store_path", "data/store", "episode store folder"),
@@ -200,7 +234,12 @@ TRAINER = (
 
 # The config dataclasses a node kind builds from its parameters: `validate_graph` builds them too, so a value
 # that is in range but inconsistent with another (home outside the box) fails before anything starts.
-CONFIGS: dict[str, tuple[type, ...]] = {"arm_controller": (SafetyLimits,), "trainer": (IterationConfig,)}
+CONFIGS: dict[str, tuple[type, ...]] = {
+    "arm_controller": (SafetyLimits,),
+    "trainer": (IterationConfig,),
+    "teleop": (TeleopMapping,),
+    "sim_operator": (TeleopMapping,),
+}
 
 SCHEMAS: dict[str, tuple[ParamSpec, ...]] = {
     "sim_cell": SIM_CELL,
@@ -209,4 +248,6 @@ SCHEMAS: dict[str, tuple[ParamSpec, ...]] = {
     "policy": POLICY,
     "episode_manager": EPISODE_MANAGER,
     "trainer": TRAINER,
+    "teleop": TELEOP,
+    "sim_operator": SIM_OPERATOR,
 }

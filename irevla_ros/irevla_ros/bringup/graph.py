@@ -113,6 +113,12 @@ def collect_graph(hardware: str = "sim", cameras: Sequence[str] = DEFAULT_CAMERA
             *(ProcessSpec("camera_node", (c,)) for c in camera_nodes),
             ProcessSpec("arm_controller_node", (arm,)),
         )
+    # The simulated operator plays the person at the gamepad: it publishes /joy from the scripted expert.
+    operator = (
+        (ProcessSpec("sim_operator_node", (_node("sim_operator", "sim_operator", hardware),)),)
+        if hardware == "sim"
+        else ()
+    )
     image_topics = ",".join(f"/{c}/{c}/color/image_raw" for c in cameras)
     settings = [f"/policy.cameras=[{image_topics}]"]
     if hardware == "sim":
@@ -129,6 +135,9 @@ def collect_graph(hardware: str = "sim", cameras: Sequence[str] = DEFAULT_CAMERA
             # Its close drains the episode writer (up to 30 s) and the iteration worker (up to 10 s): a
             # termination before that would drop the episode it is assembling.
             ProcessSpec("trainer_node", (_node("trainer", "trainer", hardware),), stop_timeout=45.0),
+            # Teleop: /joy (joy_node, the node's own device reader, or the simulated operator) to /teleop/command.
+            ProcessSpec("teleop_node", (_node("teleop", "teleop", hardware),)),
+            *operator,
         ),
     )
 

@@ -11,6 +11,14 @@ is run again at once. Anything missing, stale, malformed or non-finite turns the
 (`observation.decide`): the arm keeps still, the reason is logged, the step record says `hold`, and the node
 keeps running. Step indices are consecutive within an episode; when the episode manager ends an episode the node
 publishes STEPS_DONE with the number of records it emitted.
+
+Teleoperation: the scripted_expert policy follows the ArmCommands of `expert_command_topic` (the simulator's expert,
+or /teleop/command for teleoperated demonstrations, where a command with hold set, the deadman released, or one
+older than `teleop_max_age`, holds the tick). Otherwise /teleop/command is the operator's takeover: a tick whose
+newest teleop command (stamped no later than it, no older than `teleop_max_age`) is engaged acts with the
+operator's command instead of the policy's (a hold while the deadman is released) and records
+`intervention=true`; the first tick without one hands back. Under simulated time the teleop command is one more
+input a tick waits for, once one has arrived (never on a graph without teleop).
 """
 
 from __future__ import annotations
@@ -56,12 +64,14 @@ from irevla_ros.observation import (
     HoldTick,
     ObservationRules,
     assemble,
+    check_action,
     decide,
     holding,
 )
 from irevla_ros.policies import make_policy_slot_parts
-from irevla_ros.policies.base import EXPERT_ACTION_KEY, Observation, Policy
+from irevla_ros.policies.base import EXPERT_ACTION_KEY, Observation, Policy, PolicyOutput
 from irevla_ros.policies.slot import PolicySlot
+from irevla_ros.teleop.mapping import ENGAGED
 
 # Messages kept per input: the tick of time t uses the newest one stamped no later than t, so an input of a later
 # period that arrived first (the world moved on while the tick waited) is never observed from the past.
@@ -123,7 +133,17 @@ class PolicyNode(Node):
         self._frames: dict[str, deque[Image]] = {c: deque(maxlen=INPUT_HISTORY) for c in self.names}
         self._poses: deque[PoseStamped] = deque(maxlen=INPUT_HISTORY)
         self._grippers: deque[tuple[int, float]] = deque(maxlen=INPUT_HISTORY)  # (stamp ns, opening)
-        self._experts: deque[tuple[int, np.ndarray]] = deque(maxlen=INPUT_HISTORY)  # (stamp ns, action)
+        self._experts: deque[tuple[int, np.ndarray, bool]] = deque(
+            maxlen=INPUT_HISTORY
+        )  # (stamp ns, action, hold)
+        # (stamp ns, action, hold, engaged) of the operator's /teleop/command (takeovers)
+        self._teleops: deque[tuple[int, np.ndarray, bool, bool]] = deque(maxlen=INPUT_HISTORY)
+        self.expert_topic = str(p["expert_command_topic"])
+        self.teleop_max_age_ns = round(float(p["teleop_max_age"]) * 1e9)  # type: ignore[arg-type]
+        self._teleop_expert = self.expert_topic == topics.TELEOP_COMMAND
+        self.intervention_steps = 0
+        self.takeovers = 0
+        self._taken_over = False  # the previous tick of this episode acted with the operator's command
         self.episode: ActiveEpisode | None = None
         self.missed_ticks = 0
         self.holds = 0
@@ -144,9 +164,11 @@ class PolicyNode(Node):
             )
         self.create_subscription(PoseStamped, topics.EE_POSE, self._on_pose, 10, callback_group=inputs)
         self.create_subscription(JointState, topics.GRIPPER_STATE, self._on_joints, 10, callback_group=inputs)
-        self.create_subscription(
-            ArmCommand, topics.SIM_EXPERT_ACTION, self._on_expert, 10, callback_group=inputs
-        )
+        self.create_subscription(ArmCommand, self.expert_topic, self._on_expert, 10, callback_group=inputs)
+        if not self._teleop_expert:  # teleop as the expert already drives every tick: nothing to take over
+            self.create_subscription(
+                ArmCommand, topics.TELEOP_COMMAND, self._on_teleop, 10, callback_group=inputs
+            )
         control = MutuallyExclusiveCallbackGroup()
         self.create_subscription(
             EpisodeEvent, topics.EPISODE_EVENTS, self._on_event, RELIABLE_QOS, callback_group=control
@@ -279,7 +301,14 @@ class PolicyNode(Node):
     def _on_expert(self, msg: ArmCommand) -> None:
         action = np.array([*msg.ee_delta, msg.gripper], dtype=np.float32)
         with self._lock:
-            self._experts.append((time_to_ns(msg.header.stamp), action))
+            self._experts.append((time_to_ns(msg.header.stamp), action, bool(msg.hold)))
+        self._input_arrived()
+
+    def _on_teleop(self, msg: ArmCommand) -> None:
+        action = np.array([*msg.ee_delta, msg.gripper], dtype=np.float32)
+        engaged = msg.policy_version == ENGAGED
+        with self._lock:
+            self._teleops.append((time_to_ns(msg.header.stamp), action, bool(msg.hold), engaged))
         self._input_arrived()
 
     # --- waiting for the inputs of a simulated-time tick ------------------------------------------------------------
@@ -292,6 +321,7 @@ class PolicyNode(Node):
                 "ee_pose": max(map(_header_ns, self._poses), default=None),
                 "gripper_state": max((g[0] for g in self._grippers), default=None),
                 "expert_action": max((e[0] for e in self._experts), default=None),
+                "teleop": max((e[0] for e in self._teleops), default=None),
             }
         lagging = []
         for name, stamp in newest.items():
@@ -346,6 +376,7 @@ class PolicyNode(Node):
             if self.episode is not None:
                 self._finish_episode()
             self.episode = ActiveEpisode(msg.episode_id, msg.instruction)
+            self._taken_over = False
             self.policy.reset(msg.instruction)
             self._last_tick = None
             start_ns = time_to_ns(msg.header.stamp)
@@ -402,6 +433,11 @@ class PolicyNode(Node):
         if pose is not None and gripper is not None:
             p = pose.pose.position
             arm = ArmState((p.x, p.y, p.z), gripper[1], _header_ns(pose) * 1e-9)
+        if expert is not None and self._teleop_expert:
+            if expert[2]:
+                raise HoldTick("teleop: deadman released")
+            if now_ns - expert[0] > self.teleop_max_age_ns:
+                raise HoldTick(f"teleop: newest command {(now_ns - expert[0]) * 1e-9:.3f} s old")
         extras = {EXPERT_ACTION_KEY: expert[1]} if expert is not None else {}
         assert self.episode is not None
         now = now_ns * 1e-9
@@ -442,16 +478,46 @@ class PolicyNode(Node):
         self._last_tick = now
         obs: Observation | None = None
         frames: dict[str, Image] = {}
+        teleop = self._takeover(now_ns)
+        if teleop is not None and not self._taken_over:
+            self.takeovers += 1
+            self.get_logger().info(f"operator takes over at step {self.episode.steps}")
+        elif teleop is None and self._taken_over:
+            self.get_logger().info(f"operator hands back at step {self.episode.steps}")
+        self._taken_over = teleop is not None
         try:
             obs, frames = self._observation(now_ns)
         except HoldTick as exc:
             decision = holding(str(exc))
         else:
-            decision = decide(self.policy, obs)  # the direct rollout decides with the same function
-        self._publish(now_ns, obs, frames, decision)
+            if teleop is None:
+                decision = decide(self.policy, obs)  # the direct rollout decides with the same function
+            elif teleop[2]:
+                decision = holding("teleop: deadman released during a takeover")
+            else:
+                try:
+                    decision = Decision(check_action(PolicyOutput(teleop[1])), PolicyOutput(teleop[1]))
+                except HoldTick as exc:
+                    decision = holding(f"teleop: {exc}")
+        if teleop is not None:
+            self.intervention_steps += 1
+        self._publish(now_ns, obs, frames, decision, intervention=teleop is not None)
+
+    def _takeover(self, now_ns: int) -> tuple[int, np.ndarray, bool, bool] | None:
+        """The operator's engaged teleop command for the tick at `now_ns`, if the operator holds the arm."""
+        with self._lock:
+            teleop = newest_until(self._teleops, now_ns, lambda e: e[0])
+        if teleop is None or not teleop[3] or now_ns - teleop[0] > self.teleop_max_age_ns:
+            return None
+        return teleop
 
     def _publish(
-        self, now_ns: int, obs: Observation | None, frames: dict[str, Image], decision: Decision
+        self,
+        now_ns: int,
+        obs: Observation | None,
+        frames: dict[str, Image],
+        decision: Decision,
+        intervention: bool = False,
     ) -> None:
         assert self.episode is not None
         # The tick's own time, the moment the observation is of: the node clock may lag the /clock message that
@@ -487,6 +553,7 @@ class PolicyNode(Node):
             action=[float(x) for x in action],
             policy_version=self.policy.version,
             hold=hold,
+            intervention=intervention,
             proprioception_names=list(PROPRIOCEPTION_NAMES),
         )
         record.header.stamp = stamp
@@ -518,6 +585,8 @@ class PolicyNode(Node):
                     KeyValue(key="missed_ticks", value=str(self.missed_ticks)),
                     KeyValue(key="holds", value=str(self.holds)),
                     KeyValue(key="steps_published", value=str(self.steps_published)),
+                    KeyValue(key="intervention_steps", value=str(self.intervention_steps)),
+                    KeyValue(key="takeovers", value=str(self.takeovers)),
                     KeyValue(key="policy_version", value=self.policy.version),
                     KeyValue(
                         key="encoder_version",

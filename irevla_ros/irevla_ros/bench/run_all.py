@@ -13,7 +13,16 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from irevla_ros.bench import arm_backends, control_loop, plot, policy_node, sim_camera, trainer, transport
+from irevla_ros.bench import (
+    arm_backends,
+    control_loop,
+    plot,
+    policy_node,
+    sim_camera,
+    takeover,
+    trainer,
+    transport,
+)
 from irevla_ros.bench.harness import RESULTS_DIR, log
 
 
@@ -38,6 +47,7 @@ def benchmarks(out: Path, work: Path, quick: bool) -> list[tuple[str, Callable[[
             ),
             ("trainer", lambda: trainer.run(out, work / "trainer", quick=True)),
             ("arm_backends", lambda: arm_backends.run(out, steps=3, seconds=2.0)),
+            ("takeover", lambda: takeover.run(out, work / "takeover", trials=3)),
         ]
     return [
         ("control_loop", lambda: control_loop.run(out, work / "control_loop", vla_seconds=75.0)),
@@ -48,6 +58,7 @@ def benchmarks(out: Path, work: Path, quick: bool) -> list[tuple[str, Callable[[
         ("policy_node", lambda: policy_node.run(out, work / "policy_node")),
         ("trainer", lambda: trainer.run(out, work / "trainer", quick=False)),
         ("arm_backends", lambda: arm_backends.run(out)),
+        ("takeover", lambda: takeover.run(out, work / "takeover")),
     ]
 
 

@@ -99,3 +99,18 @@ def test_releasing_the_deadman_holds_the_arm_from_that_tick(ros_context, sim_gra
         if released:
             np.testing.assert_array_equal(step.action, np.zeros(4, dtype=np.float32))
     observer.close()
+
+
+def test_every_profile_runs_teleop_and_the_sim_operator_maps_like_it():
+    from irevla_ros.bringup.graph import HARDWARE_PROFILES, collect_graph, validate_graph
+    from irevla_ros.param_spec import parameter_specs
+
+    for hardware in HARDWARE_PROFILES:
+        graph = collect_graph(hardware)
+        names = {n.fully_qualified_name for n in graph.nodes()}
+        assert "/teleop" in names and ("/sim_operator" in names) == (hardware == "sim"), hardware
+    effective = validate_graph(collect_graph("sim"))
+    for spec in parameter_specs(TeleopMapping):  # the inverse mapping is exact only with the same mapping
+        assert effective["/teleop"][spec.name] == effective["/sim_operator"][spec.name], spec.name
+    assert effective["/teleop"]["gripper_axis"] == 4  # the expert's continuous gripper, not buttons
+    assert effective["/policy"]["expert_command_topic"] == topics.SIM_EXPERT_ACTION  # the demo as before

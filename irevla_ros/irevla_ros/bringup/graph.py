@@ -113,11 +113,14 @@ def collect_graph(hardware: str = "sim", cameras: Sequence[str] = DEFAULT_CAMERA
             *(ProcessSpec("camera_node", (c,)) for c in camera_nodes),
             ProcessSpec("arm_controller_node", (arm,)),
         )
-    # The simulated operator plays the person at the gamepad: it publishes /joy from the scripted expert.
+    # Teleop: /joy (joy_node or the node's own device reader) to /teleop/command. In simulation the simulated
+    # operator, which publishes /joy from the scripted expert, shares its process (one process fewer to start).
+    teleop = _node("teleop", "teleop", hardware)
     operator = (
-        (ProcessSpec("sim_operator_node", (_node("sim_operator", "sim_operator", hardware),)),)
+        # teleop first: a process reads its nodes' files in order, and sim.yaml must come after teleop.yaml
+        ProcessSpec("sim_operator_node", (teleop, _node("sim_operator", "sim_operator", hardware)))
         if hardware == "sim"
-        else ()
+        else ProcessSpec("teleop_node", (teleop,))
     )
     image_topics = ",".join(f"/{c}/{c}/color/image_raw" for c in cameras)
     settings = [f"/policy.cameras=[{image_topics}]"]
@@ -135,9 +138,7 @@ def collect_graph(hardware: str = "sim", cameras: Sequence[str] = DEFAULT_CAMERA
             # Its close drains the episode writer (up to 30 s) and the iteration worker (up to 10 s): a
             # termination before that would drop the episode it is assembling.
             ProcessSpec("trainer_node", (_node("trainer", "trainer", hardware),), stop_timeout=45.0),
-            # Teleop: /joy (joy_node, the node's own device reader, or the simulated operator) to /teleop/command.
-            ProcessSpec("teleop_node", (_node("teleop", "teleop", hardware),)),
-            *operator,
+            operator,
         ),
     )
 

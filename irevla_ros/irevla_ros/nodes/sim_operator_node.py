@@ -135,4 +135,8 @@ class SimOperatorNode(Node):
 
 
 def main(args: list[str] | None = None) -> int:
-    return run_nodes(lambda context: [SimOperatorNode(context=context)], args)
+    """The simulated operator and the teleop node that maps its /joy, in one process (as a gamepad and joy_node
+    would be two, but neither does real-time work here)."""
+    from irevla_ros.nodes.teleop_node import TeleopNode
+
+    return run_nodes(lambda context: [SimOperatorNode(context=context), TeleopNode(context=context)], args)

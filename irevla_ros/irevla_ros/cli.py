@@ -29,7 +29,17 @@ def _add_graph_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cameras",
         default=",".join(DEFAULT_CAMERAS),
-        help=f"camera nodes, comma-separated, from {', '.join(KNOWN_CAMERAS)} (default: {','.join(DEFAULT_CAMERAS)})",
+        help=f"camera nodes, comma-separated: {', '.join(KNOWN_CAMERAS)} or cameras your --params-file defines "
+        f"as /<name>/<name> (default: {','.join(DEFAULT_CAMERAS)})",
+    )
+    parser.add_argument(
+        "--params-file",
+        dest="params_files",
+        action="append",
+        default=[],
+        metavar="YAML",
+        help="your cell's parameter file, read after the package's (its values win; repeatable); "
+        "ros2 launch: params_file:=",
     )
     parser.add_argument(
         "--set",
@@ -42,7 +52,8 @@ def _add_graph_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _graph(args: argparse.Namespace) -> GraphSpec:
-    return GRAPHS[args.graph](args.hardware, tuple(c for c in args.cameras.split(",") if c))
+    cameras = tuple(c for c in args.cameras.split(",") if c)
+    return GRAPHS[args.graph](args.hardware, cameras, tuple(args.params_files))
 
 
 def cmd_graph(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ driver processes, exactly like realsense2_camera and a Franka/UR driver.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -31,9 +32,16 @@ from irevla_ros.paths import config_dir
 # Each profile is config/<profile>.yaml: "robot" a Franka through franky, "robot_ur" a UR arm through ur_rtde,
 # "robot_servo" an arm run by its own ROS 2 driver + MoveIt Servo.
 HARDWARE_PROFILES = ("sim", "robot", "robot_ur", "robot_servo")
-# Camera nodes the graph can run (camera.yaml configures each); "camera" alone by default.
+# Camera nodes the package configures (camera.yaml); "camera" alone by default. Any other name is a camera the
+# user's own parameter file (params_file) configures as /<name>/<name>.
 KNOWN_CAMERAS = ("camera", "wrist_camera")
 DEFAULT_CAMERAS = ("camera",)
+# A driver process with `respawn` (a camera) is restarted after RESPAWN_DELAY s, at most RESPAWN_MAX_RETRIES
+# times (ros2 launch: respawn, respawn_delay, respawn_max_retries); then its death stops the graph.
+RESPAWN_DELAY = 2.0
+RESPAWN_MAX_RETRIES = 3
+# A camera name is both the node's name and its namespace (realsense-ros camera_name = camera_namespace).
+_CAMERA_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 
 
 @dataclass(frozen=True)
@@ -59,6 +67,9 @@ class ProcessSpec:
     nodes: tuple[NodeSpec, ...]
     # Seconds a process may take to stop after SIGINT before it is terminated (ros2 launch: sigterm_timeout).
     stop_timeout: float = 10.0
+    # A driver that may be restarted when it dies (a camera on USB); every other process is critical: its death
+    # stops the whole graph (ros2 launch: on_exit=Shutdown()).
+    respawn: bool = False
 
     @property
     def parameter_files(self) -> tuple[str, ...]:
@@ -78,6 +89,9 @@ class GraphSpec:
     # nodes the simulated cell hosts and which image topics the policy reads.
     settings: tuple[str, ...] = ()
     extra_parameter_files: tuple[Path, ...] = field(default=())
+    cameras: tuple[str, ...] = ()
+    # The user's own parameter files (params_file:=), read after the package's and before extra_parameter_files.
+    user_parameter_files: tuple[Path, ...] = ()
 
     def nodes(self) -> Iterator[NodeSpec]:
         for process in self.processes:
@@ -91,17 +105,46 @@ def _node(name: str, kind: str, hardware: str, namespace: str = "") -> NodeSpec:
     return NodeSpec(name, kind, namespace, (f"{kind}.yaml", f"{hardware}.yaml"))
 
 
-def collect_graph(hardware: str = "sim", cameras: Sequence[str] = DEFAULT_CAMERAS) -> GraphSpec:
+def user_cameras(params_files: Sequence[Path]) -> list[str]:
+    """Camera names the user's parameter files configure: every node key `/<name>/<name>`."""
+    names: list[str] = []
+    for path in params_files:
+        for key in load_parameter_file(path):
+            parts = key.strip("/").split("/")
+            if len(parts) == 2 and parts[0] == parts[1] and _CAMERA_NAME.fullmatch(parts[0]):
+                names.append(parts[0])
+    return names
+
+
+def _check_cameras(cameras: Sequence[str], params_files: Sequence[Path]) -> None:
+    if not cameras or len(set(cameras)) != len(cameras):
+        raise ConfigError(f"cameras: {list(cameras)} must be one or more distinct names")
+    bad = [c for c in cameras if not _CAMERA_NAME.fullmatch(c)]
+    if bad:
+        raise ConfigError(f"cameras: {bad} are not ROS node names (a letter, then letters, digits or _)")
+    configured = set(KNOWN_CAMERAS) | set(user_cameras(params_files))
+    missing = [c for c in cameras if c not in configured]
+    if missing:
+        where = ", ".join(str(p) for p in params_files) or "no params_file given"
+        raise ConfigError(
+            f"cameras: {missing} configured nowhere: the package configures {', '.join(KNOWN_CAMERAS)}; "
+            f"define each other camera as /<name>/<name> in your params_file ({where})"
+        )
+
+
+def collect_graph(
+    hardware: str = "sim", cameras: Sequence[str] = DEFAULT_CAMERAS, params_files: Sequence[Path | str] = ()
+) -> GraphSpec:
     """The collection graph of `ros2 launch irevla_ros collect.launch.py` / `irevla bringup`.
 
     `cameras` names the camera nodes (each `/<name>/<name>`, realsense-ros style); their parameters are in
-    camera.yaml and the hardware profile. The policy reads the colour image of every one of them.
+    camera.yaml, the hardware profile and `params_files` (the user's cell files, read last, so they win; a
+    camera the package does not know must be defined there). The policy reads the colour image of every one.
     """
     if hardware not in HARDWARE_PROFILES:
         raise ConfigError(f"hardware: {hardware!r} is not one of {', '.join(HARDWARE_PROFILES)}")
-    unknown = [c for c in cameras if c not in KNOWN_CAMERAS]
-    if unknown or not cameras or len(set(cameras)) != len(cameras):
-        raise ConfigError(f"cameras: {list(cameras)} must be distinct names from {', '.join(KNOWN_CAMERAS)}")
+    user_files = tuple(Path(p).expanduser().resolve() for p in params_files)
+    _check_cameras(cameras, user_files)
     camera_nodes = tuple(_node(c, "camera", hardware, namespace=c) for c in cameras)
     arm = _node("arm_controller", "arm_controller", hardware)
     if hardware == "sim":
@@ -110,7 +153,7 @@ def collect_graph(hardware: str = "sim", cameras: Sequence[str] = DEFAULT_CAMERA
         )
     else:
         drivers = (
-            *(ProcessSpec("camera_node", (c,)) for c in camera_nodes),
+            *(ProcessSpec("camera_node", (c,), respawn=True) for c in camera_nodes),
             ProcessSpec("arm_controller_node", (arm,)),
         )
     # Teleop: /joy (joy_node or the node's own device reader) to /teleop/command. In simulation the simulated
@@ -128,6 +171,8 @@ def collect_graph(hardware: str = "sim", cameras: Sequence[str] = DEFAULT_CAMERA
         settings.append(f"/sim_cell.camera_nodes=[{','.join(cameras)}]")
     return GraphSpec(
         settings=tuple(settings),
+        cameras=tuple(cameras),
+        user_parameter_files=user_files,
         name="collect",
         hardware=hardware,
         description="cameras, policy, arm controller, episode manager and the trainer's episode store",
@@ -166,12 +211,18 @@ def all_executables() -> set[str]:
 
 def process_parameter_paths(graph: GraphSpec, process: ProcessSpec, config: Path | None = None) -> list[Path]:
     directory = config or config_dir()
-    return [directory / f for f in process.parameter_files] + list(graph.extra_parameter_files)
+    return [
+        *(directory / f for f in process.parameter_files),
+        *graph.user_parameter_files,
+        *graph.extra_parameter_files,
+    ]
 
 
 def _every_node(graph: GraphSpec) -> list[NodeSpec]:
-    """Every node of this graph's kind with all optional cameras, in this hardware profile."""
-    return list(GRAPHS[graph.name](graph.hardware, KNOWN_CAMERAS).nodes())
+    """Every node of this graph's kind with every camera anything configures, in this hardware profile."""
+    files = graph.user_parameter_files
+    cameras = dict.fromkeys((*KNOWN_CAMERAS, *user_cameras(files), *graph.cameras))
+    return list(GRAPHS[graph.name](graph.hardware, tuple(cameras), files).nodes())
 
 
 def with_overrides(graph: GraphSpec, overrides: Sequence[str], directory: Path) -> GraphSpec:

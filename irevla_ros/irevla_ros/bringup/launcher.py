@@ -2,7 +2,10 @@
 
 Same processes, same executables, same parameter files, same order as `launch/collect.launch.py`; Ctrl-C or
 SIGTERM is passed on to every child as SIGINT (what `ros2 launch` sends), then escalated after a grace period.
-If one process dies, the others are stopped too, and the exit code says so.
+The same failure policy as the launch file: a driver marked `respawn` (a camera) that dies is started again after
+RESPAWN_DELAY s, at most RESPAWN_MAX_RETRIES times; any other process that dies (arm controller, policy, episode
+manager, trainer: on_exit=Shutdown() there) stops the whole graph, with a message naming the process, its nodes
+and its exit code, and a non-zero exit code.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from irevla_ros.bringup.graph import (
+    RESPAWN_DELAY,
+    RESPAWN_MAX_RETRIES,
     GraphSpec,
     ProcessSpec,
     process_parameter_paths,
@@ -37,12 +42,27 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def describe_exit(code: int) -> str:
+    """'exit code 3', or 'killed by SIGKILL (-9)' for a negative Popen return code."""
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name} ({code})"
+    return f"exit code {code}"
+
+
 @dataclass
 class Child:
     executable: str
     popen: subprocess.Popen[bytes]
     stop_timeout: float = 10.0
     label: str = ""  # GraphRunner.label: unique in the graph
+    process: ProcessSpec | None = None
+    respawns: int = 0  # times this process was started again after dying
+    died_at: float | None = None  # monotonic time a respawnable child was seen dead, until it is restarted
+
+    @property
+    def nodes(self) -> str:
+        return ", ".join(n.fully_qualified_name for n in self.process.nodes) if self.process else ""
 
 
 class GraphRunner:
@@ -63,6 +83,10 @@ class GraphRunner:
         self.env = dict(os.environ if env is None else env)
         self.log_dir = log_dir
         self.children: list[Child] = []
+        self.respawn_delay = RESPAWN_DELAY
+        self.respawn_max_retries = RESPAWN_MAX_RETRIES
+        # What supervision did, in order ("camera_node-camera respawned (1 of 3) after ..."), for logs and tests.
+        self.events: list[str] = []
 
     def command(self, process: ProcessSpec | str) -> list[str]:
         """The command line of a process (or of the only process running executable `process`)."""
@@ -88,25 +112,53 @@ class GraphRunner:
             return process.executable
         return f"{process.executable}-{process.nodes[0].name}"
 
+    def _spawn(self, process: ProcessSpec) -> subprocess.Popen[bytes]:
+        out = None
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            out = open(self.log_dir / f"{self.label(process)}.log", "ab")  # noqa: SIM115 (lives with child)
+        return subprocess.Popen(
+            self.command(process),
+            env=self.env,
+            stdout=out,
+            stderr=subprocess.STDOUT if out else None,
+            preexec_fn=_die_with_parent,
+        )
+
     def start(self) -> None:
         for process in self.graph.processes:
-            out = None
+            popen = self._spawn(process)
             label = self.label(process)
-            if self.log_dir is not None:
-                self.log_dir.mkdir(parents=True, exist_ok=True)
-                out = open(self.log_dir / f"{label}.log", "ab")  # noqa: SIM115 (lives with child)
-            popen = subprocess.Popen(
-                self.command(process),
-                env=self.env,
-                stdout=out,
-                stderr=subprocess.STDOUT if out else None,
-                preexec_fn=_die_with_parent,
-            )
-            self.children.append(Child(process.executable, popen, process.stop_timeout, label))
+            self.children.append(Child(process.executable, popen, process.stop_timeout, label, process))
+
+    def _event(self, message: str) -> None:
+        self.events.append(message)
+        print(f"[bringup] {message}", flush=True)
 
     def poll(self) -> Child | None:
-        """The first child that has exited, if any."""
-        return next((c for c in self.children if c.popen.poll() is not None), None)
+        """Supervise once: restart respawnable children that died (after the delay, within the retry budget);
+        return the first child that died and may not be restarted (the graph must stop), if any."""
+        now = time.monotonic()
+        for child in self.children:
+            code = child.popen.poll()
+            if code is None:
+                continue
+            respawnable = child.process is not None and child.process.respawn
+            if not respawnable or child.respawns >= self.respawn_max_retries:
+                return child
+            if child.died_at is None:
+                child.died_at = now
+                self._event(
+                    f"{child.label} ({child.nodes}) died: {describe_exit(code)}; respawning in "
+                    f"{self.respawn_delay:g} s ({child.respawns + 1} of {self.respawn_max_retries})"
+                )
+            elif now - child.died_at >= self.respawn_delay:
+                assert child.process is not None
+                child.popen = self._spawn(child.process)
+                child.respawns += 1
+                child.died_at = None
+                self._event(f"{child.label} respawned (pid {child.popen.pid})")
+        return None
 
     def stop(self, grace: float | None = None) -> dict[str, int]:
         """SIGINT every child at once, wait for each up to its own `stop_timeout` (or `grace` for all), then
@@ -160,8 +212,14 @@ def run_graph(graph: GraphSpec, overrides: Sequence[str] = (), duration: float =
             break
         time.sleep(0.2)
     if failed is not None:
+        code = int(failed.popen.returncode)
+        why = (
+            f"after {failed.respawns} respawns (the most allowed)"
+            if failed.respawns
+            else "a critical process (it is not respawned)"
+        )
         print(
-            f"[bringup] {failed.label} exited with {failed.popen.returncode}: stopping the graph",
+            f"[bringup] {failed.label} ({failed.nodes}) died: {describe_exit(code)}, {why}: stopping the graph",
             flush=True,
         )
     codes = runner.stop()

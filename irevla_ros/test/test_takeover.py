@@ -33,6 +33,8 @@ def test_takeover_and_hand_back_at_exact_ticks(ros_context, sim_graph, spin, tmp
         "/episode_manager.success_source=none",  # the expert could succeed during the takeover: fixed length
         "/episode_manager.required_nodes=[/policy,/trainer,/arm_controller,/sim_operator]",
         "/policy.policy=random",
+        # as the robot profiles set it (for their demonstration sessions): a policy still takes teleop as takeovers
+        f"/policy.expert_command_topic={topics.TELEOP_COMMAND}",
         "/trainer.iterate=false",
         "/sim_operator.takeover_probability=1.0",
         f"/sim_operator.takeover_start={START}",

@@ -140,7 +140,9 @@ class PolicyNode(Node):
         self._teleops: deque[tuple[int, np.ndarray, bool, bool]] = deque(maxlen=INPUT_HISTORY)
         self.expert_topic = str(p["expert_command_topic"])
         self.teleop_max_age_ns = round(float(p["teleop_max_age"]) * 1e9)  # type: ignore[arg-type]
-        self._teleop_expert = self.expert_topic == topics.TELEOP_COMMAND
+        # A demonstration by teleop: the scripted expert follows the operator, so there is nothing to take over.
+        # Any other policy (the robot profiles' vla) takes teleop as takeovers whatever expert_command_topic says.
+        self._teleop_expert = self.expert_topic == topics.TELEOP_COMMAND and p["policy"] == "scripted_expert"
         self.intervention_steps = 0
         self.takeovers = 0
         self._taken_over = False  # the previous tick of this episode acted with the operator's command

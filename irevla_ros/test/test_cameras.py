@@ -310,3 +310,59 @@ def test_realsense_errors_name_what_was_wrong(tmp_path):
         RealSenseCamera(playback_file=str(tmp_path / "missing.db3")).open()
     with pytest.raises(CameraError, match="0000000000"):
         RealSenseCamera(serial="0000000000").open()  # no camera has this serial
+
+
+def test_realsense_depth_only_while_wanted(rs_recording):
+    # The camera node sets depth_wanted from its depth topic's subscriber count: no consumer, no alignment.
+    cam = make_camera("realsense", playback_file=str(rs_recording), playback_realtime=False)
+    with cam:
+        assert cam.has_depth
+        cam.depth_wanted = False
+        first = [cam.read(timeout=0.5) for _ in range(3)]
+        cam.depth_wanted = True
+        later = read_all(cam)
+    first = [f for f in first if f is not None]
+    assert first and later
+    for frame in first:
+        assert frame.depth is None and np.all(frame.color == rs_colour(frame.frame_number))
+    for frame in later:
+        assert frame.depth is not None and frame.depth.shape == (COLOR_H, COLOR_W)
+        assert np.all(frame.depth[frame.depth > 0] == rs_depth_mm(frame.frame_number))
+
+
+def test_camera_node_aligns_depth_only_while_someone_subscribes(rs_recording, ros_context, spin):
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.node import Node
+    from sensor_msgs.msg import Image
+
+    from irevla_ros.hardware.camera.realsense_camera import RealSenseCamera
+    from irevla_ros.nodes.camera_node import CameraNode
+    from irevla_ros.nodes.common import SENSOR_QOS
+
+    node = CameraNode(
+        backend_factory=lambda _params: RealSenseCamera(
+            playback_file=str(rs_recording), playback_realtime=False, playback_repeat=True
+        ),
+        context=ros_context,
+    )
+    observer = Node("depth_consumer", context=ros_context)
+    executor = SingleThreadedExecutor(context=ros_context)
+    executor.add_node(node)
+    executor.add_node(observer)
+    colour: list[Image] = []
+    depth: list[Image] = []
+    try:
+        observer.create_subscription(Image, "/camera/camera/color/image_raw", colour.append, SENSOR_QOS)
+        assert spin(executor, lambda: len(colour) >= 3, timeout=30)
+        assert node.backend.depth_wanted is False and not depth  # nobody subscribed: not aligned
+        observer.create_subscription(
+            Image, "/camera/camera/aligned_depth_to_color/image_raw", depth.append, SENSOR_QOS
+        )
+        assert spin(executor, lambda: len(depth) >= 2, timeout=30)
+        assert node.backend.depth_wanted is True
+        assert depth[-1].encoding == "16UC1" and (depth[-1].width, depth[-1].height) == (128, 128)
+    finally:
+        executor.shutdown()
+        node.close()
+        node.destroy_node()
+        observer.destroy_node()

@@ -3,7 +3,9 @@
 Topics (node `camera` in namespace `camera`): ~/color/image_raw, ~/color/camera_info,
 ~/aligned_depth_to_color/image_raw, ~/aligned_depth_to_color/camera_info; sensor-data QoS.
 A frame is published once: when the backend has no new frame the node publishes nothing (a stale camera shows up
-as missing frames, never as a silently repeated one).
+as missing frames, never as a silently repeated one). Depth (enable_depth) is aligned and published only while
+its topic has a subscriber (a backend with `depth_wanted`, the RealSense one): nothing in the graph consumes it
+today, so by default no CPU goes to aligning it.
 """
 
 from __future__ import annotations
@@ -100,6 +102,8 @@ class CameraNode(Node):
         return msg
 
     def _on_timer(self) -> None:
+        if self._depth_pub is not None and hasattr(self.backend, "depth_wanted"):
+            self.backend.depth_wanted = self._depth_pub.get_subscription_count() > 0
         try:
             frame = self.backend.read(timeout=0.0)
         except Exception as exc:  # a camera that fails keeps the node up; the policy sees the frames stop

@@ -72,6 +72,9 @@ class RealSenseCamera(CameraBackend):
     `profile` / `depth_profile` are 'WIDTHxHEIGHTxFPS' (depth defaults to the colour profile).
     `playback_realtime=False` plays a recording as fast as it is read, frame by frame, without dropping any:
     each `read` then returns the next frame rather than the newest.
+    `depth_wanted` (set at any time, e.g. by the camera node from its depth topic's subscriber count) skips the
+    alignment and the depth image while nobody consumes them: alignment is the costly part, and the depth
+    stream stays on so that wanting it again needs no pipeline restart (which drops frames).
     """
 
     def __init__(
@@ -98,6 +101,7 @@ class RealSenseCamera(CameraBackend):
         self._depth_to_mm = 1.0
         self._info: CameraInfoData | None = None
         self._playback: rs.playback | None = None
+        self.depth_wanted = True
 
     # ---- public --------------------------------------------------------------------------------------------
 
@@ -213,13 +217,14 @@ class RealSenseCamera(CameraBackend):
             return 1.0 / _MM_PER_METRE  # librealsense's default unit when a recording lacks the option
 
     def _to_frame(self, frames: rs.composite_frame) -> CameraFrame | None:
-        if self._align is not None:
+        with_depth = self._enable_depth and self.depth_wanted
+        if self._align is not None and with_depth:
             frames = self._align.process(frames)
         color = frames.get_color_frame()
         if not color:
             return None
         depth_image = None
-        if self._enable_depth:
+        if with_depth:
             depth = frames.get_depth_frame()
             if depth:
                 raw = np.asanyarray(depth.get_data())

@@ -64,6 +64,7 @@ CAMERA = (
     ParamSpec("serial_no", "", "realsense backend: device serial (empty: first device)"),
     ParamSpec("profile", "640x480x30", "realsense backend: WIDTHxHEIGHTxFPS of colour and depth"),
     ParamSpec("enable_depth", True, "realsense backend: publish depth aligned to colour"),
+    ParamSpec("initial_reset", False, "realsense backend: hardware reset of the device before starting it"),
     ParamSpec("playback_file", "", "realsense backend: play a recorded .db3/.bag instead of a device"),
 )
 

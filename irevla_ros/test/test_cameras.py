@@ -310,6 +310,21 @@ def test_realsense_errors_name_what_was_wrong(tmp_path):
         RealSenseCamera(playback_file=str(tmp_path / "missing.db3")).open()
     with pytest.raises(CameraError, match="0000000000"):
         RealSenseCamera(serial="0000000000").open()  # no camera has this serial
+    # initial_reset checks the serial before resetting anything (no device here: the same error)
+    with pytest.raises(CameraError, match="0000000000"):
+        RealSenseCamera(serial="0000000000", initial_reset=True).open()
+    with pytest.raises(InvalidCameraParameterError, match="reset_timeout"):
+        RealSenseCamera(initial_reset=True, reset_timeout=0.0)
+
+
+def test_realsense_initial_reset_does_nothing_for_a_recording(rs_recording):
+    # A recording has no device to reset (realsense-ros ignores initial_reset for rosbags too): it just plays.
+    cam = make_camera(
+        "realsense", playback_file=str(rs_recording), playback_realtime=False, initial_reset=True
+    )
+    with cam:
+        frames = read_all(cam)
+    assert frames and all(np.all(f.color == rs_colour(f.frame_number)) for f in frames)
 
 
 def test_realsense_depth_only_while_wanted(rs_recording):

@@ -77,6 +77,7 @@ class CameraNode(Node):
             profile=self.params["profile"],
             enable_depth=self.params["enable_depth"],
             playback_file=self.params["playback_file"],
+            initial_reset=self.params["initial_reset"],
         )
 
     def _stamp(self, frame_stamp: float) -> Time:

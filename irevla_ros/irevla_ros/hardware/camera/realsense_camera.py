@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from pathlib import Path
 
 import cv2
@@ -23,6 +24,7 @@ from irevla_ros.hardware.camera.base import (
     CameraError,
     CameraFrame,
     CameraInfoData,
+    InvalidCameraParameterError,
     parse_profile,
 )
 
@@ -72,6 +74,9 @@ class RealSenseCamera(CameraBackend):
     `profile` / `depth_profile` are 'WIDTHxHEIGHTxFPS' (depth defaults to the colour profile).
     `playback_realtime=False` plays a recording as fast as it is read, frame by frame, without dropping any:
     each `read` then returns the next frame rather than the newest.
+    `initial_reset` resets the device (`hardware_reset`, as realsense-ros' initial_reset does) before starting it
+    and waits up to `reset_timeout` s for it to enumerate again: a camera left in a bad state by a crashed
+    process comes back clean. It does nothing for a recording.
     `depth_wanted` (set at any time, e.g. by the camera node from its depth topic's subscriber count) skips the
     alignment and the depth image while nobody consumes them: alignment is the costly part, and the depth
     stream stays on so that wanting it again needs no pipeline restart (which drops frames).
@@ -87,8 +92,14 @@ class RealSenseCamera(CameraBackend):
         playback_repeat: bool = False,
         playback_realtime: bool = True,
         frame_id: str = DEFAULT_FRAME_ID,
+        initial_reset: bool = False,
+        reset_timeout: float = 10.0,
     ) -> None:
+        if not (math.isfinite(reset_timeout) and reset_timeout > 0.0):
+            raise InvalidCameraParameterError(f"reset_timeout must be positive, got {reset_timeout}")
         self._serial = str(serial)
+        self._initial_reset = bool(initial_reset)
+        self._reset_timeout = float(reset_timeout)
         self._color_profile = parse_profile(profile)
         self._depth_profile = parse_profile(depth_profile) if depth_profile else self._color_profile
         self._enable_depth = bool(enable_depth)
@@ -176,20 +187,48 @@ class RealSenseCamera(CameraBackend):
             config.enable_device_from_file(str(path), repeat_playback=self._playback_repeat)
             # No stream requests: the recording's own streams play (explicit requests must match it exactly).
             return f"recording {self._playback_file!r}"
-        serials = [d.get_info(rs.camera_info.serial_number) for d in rs.context().query_devices()]
+        serials = self._connected()
         if not serials:
             wanted = f" (wanted serial {self._serial!r})" if self._serial else ""
             raise CameraError(f"no RealSense device is connected{wanted}")
-        if self._serial:
-            if self._serial not in serials:
-                raise CameraError(f"RealSense serial {self._serial!r} is not connected; connected: {serials}")
-            config.enable_device(self._serial)
+        if self._serial and self._serial not in serials:
+            raise CameraError(f"RealSense serial {self._serial!r} is not connected; connected: {serials}")
+        serial = self._serial or serials[0]
+        if self._initial_reset:
+            self._reset(serial)
+        config.enable_device(serial)
         width, height, fps = self._color_profile
         config.enable_stream(rs.stream.color, width, height, rs.format.rgb8, fps)
         if self._enable_depth:
             width, height, fps = self._depth_profile
             config.enable_stream(rs.stream.depth, width, height, rs.format.z16, fps)
-        return f"device {self._serial or serials[0]!r}"
+        return f"device {serial!r}"
+
+    @staticmethod
+    def _connected() -> list[str]:
+        return [d.get_info(rs.camera_info.serial_number) for d in rs.context().query_devices()]
+
+    def _reset(self, serial: str) -> None:
+        device = next(
+            d for d in rs.context().query_devices() if d.get_info(rs.camera_info.serial_number) == serial
+        )
+        try:
+            device.hardware_reset()
+        except RuntimeError as exc:
+            raise CameraError(f"RealSense {serial!r}: initial reset failed: {exc}") from exc
+        # The device drops off the bus and enumerates again; starting it before that opens the old handle.
+        deadline = time.monotonic() + self._reset_timeout
+        gone = False
+        while time.monotonic() < deadline:
+            present = serial in self._connected()
+            gone = gone or not present
+            if gone and present:
+                return
+            time.sleep(0.1)
+        raise CameraError(
+            f"RealSense {serial!r} did not enumerate again within {self._reset_timeout:g} s of its initial reset"
+            + ("" if gone else " (it never dropped off the bus)")
+        )
 
     def _after_start(self, active: rs.pipeline_profile, source: str) -> None:
         device = active.get_device()

@@ -32,7 +32,8 @@ SAC = Stage1Config(
     algorithm="sacfd",
     checkpoint_every_updates=2,
     threads=1,
-    sacfd=SACfDConfig(batch_size=32, min_transitions=16, utd_ratio=1),
+    # Every SACfD learner state in play: LayerNorm critics, their targets, n-step sampling, the warm-start count.
+    sacfd=SACfDConfig(batch_size=32, min_transitions=16, utd_ratio=1, n_step=3, critic_warm_start_updates=5),
 )
 
 
@@ -41,11 +42,13 @@ def base_model():
     return small_model()
 
 
-def _train_forever(model, checkpoint_dir: str) -> None:
+def _train_forever(model, checkpoint_dir: str, config: Stage1Config = PPO) -> None:
     """The child: a Stage 1 trainer that never ends on its own."""
     try:
-        rl = OnlineRL(model, PPO, checkpoint_dir)
+        rl = OnlineRL(model, config, checkpoint_dir)
         task = Reach(seed=int(rl.episodes_seen) + 1)
+        if config.algorithm == "sacfd":
+            rl.add_demos(task.demos(6))
         it = 0
         while True:
             batch, _ = task.rollout(model, 8, deterministic=False, prefix=f"child{it}")
@@ -138,11 +141,60 @@ def test_sacfd_resume_continues_exactly_where_it_stopped(base_model, tmp_path):
         straight_model.state_dict().items(), resumed_model.state_dict().items(), strict=True
     ):
         assert torch.equal(a, b), name
-    for (name, a), (_, b) in zip(
-        straight.learner.critic.state_dict().items(), resumed.learner.critic.state_dict().items(), strict=True
-    ):
-        assert torch.equal(a, b), name
+    for part in ("critic", "target"):
+        for (name, a), (_, b) in zip(
+            getattr(straight.learner, part).state_dict().items(),
+            getattr(resumed.learner, part).state_dict().items(),
+            strict=True,
+        ):
+            assert torch.equal(a, b), f"{part}.{name}"
+    assert any("1.weight" in k for k in resumed.learner.critic.state_dict())  # the LayerNorms are in it
+    assert resumed.learner.warm_start_updates == straight.learner.warm_start_updates == 5
+    assert torch.equal(resumed.learner.log_alpha, straight.learner.log_alpha)
     assert resumed.successes() == straight.successes()
+
+
+def test_sigkilled_sacfd_trainer_resumes_buffers_critics_targets_and_optimisers(base_model, tmp_path):
+    ckpt_dir = tmp_path / "sacfd"
+    child = multiprocessing.get_context("fork").Process(
+        target=_train_forever, args=(copy.deepcopy(base_model), str(ckpt_dir), SAC)
+    )
+    child.start()
+    checkpointer = Checkpointer(ckpt_dir)
+    deadline = time.monotonic() + 120
+    while not checkpointer.steps() or checkpointer.steps()[-1] < 4:
+        assert child.is_alive(), f"the training child died on its own (exit code {child.exitcode})"
+        assert time.monotonic() < deadline, f"no progress: checkpoints {checkpointer.steps()}"
+        time.sleep(0.05)
+    os.kill(child.pid, signal.SIGKILL)
+    child.join(10)
+    assert child.exitcode == -signal.SIGKILL
+
+    step, state = checkpointer.latest()
+    model = copy.deepcopy(base_model)
+    rl = OnlineRL(model, SAC, ckpt_dir)
+    learner = rl.learner
+    assert rl.resumed_from == step and learner.updates == state["learner"]["updates"] > 0
+    assert learner.warm_start_updates == 5
+    assert len(learner.demo) > 0 and len(learner.online) > 0
+    assert learner.online.episode_ids == state["learner"]["online"]["episode_ids"]
+    for part in ("critic", "target"):
+        for name, saved in state["learner"][part].items():
+            assert torch.equal(getattr(learner, part).state_dict()[name], saved), f"{part}.{name}"
+    # The target trails the critic (polyak): restored as its own state, not re-copied from the critic.
+    assert any(
+        not torch.equal(learner.critic.state_dict()[k], v) for k, v in learner.target.state_dict().items()
+    )
+    for opt in ("actor_optimiser", "critic_optimiser", "alpha_optimiser"):
+        assert getattr(learner, opt).state_dict()["state"], opt  # Adam moments came back
+    for name, saved in state["heads"].items():
+        assert torch.equal(model.state_dict()[name], saved), name
+    # It goes on learning from where it stopped; the demos are not warm-started twice.
+    batch, _ = Reach(seed=55).rollout(model, 8, deterministic=False, prefix="after")
+    assert rl.add_episodes(batch) == 8
+    stats = rl.step()
+    assert stats is not None and "warm_start_critic_loss" not in stats
+    assert learner.warm_start_updates == 5
 
 
 def test_push_cadence_by_episodes_and_by_time(base_model):

@@ -341,3 +341,37 @@ def test_stage1_config_errors_name_the_problem(model):
     )
     with pytest.raises(Stage1Error, match="dims"):
         rl.add_episodes(wrong)
+
+
+def test_sacfd_n_step_returns_stop_at_terminals_and_before_truncated_ends():
+    from irevla_ros.train.sacfd import LatentReplay
+
+    # Episode "s": 4 steps ending in success (terminal); episode "t": 3 steps ending in a timeout (truncated).
+    s = LatentEpisodes.from_episode(
+        "s", np.arange(4, dtype=np.float32)[:, None], np.zeros((4, 1), np.float32), "success"
+    )
+    t = LatentEpisodes.from_episode(
+        "t", 10 + np.arange(3, dtype=np.float32)[:, None], np.zeros((3, 1), np.float32), "timeout"
+    )
+    replay = LatentReplay(1, 1, 100)
+    replay.add(s.append(t))
+    assert len(replay) == 6  # t's last step has no next state
+    b = replay.sample(500, torch.Generator().manual_seed(0), n_step=3, gamma=0.5)
+    rows = {}
+    for i in range(500):
+        rows[float(b["latent"][i, 0])] = (
+            float(b["reward"][i]),
+            float(b["discount"][i]),
+            float(b["terminal"][i]),
+            float(b["next_latent"][i, 0]),
+        )
+    assert sorted(rows) == [0, 1, 2, 3, 10, 11]
+    assert rows[0] == (0.0, 0.125, 0.0, 3.0)  # 3 steps, bootstrap from step 3
+    assert rows[1] == (0.25, 0.125, 1.0, 3.0)  # reaches the success at its third step: reward 0.5^2, terminal
+    assert rows[3] == (1.0, 0.5, 1.0, 3.0)  # the terminal step itself
+    assert rows[10] == (0.0, 0.25, 0.0, 12.0)  # stops before the truncated end, bootstraps from its latent
+    assert rows[11] == (0.0, 0.5, 0.0, 12.0)
+    one = replay.sample(200, torch.Generator().manual_seed(1))
+    assert np.allclose(one["discount"], 0.99)
+    live = one["terminal"] == 0
+    assert np.all(one["next_latent"][live] == one["latent"][live] + 1)

@@ -16,7 +16,13 @@ Transitions come from whole latent episodes: step t's next state is step t+1 of 
 last step (success) needs none; a truncated last step (timeout, failure label, abort) has no recorded next
 state and is left out of the buffer.
 
-Checkpoints: `state_dict()` holds the critics, targets, temperature, optimisers, sampling RNG and both buffers
+RLPD parts, measured on the frozen-feature reach task of test/stage1_tasks.py (10 demos, then rounds of 4 online
+episodes; deterministic success on 200 scenes, mean over seeds 0-5, 2026-12-02): plain critics 0.34 after 32
+episodes (seeds 0-2); LayerNorm critics 0.47 after 16 and 0.90 after 32; + n-step 3: 0.66 / 0.85; + utd 4: 0.79 /
+0.83 (0.49 after 8, against 0.13); + a 500-update critic warm-start on D_e: no consistent gain. Defaults: LayerNorm,
+utd 4, n_step 1, no warm-start; the others stay settings.
+
+Checkpoints: `state_dict()` holds the critics, targets, temperature, optimisers, sampling RNG, warm-start count and both buffers
 in full (latents are small: 256 float32 per step), so a restart needs nothing but the checkpoint.
 """
 
@@ -37,13 +43,29 @@ from irevla_ros.vla.distribution import ClippedNormal
 from irevla_ros.vla.model import VLAModel, mlp
 
 
+def layer_norm_mlp(in_dim: int, hidden: Sequence[int], out_dim: int, final_std: float) -> nn.Sequential:
+    """The action head's MLP with a LayerNorm after every hidden Linear (RLPD: it bounds Q extrapolation on
+    actions the small demo/online data never shows, which is what made high update-to-data ratios stable)."""
+    layers: list[nn.Module] = []
+    for h in hidden:
+        layers += [nn.Linear(in_dim, h), nn.LayerNorm(h), nn.GELU()]
+        in_dim = h
+    last = nn.Linear(in_dim, out_dim)
+    nn.init.normal_(last.weight, std=final_std)
+    nn.init.zeros_(last.bias)
+    return nn.Sequential(*layers, last)
+
+
 class QEnsemble(nn.Module):
     """n Q(latent, action) critics, each an MLP of the action head's structure with one output."""
 
-    def __init__(self, latent_dim: int, action_dim: int, hidden: Sequence[int], n: int) -> None:
+    def __init__(
+        self, latent_dim: int, action_dim: int, hidden: Sequence[int], n: int, layer_norm: bool = False
+    ) -> None:
         super().__init__()
+        build = layer_norm_mlp if layer_norm else mlp
         self.members = nn.ModuleList(
-            mlp(latent_dim + action_dim, hidden, 1, final_std=0.01) for _ in range(n)
+            build(latent_dim + action_dim, hidden, 1, final_std=0.01) for _ in range(n)
         )
 
     def forward(self, latent: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
@@ -120,14 +142,37 @@ class LatentReplay:
         self.episode_lengths = self.episode_lengths[drop_episodes:]
         self.episode_ids = self.episode_ids[drop_episodes:]
 
-    def sample(self, n: int, generator: torch.Generator) -> dict[str, np.ndarray]:
+    def sample(
+        self, n: int, generator: torch.Generator, n_step: int = 1, gamma: float = 0.99
+    ) -> dict[str, np.ndarray]:
+        """n transitions; with n_step > 1 each one's reward is the discounted sum over up to `n_step` steps of
+        its episode and `discount` is gamma^k for the k steps taken (shorter at a terminal, which ends the sum,
+        and before a truncated end, whose last step has no next state to bootstrap from)."""
         pick = self._valid[torch.randint(len(self), (n,), generator=generator).numpy()]
+        ret = np.zeros(n, np.float32)
+        discount = np.ones(n, np.float32)
+        terminal = np.zeros(n, bool)
+        cur = pick.copy()
+        boot = pick.copy()
+        active = np.ones(n, bool)
+        for j in range(n_step):
+            ret[active] += discount[active] * self.rewards[cur[active]]
+            discount[active] *= gamma
+            ended = active & self.terminals[cur]
+            terminal |= ended
+            nxt = self.next_index[cur]
+            boot[active] = nxt[active]
+            active = active & ~ended & (j < n_step - 1)
+            # Go on only where the next step is itself a transition (it has a next state or is terminal).
+            active &= self.next_index[np.where(active, nxt, 0)] >= 0
+            cur = np.where(active, nxt, cur)
         return {
             "latent": self.latents[pick],
             "action": self.actions[pick],
-            "reward": self.rewards[pick],
-            "terminal": self.terminals[pick].astype(np.float32),
-            "next_latent": self.latents[self.next_index[pick]],
+            "reward": ret,
+            "discount": discount,
+            "terminal": terminal.astype(np.float32),
+            "next_latent": self.latents[boot],
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -158,7 +203,9 @@ class SACfDLearner:
         ]
         with torch.random.fork_rng(devices=[]):  # seeded critics without moving the caller's global RNG
             torch.manual_seed(seed)
-            self.critic = QEnsemble(mc.latent_dim, mc.action_dim, mc.head_hidden, cfg.n_critics).to(device)
+            self.critic = QEnsemble(
+                mc.latent_dim, mc.action_dim, mc.head_hidden, cfg.n_critics, layer_norm=cfg.critic_layer_norm
+            ).to(device)
         self.target = copy.deepcopy(self.critic).requires_grad_(False)
         self.log_alpha = torch.tensor(float(np.log(cfg.init_temperature)), device=device, requires_grad=True)
         self.target_entropy = (
@@ -171,6 +218,7 @@ class SACfDLearner:
         self.online = LatentReplay(mc.latent_dim, mc.action_dim, cfg.online_capacity)
         self.generator = torch.Generator().manual_seed(seed)
         self.updates = 0
+        self.warm_start_updates = 0
 
     @property
     def device(self) -> torch.device:
@@ -195,18 +243,18 @@ class SACfDLearner:
     def ready(self) -> bool:
         return len(self.demo) + len(self.online) >= self.config.min_transitions
 
-    def _sample(self) -> dict[str, torch.Tensor]:
+    def _sample(self, demo_only: bool = False) -> dict[str, torch.Tensor]:
         cfg = self.config
         n_demo = round(cfg.batch_size * cfg.demo_fraction)
-        if not len(self.online):
+        if demo_only or not len(self.online):
             n_demo = cfg.batch_size
         elif not len(self.demo):
             n_demo = 0
         parts = []
         if n_demo:
-            parts.append(self.demo.sample(n_demo, self.generator))
+            parts.append(self.demo.sample(n_demo, self.generator, cfg.n_step, cfg.gamma))
         if cfg.batch_size - n_demo:
-            parts.append(self.online.sample(cfg.batch_size - n_demo, self.generator))
+            parts.append(self.online.sample(cfg.batch_size - n_demo, self.generator, cfg.n_step, cfg.gamma))
         return {k: torch.from_numpy(np.concatenate([p[k] for p in parts])).to(self.device) for k in parts[0]}
 
     def update(self, num_updates: int) -> dict[str, float]:
@@ -219,6 +267,27 @@ class SACfDLearner:
                 f"the buffers hold {len(self.demo) + len(self.online)} transitions, fewer than "
                 f"min_transitions={cfg.min_transitions}"
             )
+        stats = self._run(num_updates, warm_start=False)
+        stats.update(
+            updates=float(self.updates),
+            demo_transitions=float(len(self.demo)),
+            online_transitions=float(len(self.online)),
+            log_std_mean=float(self.model.log_std.detach().mean()),
+        )
+        return stats
+
+    def warm_start_critic(self) -> dict[str, float] | None:
+        """`critic_warm_start_updates` critic-only updates on the demo buffer, once per learner (the actor and
+        the temperature stay as they are): the first online updates then follow a critic that already values
+        what the demonstrations did, instead of a random one. None when already done, off, or no demos."""
+        n = self.config.critic_warm_start_updates
+        if self.warm_start_updates or not n or not len(self.demo):
+            return None
+        stats = self._run(n, warm_start=True)
+        return stats
+
+    def _run(self, num_updates: int, *, warm_start: bool) -> dict[str, float]:
+        cfg = self.config
         model = self.model
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
@@ -229,16 +298,18 @@ class SACfDLearner:
                 counts[k] = counts.get(k, 0) + 1
 
         for _ in range(num_updates):
-            b = self._sample()
+            b = self._sample(demo_only=warm_start)
             alpha = self.log_alpha.detach().exp()
 
-            # Critics: soft Bellman target from the target critics' minimum.
+            # Critics: soft (n-step) Bellman target from the target critics' minimum.
             with torch.no_grad():
                 next_dist = model.distribution(b["next_latent"])
                 next_action = rsample(next_dist)
                 next_log_prob = next_dist.log_prob(next_action)
                 next_q = self.target(b["next_latent"], next_action).min(dim=0).values
-                target_q = b["reward"] + cfg.gamma * (1.0 - b["terminal"]) * (next_q - alpha * next_log_prob)
+                target_q = b["reward"] + b["discount"] * (1.0 - b["terminal"]) * (
+                    next_q - alpha * next_log_prob
+                )
             q = self.critic(b["latent"], b["action"])
             critic_loss = ((q - target_q.unsqueeze(0)) ** 2).mean(dim=1).sum()
             self.critic_optimiser.zero_grad(set_to_none=True)
@@ -247,7 +318,7 @@ class SACfDLearner:
             self.critic_optimiser.step()
             record(critic_loss=critic_loss.detach(), q_mean=q.detach().mean(), target_mean=target_q.mean())
 
-            if self.updates % cfg.actor_delay == 0:
+            if not warm_start and self.updates % cfg.actor_delay == 0:
                 # Actor: maximise min-Q minus alpha * log-prob of its own reparameterised sample.
                 dist = model.distribution(b["latent"])
                 action = rsample(dist)
@@ -268,16 +339,12 @@ class SACfDLearner:
             with torch.no_grad():
                 for tp, p in zip(self.target.parameters(), self.critic.parameters(), strict=True):
                     tp.lerp_(p, cfg.tau)
-            self.updates += 1
+            if warm_start:
+                self.warm_start_updates += 1
+            else:
+                self.updates += 1
 
-        stats = {k: sums[k] / counts[k] for k in sums}
-        stats.update(
-            updates=float(self.updates),
-            demo_transitions=float(len(self.demo)),
-            online_transitions=float(len(self.online)),
-            log_std_mean=float(model.log_std.detach().mean()),
-        )
-        return stats
+        return {k: sums[k] / counts[k] for k in sums}
 
     # ---- checkpoints ----
     def state_dict(self) -> dict[str, Any]:
@@ -291,6 +358,7 @@ class SACfDLearner:
             "alpha_optimiser": self.alpha_optimiser.state_dict(),
             "generator": self.generator.get_state(),
             "updates": self.updates,
+            "warm_start_updates": self.warm_start_updates,
             "demo": self.demo.state_dict(),
             "online": self.online.state_dict(),
         }
@@ -305,5 +373,6 @@ class SACfDLearner:
         self.alpha_optimiser.load_state_dict(state["alpha_optimiser"])
         self.generator.set_state(state["generator"])
         self.updates = int(state["updates"])
+        self.warm_start_updates = int(state["warm_start_updates"])
         self.demo.load_state_dict(state["demo"])
         self.online.load_state_dict(state["online"])

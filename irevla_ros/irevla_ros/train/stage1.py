@@ -180,8 +180,11 @@ class OnlineRL:
             learner: SACfDLearner = self.learner  # type: ignore[assignment]
             if self.owed_updates < 1 or not learner.ready():
                 return None
+            warm = learner.warm_start_critic()  # once, before the first online update; None after
             n = min(self.owed_updates, cfg.max_updates_per_step)
             stats = learner.update(n)
+            if warm is not None:
+                stats["warm_start_critic_loss"] = warm["critic_loss"]
             self.owed_updates -= n
         self.updates += 1
         self.updates_since_push += 1

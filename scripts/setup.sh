@@ -55,6 +55,18 @@ else
   say "Python packages up to date"
 fi
 
+# 2b. LeRobotDataset v3 (irevla export/import lerobot): lerobot 0.4.4 is the newest release for Python 3.11 and pins
+# torch<2.11, huggingface-hub<0.36 and opencv<4.13, all below this venv's; only its dataset code is used, so it goes
+# in without its dependencies, next to the few its dataset code imports (resolved against requirements.lock).
+LEROBOT_PKGS=(datasets==5.2.0 av==15.1.0 torchvision==0.28.0 jsonlines==4.0.0 pandas==3.1.1 pyarrow==26.0.1)
+LEROBOT_HASH=$(echo "lerobot==0.4.4 ${LEROBOT_PKGS[*]}" | sha256sum | cut -c1-16)
+if ! stamp_ok lerobot "$LEROBOT_HASH"; then
+  say "installing lerobot 0.4.4 dataset code (without its dependencies) and ${LEROBOT_PKGS[*]}"
+  "${PIP[@]}" install -q -c requirements.lock "${LEROBOT_PKGS[@]}"
+  "${PIP[@]}" install -q --no-deps lerobot==0.4.4
+  stamp_set lerobot "$LEROBOT_HASH"
+fi
+
 # 3. CMake path rewrite (inside the venv only) ------------------------------------------------------------------
 # The ROS message wheels' exported CMake targets name include dirs of the machine that built them.
 PY_INCLUDE=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')

@@ -1,0 +1,1 @@
+"""Episode exchange with the field's dataset formats (ROS-free)."""

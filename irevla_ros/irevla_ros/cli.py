@@ -188,6 +188,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Verb]]:
 
     add_operator_verbs(sub, verbs)  # label, reset, pause, resume, estop, clear-estop, iterate, status
 
+    from irevla_ros.interop.verbs import add_verbs as add_interop_verbs
+
+    add_interop_verbs(sub, verbs)  # export lerobot, import lerobot
+
     # Listed for --help only: main() hands `irevla bench-sim ...` to the benchmark's own parser.
     sub.add_parser(
         "bench-sim", help="the iRe-VLA simulation benchmark (Stage 0, RL + SL iterations, baselines)"

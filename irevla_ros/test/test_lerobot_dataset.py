@@ -115,3 +115,23 @@ def test_round_trip_through_lerobot(tmp_path: Path) -> None:
                 np.testing.assert_array_equal(a.images[c], b.images[c])
     store.close()
     fresh.close()
+
+
+def test_cli_verbs_export_and_import(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from irevla_ros.cli import main
+
+    with EpisodeStore(tmp_path / "store") as store:
+        store.write(_episode("ep-a", 4, 2, {1}))
+        store.relabel("ep-a", "success", "operator", 5)
+    out = tmp_path / "ds"
+    assert main(["export", "lerobot", "--store", str(tmp_path / "store"), "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "exported 1/1: ep-a (4 steps)" in captured.err and "1 episodes, 4 frames at 10 fps" in captured.out
+    # a second export into the same folder is refused, naming it
+    assert main(["export", "lerobot", "--store", str(tmp_path / "store"), "--out", str(out)]) == 1
+    assert str(out) in capsys.readouterr().err
+    assert main(["import", "lerobot", str(out), "--store", str(tmp_path / "fresh"), "--task", "push"]) == 0
+    assert "imported episode 0" in capsys.readouterr().err
+    with EpisodeStore(tmp_path / "fresh", read_only=True) as fresh:
+        (demo,) = fresh.trainable(source="expert")
+        assert demo.task == "push" and demo.num_steps == 4 and demo.outcome == "success"

@@ -58,12 +58,20 @@ fi
 # 2b. LeRobotDataset v3 (irevla export/import lerobot): lerobot 0.4.4 is the newest release for Python 3.11 and pins
 # torch<2.11, huggingface-hub<0.36 and opencv<4.13, all below this venv's; only its dataset code is used, so it goes
 # in without its dependencies, next to the few its dataset code imports (resolved against requirements.lock).
-LEROBOT_PKGS=(datasets==5.2.0 av==15.1.0 torchvision==0.28.0 jsonlines==4.0.0 pandas==3.1.1 pyarrow==26.0.1)
-LEROBOT_HASH=$(echo "lerobot==0.4.4 ${LEROBOT_PKGS[*]}" | sha256sum | cut -c1-16)
+# Its dataset code also imports torchvision, whose only wheel here is linked against the CUDA torch: installed in
+# the venv it breaks transformers' model imports (BertModel: "torchvision::nms does not exist") everywhere. So it
+# lives in its own folder, which only irevla_ros.interop.lerobot_dataset puts on sys.path.
+LEROBOT_PKGS=(datasets==5.2.0 av==15.1.0 jsonlines==4.0.0 pandas==3.1.1 pyarrow==26.0.1)
+LEROBOT_TORCHVISION=torchvision==0.28.0
+LEROBOT_EXTRAS="$VENV/extras/lerobot"
+LEROBOT_HASH=$(echo "lerobot==0.4.4 ${LEROBOT_PKGS[*]} extras:$LEROBOT_TORCHVISION" | sha256sum | cut -c1-16)
 if ! stamp_ok lerobot "$LEROBOT_HASH"; then
-  say "installing lerobot 0.4.4 dataset code (without its dependencies) and ${LEROBOT_PKGS[*]}"
+  say "installing lerobot 0.4.4 dataset code (without its dependencies), ${LEROBOT_PKGS[*]}, and $LEROBOT_TORCHVISION in $LEROBOT_EXTRAS"
   "${PIP[@]}" install -q -c requirements.lock "${LEROBOT_PKGS[@]}"
   "${PIP[@]}" install -q --no-deps lerobot==0.4.4
+  "${PIP[@]}" uninstall -q -y torchvision 2>/dev/null || true
+  rm -rf "$LEROBOT_EXTRAS"
+  "${PIP[@]}" install -q --no-deps --target "$LEROBOT_EXTRAS" "$LEROBOT_TORCHVISION"
   stamp_set lerobot "$LEROBOT_HASH"
 fi
 

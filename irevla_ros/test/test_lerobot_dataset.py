@@ -135,3 +135,19 @@ def test_cli_verbs_export_and_import(tmp_path: Path, capsys: pytest.CaptureFixtu
     with EpisodeStore(tmp_path / "fresh", read_only=True) as fresh:
         (demo,) = fresh.trainable(source="expert")
         assert demo.task == "push" and demo.num_steps == 4 and demo.outcome == "success"
+
+
+def test_torchvision_stays_out_of_the_venv_for_everything_but_lerobot() -> None:
+    # The only torchvision wheel here is built for the CUDA torch; on the venv's path it breaks transformers'
+    # model imports (the VLA's BertModel) in every node. Only the LeRobot code path may see it.
+    import subprocess
+    import sys
+
+    probe = (
+        "import importlib.util\n"
+        "assert importlib.util.find_spec('torchvision') is None, 'torchvision is importable from the venv'\n"
+        "from transformers import BertModel\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

@@ -24,8 +24,8 @@ from irevla_ros.store.episode_store import EpisodeStore
 from irevla_ros.store.records import AssembledEpisode, EpisodeMeta, StepData
 
 PIP_INSTALL = (
-    "pip install --no-deps lerobot==0.4.4 && pip install datasets==5.2.0 av==15.1.0 torchvision==0.28.0 "
-    "jsonlines==4.0.0 pandas pyarrow  (scripts/setup.sh does this)"
+    "pip install --no-deps lerobot==0.4.4 && pip install datasets==5.2.0 av==15.1.0 jsonlines==4.0.0 pandas pyarrow"
+    " && pip install --no-deps --target $VIRTUAL_ENV/extras/lerobot torchvision==0.28.0  (scripts/setup.sh does this)"
 )
 INTERVENTION = "observation.intervention"
 
@@ -42,6 +42,11 @@ def _lerobot_dataset_class() -> Any:
     # Everything stays local: nothing may reach the hub, at import time or after.
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["HF_DATASETS_OFFLINE"] = "1"
+    # torchvision is kept out of the venv's site-packages (scripts/setup.sh: in the venv it breaks transformers'
+    # imports for every other process); only this code path sees it.
+    extras = Path(sys.prefix) / "extras" / "lerobot"
+    if extras.is_dir() and str(extras) not in sys.path:
+        sys.path.append(str(extras))
     try:
         import torch
 

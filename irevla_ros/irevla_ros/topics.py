@@ -15,7 +15,9 @@ EE_POSE = "/arm_controller/ee_pose"  # geometry_msgs/PoseStamped
 GRIPPER_STATE = "/arm_controller/gripper_state"  # sensor_msgs/JointState "gripper_opening" (0 closed, 1 open)
 TF = "/tf"  # tf2_msgs/TFMessage: base_frame -> ee_frame
 JOY = "/joy"  # sensor_msgs/Joy (gamepad: labels, reset, pause, teleop)
-TELEOP_COMMAND = "/teleop/command"  # irevla_interfaces/ArmCommand (stamped); policy_version: teleop:engaged|idle
+TELEOP_COMMAND = (
+    "/teleop/command"  # irevla_interfaces/ArmCommand (stamped); policy_version: teleop:engaged|idle
+)
 TELEOP_ENGAGED = "/teleop/engaged"  # std_msgs/Bool: the takeover button is held
 SIM_SUCCESS = "/sim/success"  # std_msgs/Bool, the simulator's success signal
 SIM_EXPERT_ACTION = (

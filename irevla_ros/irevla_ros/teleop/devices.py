@@ -149,12 +149,18 @@ class _Reader:
     def _loop(self, stop: threading.Event) -> None:
         raise NotImplementedError
 
+    # Set by each device's constructor: its parsed state (axes, buttons) and the open device handle.
+    state: Any
+    _device: Any
+
     def snapshot(self) -> tuple[list[float], list[int]]:
-        raise NotImplementedError
+        with self._lock:
+            return list(self.state.axes), list(self.state.buttons)
 
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=1.0)
+        self._device.close()
 
 
 def _import(module: str, package: str, device: str) -> Any:
@@ -214,14 +220,6 @@ class EvdevGamepad(_Reader):
                 with self._lock:
                     self.state.apply(event)
 
-    def snapshot(self) -> tuple[list[float], list[int]]:
-        with self._lock:
-            return list(self.state.axes), list(self.state.buttons)
-
-    def close(self) -> None:
-        super().close()
-        self._device.close()
-
 
 class SpaceMouse(_Reader):
     """The first 3Dconnexion device hidapi enumerates (or `path`, a hidraw path)."""
@@ -251,14 +249,6 @@ class SpaceMouse(_Reader):
             if report:
                 with self._lock:
                     self.state.apply(report)
-
-    def snapshot(self) -> tuple[list[float], list[int]]:
-        with self._lock:
-            return list(self.state.axes), list(self.state.buttons)
-
-    def close(self) -> None:
-        super().close()
-        self._device.close()
 
 
 DEVICES: dict[str, Callable[[str], _Reader]] = {"evdev": EvdevGamepad, "spacemouse": SpaceMouse}

@@ -13,39 +13,10 @@ from rclpy.node import Node
 from sensor_msgs.msg import JointState
 
 from irevla_ros import topics
-from irevla_ros.nodes.common import time_to_ns
 from irevla_ros.store.collector import EpisodeCollector
 from irevla_ros.store.records import JointStateSample, TransformSample
 
 TF_TOPIC = "/tf"
-
-
-def joint_sample(msg: JointState) -> JointStateSample:
-    return JointStateSample(
-        stamp_ns=time_to_ns(msg.header.stamp),
-        names=tuple(msg.name),
-        position=tuple(float(x) for x in msg.position),
-        velocity=tuple(float(x) for x in msg.velocity),
-        effort=tuple(float(x) for x in msg.effort),
-    )
-
-
-def transform_samples(msg: Any) -> list[TransformSample]:
-    return [
-        TransformSample(
-            stamp_ns=time_to_ns(t.header.stamp),
-            parent_frame=t.header.frame_id,
-            child_frame=t.child_frame_id,
-            translation=(t.transform.translation.x, t.transform.translation.y, t.transform.translation.z),
-            rotation=(
-                t.transform.rotation.x,
-                t.transform.rotation.y,
-                t.transform.rotation.z,
-                t.transform.rotation.w,
-            ),
-        )
-        for t in msg.transforms
-    ]
 
 
 def record_robot_state(node: Node, collector: EpisodeCollector, callback_group: Any = None) -> None:
@@ -54,7 +25,7 @@ def record_robot_state(node: Node, collector: EpisodeCollector, callback_group: 
     node.create_subscription(
         JointState,
         topics.JOINT_STATES,
-        lambda msg: collector.add_joint_state(joint_sample(msg)),
+        lambda msg: collector.add_joint_state(JointStateSample.from_message(msg)),
         50,
         callback_group=callback_group,
     )
@@ -66,7 +37,7 @@ def record_robot_state(node: Node, collector: EpisodeCollector, callback_group: 
     node.create_subscription(
         TFMessage,
         TF_TOPIC,
-        lambda msg: collector.add_transforms(transform_samples(msg)),
+        lambda msg: collector.add_transforms(TransformSample.from_tf_message(msg)),
         100,
         callback_group=callback_group,
     )

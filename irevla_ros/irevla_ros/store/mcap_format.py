@@ -41,6 +41,7 @@ from irevla_ros.store.records import (
     JointStateSample,
     StepData,
     TransformSample,
+    stamp_to_ns,
 )
 
 FORMAT_VERSION = "2"
@@ -167,10 +168,6 @@ class DecodedEpisode:
 def _time(ns: int) -> dict[str, int]:
     sec, nanosec = divmod(int(ns), 1_000_000_000)
     return {"sec": sec, "nanosec": nanosec}
-
-
-def _ns(stamp: Any) -> int:
-    return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
 
 
 def _opt(value: int | None) -> str:
@@ -455,7 +452,7 @@ def _decode_format2(reader: Any) -> list[StepData]:
         for camera, topic in zip(msg.camera_names, msg.image_topics, strict=True):
             image = by_topic.get(topic, {}).get(index)
             if image is not None:
-                images[camera] = (_pixels(topic, image), _ns(image.header.stamp))
+                images[camera] = (_pixels(topic, image), stamp_to_ns(image.header.stamp))
                 frames[camera] = image.header.frame_id
         _check_cameras(index, list(msg.camera_names), images)
         joints = by_topic.get(JOINT_STATES_TOPIC, {}).get(index)
@@ -466,36 +463,8 @@ def _decode_format2(reader: Any) -> list[StepData]:
                 log_time,
                 images,
                 image_frame_ids=frames,
-                joint_state=None
-                if joints is None
-                else JointStateSample(
-                    stamp_ns=_ns(joints.header.stamp),
-                    names=tuple(joints.name),
-                    position=tuple(float(x) for x in joints.position),
-                    velocity=tuple(float(x) for x in joints.velocity),
-                    effort=tuple(float(x) for x in joints.effort),
-                ),
-                transforms=()
-                if tf is None
-                else tuple(
-                    TransformSample(
-                        stamp_ns=_ns(t.header.stamp),
-                        parent_frame=t.header.frame_id,
-                        child_frame=t.child_frame_id,
-                        translation=(
-                            t.transform.translation.x,
-                            t.transform.translation.y,
-                            t.transform.translation.z,
-                        ),
-                        rotation=(
-                            t.transform.rotation.x,
-                            t.transform.rotation.y,
-                            t.transform.rotation.z,
-                            t.transform.rotation.w,
-                        ),
-                    )
-                    for t in tf.transforms
-                ),
+                joint_state=None if joints is None else JointStateSample.from_message(joints),
+                transforms=() if tf is None else TransformSample.from_tf_message(tf),
             )
         )
     return steps
@@ -513,7 +482,7 @@ def _decode_format1(reader: Any) -> list[StepData]:
         camera = decoded.header.frame_id
         images.setdefault(message.sequence, {})[camera] = (
             _pixels(channel.topic, decoded),
-            _ns(decoded.header.stamp),
+            stamp_to_ns(decoded.header.stamp),
         )
     steps = []
     for index in sorted(step_msgs):

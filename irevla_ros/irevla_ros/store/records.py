@@ -10,6 +10,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -79,6 +80,17 @@ class JointStateSample:
     velocity: tuple[float, ...] = ()
     effort: tuple[float, ...] = ()
 
+    @classmethod
+    def from_message(cls, msg: Any) -> JointStateSample:
+        """From a sensor_msgs/JointState: a live rclpy message or one decoded from a file (same fields)."""
+        return cls(
+            stamp_ns=stamp_to_ns(msg.header.stamp),
+            names=tuple(msg.name),
+            position=tuple(float(x) for x in msg.position),
+            velocity=tuple(float(x) for x in msg.velocity),
+            effort=tuple(float(x) for x in msg.effort),
+        )
+
 
 @dataclass(frozen=True)
 class TransformSample:
@@ -89,6 +101,30 @@ class TransformSample:
     child_frame: str
     translation: tuple[float, float, float]
     rotation: tuple[float, float, float, float]  # quaternion x, y, z, w
+
+    @classmethod
+    def from_tf_message(cls, msg: Any) -> tuple[TransformSample, ...]:
+        """Every transform of a tf2_msgs/TFMessage: a live rclpy message or one decoded from a file."""
+        return tuple(
+            cls(
+                stamp_ns=stamp_to_ns(t.header.stamp),
+                parent_frame=t.header.frame_id,
+                child_frame=t.child_frame_id,
+                translation=(t.transform.translation.x, t.transform.translation.y, t.transform.translation.z),
+                rotation=(
+                    t.transform.rotation.x,
+                    t.transform.rotation.y,
+                    t.transform.rotation.z,
+                    t.transform.rotation.w,
+                ),
+            )
+            for t in msg.transforms
+        )
+
+
+def stamp_to_ns(stamp: Any) -> int:
+    """builtin_interfaces/Time (sec, nanosec) as integer nanoseconds."""
+    return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
 
 
 @dataclass(eq=False)

@@ -141,8 +141,9 @@ def test_cameras_nobody_configures_are_refused_by_name(tmp_path):
 
 
 def _children(pid: int) -> dict[int, str]:
+    # -ww: unlimited width. Without it ps cuts args at $COLUMNS (80 on CI), which can cut off the executable.
     out = subprocess.run(
-        ["ps", "-o", "pid=,args=", "--ppid", str(pid)], capture_output=True, text=True
+        ["ps", "-ww", "-o", "pid=,args=", "--ppid", str(pid)], capture_output=True, text=True
     ).stdout
     return {int(line.split(None, 1)[0]): line.split(None, 1)[1] for line in out.splitlines() if line.strip()}
 
@@ -198,7 +199,9 @@ def test_pip_bringup_respawns_a_camera_and_stops_on_a_dead_arm_controller(ros_do
                     f"bringup exited while waiting for {what}:\n{bringup.output()}"
                 )
                 time.sleep(0.2)
-            raise AssertionError(f"timed out waiting for {what}:\n{bringup.output()}")
+            raise AssertionError(
+                f"timed out waiting for {what}; children {_children(pid)}:\n{bringup.output()}"
+            )
 
         def started(exe: str):
             return lambda: _child_running(pid, exe)

@@ -17,6 +17,7 @@ NODES = Path(__file__).resolve().parents[1] / "irevla_ros" / "nodes"
 # Interfaces and registries a node may import; everything else under these packages is an implementation.
 ALLOWED = {
     "irevla_ros.hardware.arm",
+    "irevla_ros.hardware.arm.ros_transport",  # the ServoTransport interface a node implements, no backend
     "irevla_ros.hardware.camera",
     "irevla_ros.policies",
     "irevla_ros.policies.base",

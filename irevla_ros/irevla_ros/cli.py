@@ -188,6 +188,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Verb]]:
 
     add_operator_verbs(sub, verbs)  # label, reset, pause, resume, estop, clear-estop, iterate, status
 
+    from irevla_ros.train.stage0 import add_verbs as add_stage0_verbs
+
+    add_stage0_verbs(sub, verbs)  # train-stage0
+
     from irevla_ros.interop.verbs import add_verbs as add_interop_verbs
 
     add_interop_verbs(sub, verbs)  # export lerobot, import lerobot

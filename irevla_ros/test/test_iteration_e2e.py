@@ -12,8 +12,8 @@ from irevla_ros.bringup.demo import exit_summary, run_iteration_sessions
 from irevla_ros.policies.scripted import ScriptedExpertPolicy
 from irevla_ros.store.episode_store import EpisodeStore
 from irevla_ros.train.iteration import IterationRecord
-from irevla_ros.train.pipeline import train_first_version
 from irevla_ros.train.rollout import RolloutSettings, make_cell, run_episode, write_to_store
+from irevla_ros.train.stage0 import train_first_version
 from irevla_ros.vla.model_store import ModelStore
 
 TASK = "button-press-v3"

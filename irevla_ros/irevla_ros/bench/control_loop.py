@@ -196,7 +196,7 @@ VLA_GOAL_P99_MS = 40.0
 
 def vla_overrides(models: Path) -> list[str]:
     """Graph settings that make the policy node run a fresh untrained compact VLA version saved in `models`."""
-    from irevla_ros.train.pipeline import CPU_LORA_TARGETS
+    from irevla_ros.train.stage0 import CPU_LORA_TARGETS
     from irevla_ros.vla.config import VLAConfig
     from irevla_ros.vla.model import VLAModel
     from irevla_ros.vla.model_store import ModelStore

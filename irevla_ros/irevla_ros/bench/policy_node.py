@@ -71,7 +71,7 @@ def make_versions(
     newest, each on the previous one. Returns the ids in announcement order and the save timings."""
     import torch
 
-    from irevla_ros.train.pipeline import CPU_LORA_TARGETS
+    from irevla_ros.train.stage0 import CPU_LORA_TARGETS
     from irevla_ros.vla.config import VLAConfig
     from irevla_ros.vla.model import VLAModel
     from irevla_ros.vla.model_store import ModelStore

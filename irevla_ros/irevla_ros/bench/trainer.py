@@ -25,8 +25,8 @@ def iteration_wall_clock(work: Path, quick: bool) -> dict[str, Any]:
     from irevla_ros.train.config import SFTConfig, Stage1Config
     from irevla_ros.train.evaluation import load_policy
     from irevla_ros.train.iteration import IterationConfig, IterationRunner, simulation_evaluator
-    from irevla_ros.train.pipeline import train_first_version
     from irevla_ros.train.rollout import RolloutSettings, make_cell, run_episode, write_to_store
+    from irevla_ros.train.stage0 import train_first_version
     from irevla_ros.vla.model_store import ModelStore
 
     demos, session, steps = (2, 1, 5) if quick else (5, 3, 150)

@@ -315,7 +315,7 @@ def run_demo(
         summary.update(exit_summary({"expert": expert}))
         return summary
 
-    from irevla_ros.train.pipeline import train_first_version
+    from irevla_ros.train.stage0 import train_first_version
 
     models = (models or run_dir / "models").resolve()
     print(f"[demo] 2/3: Stage 0 (supervised) on the expert episodes -> {models}", file=sys.stderr, flush=True)

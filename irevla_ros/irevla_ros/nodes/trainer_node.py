@@ -200,13 +200,17 @@ class TrainerNode(Node):
     def _iteration_loop(self) -> None:
         assert self.runner is not None
         initial = str(self.params["initial_version"])
-        # No version yet (expert demonstrations come first): keep storing, look again.
+        # No version yet (expert demonstrations come first): keep storing, look again; say once what to run.
+        said = ""
         while not self._stop.is_set():
             try:
                 self.runner.start(initial)
                 break
             except (IterationError, InvalidVersionError) as exc:
                 self._stage_progress = ("collect", 0.0, f"no iterations yet: {exc}")
+                if str(exc) != said:
+                    said = str(exc)
+                    self.get_logger().warning(f"storing episodes, no iterations yet: {exc}")
                 self._stop.wait(2.0)
         self.runner.work(self._stop)
 

@@ -180,8 +180,9 @@ def vla_loader(store_root: str, *, deterministic: bool = False, seed: int = 0) -
             latest = store.latest()
             if latest is None:
                 raise FileNotFoundError(
-                    f"model store {store_root} has no version yet: train one first (irevla demo does, from "
-                    "scripted demonstrations)"
+                    f"model store {store_root} has no version yet: train the first one from the stored "
+                    f"demonstrations with `irevla train-stage0 --store <episode store> --models {store_root}` "
+                    "(irevla demo does it in simulation)"
                 )
             version_id = latest.version_id
         info = store.get(version_id)

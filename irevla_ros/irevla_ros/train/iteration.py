@@ -163,7 +163,10 @@ class IterationRunner:
             if not initial_version:
                 latest = self.models.latest()
                 if latest is None:
-                    raise IterationError(f"model store {self.models.root} has no version: run Stage 0 first")
+                    raise IterationError(
+                        f"model store {self.models.root} has no version: run Stage 0 first, "
+                        f"`irevla train-stage0 --store {self.store.root} --models {self.models.root}`"
+                    )
                 initial_version = latest.version_id
             self.models.get(initial_version)  # raises UnknownVersionError with the store's message
             record = IterationRecord(

@@ -196,6 +196,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Verb]]:
 
     add_interop_verbs(sub, verbs)  # export lerobot, import lerobot
 
+    from irevla_ros.operator.replay_verb import add_verbs as add_replay_verbs
+
+    add_replay_verbs(sub, verbs)  # replay
+
     # Listed for --help only: main() hands `irevla bench-sim ...` to the benchmark's own parser.
     sub.add_parser(
         "bench-sim", help="the iRe-VLA simulation benchmark (Stage 0, RL + SL iterations, baselines)"

@@ -1,7 +1,9 @@
 """Camera node: a camera backend (sim, opencv, realsense) -> sensor_msgs/Image + CameraInfo, realsense-ros style.
 
 Topics (node `camera` in namespace `camera`): ~/color/image_raw, ~/color/camera_info,
-~/aligned_depth_to_color/image_raw, ~/aligned_depth_to_color/camera_info; sensor-data QoS.
+~/aligned_depth_to_color/image_raw, ~/aligned_depth_to_color/camera_info: reliable, keep-last (REP-2003: drivers
+publish reliable, consumers subscribe best-effort), and /diagnostics ("<name>: frames": the publish rate against
+`fps`, the newest frame's age, backend errors, an ended file; thresholds in `irevla_ros.diagnostics`).
 A frame is published once: when the backend has no new frame the node publishes nothing (a stale camera shows up
 as missing frames, never as a silently repeated one). Depth (enable_depth) is aligned and published only while
 its topic has a subscriber (a backend with `depth_wanted`, the RealSense one): nothing in the graph consumes it
@@ -10,6 +12,7 @@ today, so by default no CPU goes to aligning it.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import cv2
@@ -17,9 +20,11 @@ from rclpy.node import Node
 from rclpy.time import Time
 from sensor_msgs.msg import CameraInfo, Image
 
+from irevla_ros.diagnostics import RATE_WINDOW, CameraSnapshot, EventWindow, Status, camera_status
 from irevla_ros.hardware.camera import CameraBackend, CameraInfoData, make_camera
 from irevla_ros.node_parameters import CAMERA
-from irevla_ros.nodes.common import SENSOR_QOS, declare_parameters, image_to_msg, run_nodes
+from irevla_ros.nodes.common import DRIVER_QOS, declare_parameters, image_to_msg, run_nodes
+from irevla_ros.nodes.diagnostics_publisher import DiagnosticsPublisher
 from irevla_ros.observation import resize_area
 from irevla_ros.param_spec import ParamValue
 
@@ -37,15 +42,20 @@ class CameraNode(Node):
         self.backend = backend_factory(self.params) if backend_factory else self._make_backend()
         self.backend.open()
         self._size = (int(self.params["width"]), int(self.params["height"]))
-        self._color_pub = self.create_publisher(Image, "~/color/image_raw", SENSOR_QOS)
-        self._color_info_pub = self.create_publisher(CameraInfo, "~/color/camera_info", SENSOR_QOS)
+        self._color_pub = self.create_publisher(Image, "~/color/image_raw", DRIVER_QOS)
+        self._color_info_pub = self.create_publisher(CameraInfo, "~/color/camera_info", DRIVER_QOS)
         self._depth_pub = self._depth_info_pub = None
         if self.backend.has_depth:
-            self._depth_pub = self.create_publisher(Image, "~/aligned_depth_to_color/image_raw", SENSOR_QOS)
+            self._depth_pub = self.create_publisher(Image, "~/aligned_depth_to_color/image_raw", DRIVER_QOS)
             self._depth_info_pub = self.create_publisher(
-                CameraInfo, "~/aligned_depth_to_color/camera_info", SENSOR_QOS
+                CameraInfo, "~/aligned_depth_to_color/camera_info", DRIVER_QOS
             )
         self.frames_published = 0
+        # Diagnostics: stamps (ROS s) of the published frames, and the newest read error with its ROS time.
+        self._published = EventWindow(RATE_WINDOW)
+        self._read_error: tuple[float, str] | None = None
+        self._started = time.monotonic()
+        self.diagnostics = DiagnosticsPublisher(self, self._statuses)
         if hasattr(self.backend, "on_frame"):  # a push source (the simulated cell): publish on arrival
             self.backend.on_frame = self._on_timer
         else:
@@ -109,10 +119,12 @@ class CameraNode(Node):
             frame = self.backend.read(timeout=0.0)
         except Exception as exc:  # a camera that fails keeps the node up; the policy sees the frames stop
             self.get_logger().error(f"camera read failed: {exc}", throttle_duration_sec=5.0)
+            self._read_error = (self._ros_now(), str(exc) or type(exc).__name__)
             return
         if frame is None:
             return
-        stamp = self._stamp(frame.stamp).to_msg()
+        when = self._stamp(frame.stamp)
+        stamp = when.to_msg()
         frame_id = str(self.params["frame_id"])
         width, height = self._size
         color = resize_area(frame.color, width, height)  # the direct rollout resizes with it too
@@ -125,6 +137,35 @@ class CameraNode(Node):
             self._depth_pub.publish(image_to_msg(depth, stamp, frame_id, encoding="16UC1"))
             self._depth_info_pub.publish(self._camera_info(self.backend.info, width, height, stamp, frame_id))
         self.frames_published += 1
+        self._published.add(when.nanoseconds * 1e-9)
+
+    def _ros_now(self) -> float:
+        return self.get_clock().now().nanoseconds * 1e-9
+
+    def hardware_id(self) -> str:
+        """The device this node drives: the RealSense serial (or recording), the OpenCV source, the sim camera."""
+        kind = str(self.params["backend"])
+        if kind == "realsense":
+            return str(self.params["playback_file"] or self.params["serial_no"] or "realsense (first device)")
+        if kind == "opencv":
+            return str(self.params["source"])
+        return f"{kind}:{self.params['sim_camera']}"
+
+    def _statuses(self) -> list[Status]:
+        now = self._ros_now()
+        newest = self._published.newest()
+        error = self._read_error
+        snapshot = CameraSnapshot(
+            fps=float(self.params["fps"]),  # type: ignore[arg-type]
+            rate=self._published.rate(now),
+            frame_age=None if newest is None else now - newest,
+            since_start=time.monotonic() - self._started,
+            frames=self.frames_published,
+            # An error the backend got over (a frame came after it) is history, not the camera's state.
+            error=error[1] if error is not None and (newest is None or error[0] >= newest) else None,
+            ended=bool(getattr(self.backend, "finished", False)),
+        )
+        return [camera_status(self.get_name(), self.hardware_id(), snapshot)]
 
     def close(self) -> None:
         self.backend.close()

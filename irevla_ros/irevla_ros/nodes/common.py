@@ -32,6 +32,10 @@ from sensor_msgs.msg import Image
 
 from irevla_ros.param_spec import ConfigError, ParamSpec, ParamValue
 
+# REP-2003: sensor drivers (the cameras, the overlay image) publish reliable, keep-last: every subscriber can
+# connect (a reliable one, RViz's default, gets nothing from a best-effort publisher) and a keep-last writer never
+# waits for a slow reader. Consumers subscribe with SENSOR_QOS (best-effort): only the newest frames, no repairs.
+DRIVER_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=5, reliability=ReliabilityPolicy.RELIABLE)
 SENSOR_QOS = qos_profile_sensor_data
 # Step records and episode events must not be dropped: reliable, deep queue.
 RELIABLE_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1000, reliability=ReliabilityPolicy.RELIABLE)

@@ -19,6 +19,11 @@ newest teleop command (stamped no later than it, no older than `teleop_max_age`)
 operator's command instead of the policy's (a hold while the deadman is released) and records
 `intervention=true`; the first tick without one hands back. Under simulated time the teleop command is one more
 input a tick waits for, once one has arrived (never on a graph without teleop).
+
+Cameras are subscribed best-effort (REP-2003: the drivers publish reliable). Status: "<name>: control" on
+/diagnostics and, for the tools that read it there, /policy/status (the same DiagnosticArray): the age of each
+input against the policy's own limits, missed ticks, ticks that overran the control period, holds and their
+reason (levels in `irevla_ros.diagnostics`), and the cumulative counters.
 """
 
 from __future__ import annotations
@@ -32,7 +37,6 @@ from typing import TypeVar
 
 import numpy as np
 from builtin_interfaces.msg import Time as TimeMsg
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import PoseStamped
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.clock import Clock as RosClock
@@ -44,6 +48,7 @@ from std_srvs.srv import Trigger
 from irevla_interfaces.msg import ArmCommand, EpisodeEvent, PolicyVersion, StepRecord
 from irevla_interfaces.srv import SelectPolicyVersion
 from irevla_ros import topics
+from irevla_ros.diagnostics import EVENT_WINDOW, EventWindow, InputAge, PolicySnapshot, Status, policy_status
 from irevla_ros.node_parameters import POLICY
 from irevla_ros.nodes.common import (
     LATCHED_QOS,
@@ -56,6 +61,7 @@ from irevla_ros.nodes.common import (
     run_nodes,
     time_to_ns,
 )
+from irevla_ros.nodes.diagnostics_publisher import DiagnosticsPublisher
 from irevla_ros.observation import (
     PROPRIOCEPTION_NAMES,
     ArmState,
@@ -159,6 +165,12 @@ class PolicyNode(Node):
         # Ticks run from the ticker, from START and from the input that completes a waiting tick.
         self._tick_lock = threading.RLock()
         self._last_hold_reason = ""
+        # Diagnostics, over the last EVENT_WINDOW wall seconds: ticks run in an episode (value: their
+        # computation time), ticks missed, ticks that held.
+        self._started = time.monotonic()
+        self._recent_ticks = EventWindow(EVENT_WINDOW)
+        self._recent_missed = EventWindow(EVENT_WINDOW)
+        self._recent_holds = EventWindow(EVENT_WINDOW)
         inputs = MutuallyExclusiveCallbackGroup()
         for topic, cam in zip(self.topics, self.names, strict=True):
             self.create_subscription(
@@ -178,7 +190,6 @@ class PolicyNode(Node):
         self._action_pub = self.create_publisher(ArmCommand, topics.ACTION, 10)
         self._record_pub = self.create_publisher(StepRecord, topics.STEP_RECORDS, RELIABLE_QOS)
         self._event_pub = self.create_publisher(EpisodeEvent, topics.EPISODE_EVENTS, RELIABLE_QOS)
-        self._status_pub = self.create_publisher(DiagnosticArray, topics.POLICY_STATUS, 10)
         self._ticker = RosTimePeriodic(self, self.period, self._on_tick, callback_group=control)
         steady = RosClock(clock_type=ClockType.STEADY_TIME)
         # One-shot (reset when a tick starts waiting): the bound on that wait, in wall time.
@@ -186,7 +197,10 @@ class PolicyNode(Node):
             SIM_INPUT_WAIT, self._on_wait_timeout, callback_group=control, clock=steady
         )
         self._wait_timer.cancel()
-        self.create_timer(1.0, self._publish_status, callback_group=control)
+        # In the control group: a status never sees a tick half done.
+        self.diagnostics = DiagnosticsPublisher(
+            self, self._statuses, also=(topics.POLICY_STATUS,), callback_group=control
+        )
         versions = ReentrantCallbackGroup()
         self.create_subscription(
             PolicyVersion, topics.POLICY_VERSION, self._on_version, LATCHED_QOS, callback_group=versions
@@ -460,6 +474,7 @@ class PolicyNode(Node):
         self._tick(now_ns)
 
     def _tick(self, now_ns: int) -> None:
+        started = time.monotonic()
         now = now_ns * 1e-9
         swapped = self.slot.take_swap()  # between two ticks: this tick acts with the new version
         if swapped is not None and self.episode is not None:
@@ -472,6 +487,7 @@ class PolicyNode(Node):
         if self._last_tick is not None and now - self._last_tick > 1.5 * self.period:
             missed = round((now - self._last_tick) / self.period) - 1
             self.missed_ticks += missed
+            self._recent_missed.add(started, missed)
             self.get_logger().warning(
                 f"missed {missed} control tick(s): {now - self._last_tick:.3f} s since the previous tick "
                 f"(step {self.episode.steps})",
@@ -504,6 +520,10 @@ class PolicyNode(Node):
         if teleop is not None:
             self.intervention_steps += 1
         self._publish(now_ns, obs, frames, decision, intervention=teleop is not None)
+        finished = time.monotonic()
+        self._recent_ticks.add(finished, finished - started)
+        if decision.hold:
+            self._recent_holds.add(finished)
 
     def _takeover(self, now_ns: int) -> tuple[int, np.ndarray, bool, bool] | None:
         """The operator's engaged teleop command for the tick at `now_ns`, if the operator holds the arm."""
@@ -575,29 +595,51 @@ class PolicyNode(Node):
         self.episode.steps += 1
         self.steps_published += 1
 
-    def _publish_status(self) -> None:
-        msg = DiagnosticArray()
-        msg.header.stamp = self.get_clock().now().to_msg()
-        msg.status = [
-            DiagnosticStatus(
-                level=DiagnosticStatus.OK,
-                name="irevla: policy",
-                message=f"{self.policy.name} {self.policy.version}",
-                values=[
-                    KeyValue(key="missed_ticks", value=str(self.missed_ticks)),
-                    KeyValue(key="holds", value=str(self.holds)),
-                    KeyValue(key="steps_published", value=str(self.steps_published)),
-                    KeyValue(key="intervention_steps", value=str(self.intervention_steps)),
-                    KeyValue(key="takeovers", value=str(self.takeovers)),
-                    KeyValue(key="policy_version", value=self.policy.version),
-                    KeyValue(
-                        key="encoder_version",
-                        value=str(getattr(self.policy, "encoder_version", self.policy.version)),
-                    ),
-                ],
-            )
-        ]
-        self._status_pub.publish(msg)
+    def _input_ages(self) -> tuple[InputAge, ...]:
+        """Age (ROS s) of the newest message of each input the observation needs, with the policy's own limit."""
+        now_ns = self.get_clock().now().nanoseconds
+
+        def age(stamps: list[int]) -> float | None:
+            return (now_ns - max(stamps)) * 1e-9 if stamps else None
+
+        with self._lock:
+            cameras = {cam: [_header_ns(m) for m in self._frames[cam]] for cam in self.names}
+            poses = [_header_ns(m) for m in self._poses]
+            grippers = [g[0] for g in self._grippers]
+        rules = self._rules
+        return (
+            *(InputAge(f"camera {cam}", age(stamps), rules.max_image_age) for cam, stamps in cameras.items()),
+            InputAge("ee_pose", age(poses), rules.max_state_age),
+            InputAge("gripper_state", age(grippers), rules.max_state_age),
+        )
+
+    def _statuses(self) -> list[Status]:
+        now = time.monotonic()
+        durations = self._recent_ticks.values(now)
+        snapshot = PolicySnapshot(
+            policy=self.policy.name,
+            version=self.policy.version,
+            in_episode=self.episode is not None,
+            inputs=self._input_ages(),
+            since_start=now - self._started,
+            period=self.period,
+            ticks=len(durations),
+            missed=int(sum(self._recent_missed.values(now))),
+            overruns=sum(d > self.period for d in durations),
+            slowest_tick=max(durations, default=None),
+            holds=self._recent_holds.count(now),
+            hold_reason=self._last_hold_reason or None,
+            counters={
+                "missed_ticks": self.missed_ticks,
+                "holds": self.holds,
+                "steps_published": self.steps_published,
+                "intervention_steps": self.intervention_steps,
+                "takeovers": self.takeovers,
+                "policy_version": self.policy.version,
+                "encoder_version": str(getattr(self.policy, "encoder_version", self.policy.version)),
+            },
+        )
+        return [policy_status(self.get_name(), snapshot)]
 
 
 def main(args: list[str] | None = None) -> int:

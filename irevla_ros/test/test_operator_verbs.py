@@ -109,6 +109,9 @@ def test_status_view_names_every_field_and_every_missing_source():
         "e-stop LATCHED  arm holds 5  policy holds 3",
     ):
         assert text in full, full
+    # An arm in error for another reason (stale state) with its e-stop clear: the view says which.
+    snap.arm = DiagnosticView("error", "robot state: newest 1.50 s old", {"estop": "clear", "holds": "5"})
+    assert "e-stop clear  arm holds 5" in format_status(snap)
 
 
 def test_the_status_view_and_the_cli_parser_load_no_rclpy():
@@ -177,7 +180,7 @@ def test_each_verb_against_the_running_graph(ros_context, ros_domain, operator_g
     observer.create_subscription(
         DiagnosticArray,
         "/diagnostics",
-        lambda m: arm.extend(s for s in m.status if s.name == "irevla: arm controller"),
+        lambda m: arm.extend(s for s in m.status if s.name == "arm_controller: arm"),
         10,
     )
     executor = SingleThreadedExecutor(context=ros_context)
@@ -234,6 +237,7 @@ def test_each_verb_against_the_running_graph(ros_context, ros_domain, operator_g
     assert "e-stop latched" in verb("estop")
     assert spin(executor, lambda: bool(arm) and arm[-1].level == DiagnosticStatus.ERROR, timeout=20)
     assert "e-stop service" in arm[-1].message
+    assert {kv.key: kv.value for kv in arm[-1].values}["estop"] == "latched"
     view = verb("status", "--once")
     assert "e-stop LATCHED" in view and "running" in view, view
     assert "e-stop cleared" in verb("clear-estop")

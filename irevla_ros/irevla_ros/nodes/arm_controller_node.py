@@ -9,7 +9,9 @@ The robot state it publishes is the standard one: /joint_states with the driver'
 Sawyer's MuJoCo joints right_j0..6 and fingers r_close, l_close; franky: fr3_joint1..7 and fr3_finger_joint1/2 in
 metres; ur_rtde: the UR joint names), /tf with `base_frame` -> `ee_frame` (tf2_msgs/TFMessage), ~/ee_pose
 (PoseStamped in `base_frame`), ~/gripper_state (JointState "gripper_opening", 0 closed .. 1 open: what the policy
-reads) and /diagnostics. A backend whose driver already publishes /joint_states and /tf (the servo backend:
+reads) and /diagnostics ("<name>: arm": e-stop latched -> ERROR with its reason, a disconnected backend, the
+age of the newest robot state, commands the safety layer refused, why the arm holds; levels in
+`irevla_ros.diagnostics`). A backend whose driver already publishes /joint_states and /tf (the servo backend:
 `publishes_robot_state` False) leaves those two to it.
 
 The state (joints, pose) goes out at `state_rate` on the node's own ticker, or, where something else knows when
@@ -24,11 +26,11 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Literal
 
 import numpy as np
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import PoseStamped, TransformStamped
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.node import Node
@@ -44,11 +46,13 @@ except ImportError:  # pragma: no cover - only without the setup step: no /tf, t
 
 from irevla_interfaces.msg import ArmCommand, EpisodeEvent
 from irevla_ros import topics
+from irevla_ros.diagnostics import EVENT_WINDOW, ArmSnapshot, EventWindow, Status, arm_status
 from irevla_ros.hardware.arm import ARMS, ArmBackend, ArmError
 from irevla_ros.node_parameters import ARM_CONTROLLER
 from irevla_ros.nodes.common import RELIABLE_QOS, RosTimePeriodic, declare_parameters, run_nodes, time_to_ns
+from irevla_ros.nodes.diagnostics_publisher import DiagnosticsPublisher
 from irevla_ros.param_spec import ConfigError, ParamValue, from_parameters
-from irevla_ros.safety import SafetyConfigError, SafetyLayer, SafetyLimits
+from irevla_ros.safety import CommandStatus, SafetyConfigError, SafetyLayer, SafetyLimits
 
 _HOME_TOLERANCE = 0.005  # m
 _HOMING_TIMEOUT = 60.0  # s
@@ -115,6 +119,11 @@ class ArmControllerNode(Node):
         self._homing_deadline = 0.0
         self._quiet_since: float | None = None
         self._reset_at: float | None = None  # ROS time of the newest safety-layer reset
+        # Diagnostics: ROS time of the newest robot state published, refusals of the last EVENT_WINDOW (wall).
+        self._started = time.monotonic()
+        self._state_at: float | None = None
+        self._recent_rejections = EventWindow(EVENT_WINDOW)
+        self._last_rejection = ""
         control = MutuallyExclusiveCallbackGroup()
         self.create_subscription(ArmCommand, topics.ACTION, self._on_action, 10, callback_group=control)
         self.create_subscription(
@@ -132,10 +141,10 @@ class ArmControllerNode(Node):
         )
         self._gripper_pub = self.create_publisher(JointState, topics.GRIPPER_STATE, 10)
         self._pose_pub = self.create_publisher(PoseStamped, topics.EE_POSE, 10)
-        self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self._ticker = RosTimePeriodic(
             self, 1.0 / float(p["state_rate"]), self._on_timer, callback_group=control
         )  # type: ignore[arg-type]
+        self.diagnostics = DiagnosticsPublisher(self, self._statuses, callback_group=control)
         services = ReentrantCallbackGroup()
         self.create_service(Trigger, topics.ESTOP, self._on_estop, callback_group=services)
         self.create_service(Trigger, topics.CLEAR_ESTOP, self._on_clear_estop, callback_group=services)
@@ -209,6 +218,9 @@ class ArmControllerNode(Node):
             cmd = self.safety.command(action, self._now(), state.ee_position)
             if not cmd.moves:
                 self.commands_rejected += 1
+                if cmd.status is not CommandStatus.ESTOP:  # the latched e-stop is reported as such
+                    self._recent_rejections.add(time.monotonic())
+                    self._last_rejection = cmd.reason
                 self._hold(cmd.reason)
                 return
             assert cmd.target is not None and cmd.gripper is not None
@@ -239,15 +251,13 @@ class ArmControllerNode(Node):
         self._quiet_since = now
 
     def _on_timer(self) -> None:
-        with self._lock:
-            with self._backend_faults():
-                if self._homing is not None:
-                    self._step_home()
-                elif self.safety.check_watchdog(self._now()) or self._never_commanded():
-                    self._hold("no fresh action within the watchdog deadline")
-                if self._state_on_ticker:
-                    self.publish_state()
-            self._publish_diagnostics()  # also (above all) when the backend failed
+        with self._lock, self._backend_faults():
+            if self._homing is not None:
+                self._step_home()
+            elif self.safety.check_watchdog(self._now()) or self._never_commanded():
+                self._hold("no fresh action within the watchdog deadline")
+            if self._state_on_ticker:
+                self.publish_state()
 
     def publish_state(self, stamp_s: float | None = None) -> None:
         """Publish the robot state (/joint_states, /tf, ~/ee_pose, ~/gripper_state) as the backend reads it now,
@@ -255,9 +265,11 @@ class ArmControllerNode(Node):
         the backend's read."""
         state = self.backend.read_state()
         if stamp_s is None:
-            stamp = self.get_clock().now().to_msg()
+            now = self.get_clock().now()
+            stamp, self._state_at = now.to_msg(), now.nanoseconds * 1e-9
         else:
             stamp = Time(nanoseconds=round(stamp_s * 1e9), clock_type=self.get_clock().clock_type).to_msg()
+            self._state_at = stamp_s
         base, ee = str(self.params["base_frame"]), str(self.params["ee_frame"])
         if self._joint_pub is not None:
             joints = JointState()
@@ -291,24 +303,32 @@ class ArmControllerNode(Node):
         )
         self._pose_pub.publish(pose)
 
-    def _publish_diagnostics(self) -> None:
-        diag = DiagnosticArray()
-        diag.header.stamp = self.get_clock().now().to_msg()
-        level = DiagnosticStatus.ERROR if self.safety.estopped else DiagnosticStatus.OK
-        diag.status = [
-            DiagnosticStatus(
-                level=level,
-                name="irevla: arm controller",
-                message=f"e-stop latched: {self.safety.estop_reason}" if self.safety.estopped else "ok",
-                hardware_id=str(self.params["backend"]),
-                values=[
-                    KeyValue(key="commands_sent", value=str(self.commands_sent)),
-                    KeyValue(key="commands_rejected", value=str(self.commands_rejected)),
-                    KeyValue(key="holds", value=str(self.holds)),
-                ],
-            )
-        ]
-        self._diag_pub.publish(diag)
+    def hardware_id(self) -> str:
+        """The arm this controller drives: its host (franky, ur_rtde), the driver's command topic (servo)."""
+        kind = str(self.params["backend"])
+        where = {"franky": "franky_host", "ur_rtde": "ur_rtde_host", "servo": "servo_command_topic"}.get(kind)
+        return f"{kind}:{self.params[where]}" if where else kind
+
+    def _statuses(self) -> list[Status]:
+        now = time.monotonic()
+        snapshot = ArmSnapshot(
+            backend=str(self.params["backend"]),
+            connected=bool(self.backend.is_connected),
+            estop_reason=self.safety.estop_reason,  # one read: None while not latched
+            state_age=None if self._state_at is None else self._now() - self._state_at,
+            state_rate=float(self.params["state_rate"]),  # type: ignore[arg-type]
+            since_start=now - self._started,
+            rejected=self._recent_rejections.count(now),
+            last_rejection=self._last_rejection,
+            holding=self._last_status,
+            homing=self._homing is not None,
+            counters={
+                "commands_sent": self.commands_sent,
+                "commands_rejected": self.commands_rejected,
+                "holds": self.holds,
+            },
+        )
+        return [arm_status(self.get_name(), self.hardware_id(), snapshot)]
 
     def _on_estop(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
         with self._lock:
@@ -316,6 +336,7 @@ class ArmControllerNode(Node):
             with self._backend_faults():
                 self.backend.hold()
         self.get_logger().error("E-STOP latched: the arm holds until ~/clear_estop")
+        self.diagnostics.publish()  # now, not at the next check
         response.success, response.message = True, "e-stop latched"
         return response
 
@@ -330,6 +351,7 @@ class ArmControllerNode(Node):
             self.safety.clear_estop()
             self._reset_safety(self._now())
         self.get_logger().info("e-stop cleared")
+        self.diagnostics.publish()
         response.success, response.message = True, "e-stop cleared"
         return response
 

@@ -24,6 +24,7 @@ from std_srvs.srv import Trigger
 from irevla_interfaces.action import RunIteration
 from irevla_interfaces.msg import EpisodeEvent, PolicyVersion, SessionStatus, TrainerStatus
 from irevla_ros import topics
+from irevla_ros.diagnostics import ARM_TASK, status_name
 from irevla_ros.nodes.common import LATCHED_QOS
 from irevla_ros.operator.view import (
     DiagnosticView,
@@ -34,7 +35,7 @@ from irevla_ros.operator.view import (
     no_answer_message,
 )
 
-ARM_DIAGNOSTIC = "irevla: arm controller"  # the arm controller's DiagnosticStatus.name on /diagnostics
+ARM_DIAGNOSTIC = status_name("arm_controller", ARM_TASK)  # the arm controller's status on /diagnostics
 SESSION_STATES = {
     SessionStatus.IDLE: "idle",
     SessionStatus.RESETTING: "resetting",

@@ -86,7 +86,7 @@ SOURCES = {
     "trainer": "/trainer/status",
     "version": "/trainer/policy_version",
     "policy": "/policy/status",
-    "arm": "/diagnostics (irevla: arm controller)",
+    "arm": "/diagnostics (arm_controller: arm)",
 }
 
 
@@ -161,7 +161,11 @@ def format_status(snap: StatusSnapshot, now: float | None = None) -> str:
         sent, rejected = a.values.get("commands_sent", "?"), a.values.get("commands_rejected", "?")
         lines.append(f"arm       {a.level}  {a.message}  commands {sent} sent, {rejected} rejected")
     # What stopped or overrode the policy: the latched e-stop, the safety layer's holds, the policy's own holds.
-    estop = "-" if a is None else ("LATCHED" if a.level == "error" else "clear")
+    # The arm's own "estop" value: its status is an error for other reasons too (stale state, disconnected).
+    latched = (
+        a is not None and a.values.get("estop", "latched" if a.level == "error" else "clear") == "latched"
+    )
+    estop = "-" if a is None else ("LATCHED" if latched else "clear")
     arm_holds = "-" if a is None else a.values.get("holds", "?")
     policy_holds = "-" if p is None else p.values.get("holds", "?")
     lines.append(f"interventions  e-stop {estop}  arm holds {arm_holds}  policy holds {policy_holds}")

@@ -226,6 +226,18 @@ TRAINER = (
     *GRAPH_WIDE,
     ParamSpec("store_path", "data/store", "episode store folder"),
     ParamSpec("status_period", 1.0, "trainer status publish period (s)", min=0.05),
+    ParamSpec(
+        "disk_warn_free_gb",
+        10.0,
+        "/diagnostics WARN below this much free disk space at the store (GB)",
+        min=0.0,
+    ),
+    ParamSpec(
+        "disk_error_free_gb",
+        2.0,
+        "/diagnostics ERROR below this much free disk space at the store (GB)",
+        min=0.0,
+    ),
     ParamSpec("iterate", True, "run iRe-VLA iterations (Stage 1 during sessions, Stage 2 between them)"),
     ParamSpec("run_dir", "data/trainer", "iteration state, checkpoints, TensorBoard logs and reports"),
     ParamSpec("model_store", "models", "model store folder: versions are read from and written to it"),

@@ -3,12 +3,15 @@
 Inputs: the simulator's success signal, operator Trigger services (~/label_success, ~/label_failure, ~/reset,
 ~/pause, ~/resume) and a gamepad (sensor_msgs/Joy; the teleop reset button). Outputs: EpisodeEvents, the session
 status, and the RViz overlay (a text MarkerArray and an annotated camera image showing the last outcome and the
-running success rate). Resets call /sim/reset_episode in simulation, or home the arm on a robot.
+running success rate). Resets call /sim/reset_episode in simulation, or home the arm on a robot. Status on
+/diagnostics ("<name>: session"): the session state and counters; waiting for the required nodes or for a reset
+service is WARN, a failed reset or one running longer than `reset_timeout` ERROR (`irevla_ros.diagnostics`).
 """
 
 from __future__ import annotations
 
 import threading
+import time
 
 import cv2
 import numpy as np
@@ -22,8 +25,10 @@ from visualization_msgs.msg import Marker, MarkerArray
 from irevla_interfaces.msg import EpisodeEvent, SessionStatus
 from irevla_interfaces.srv import ResetEpisode
 from irevla_ros import topics
+from irevla_ros.diagnostics import SessionSnapshot, Status, session_status
 from irevla_ros.node_parameters import EPISODE_MANAGER
 from irevla_ros.nodes.common import (
+    DRIVER_QOS,
     LATCHED_QOS,
     RELIABLE_QOS,
     SENSOR_QOS,
@@ -36,6 +41,7 @@ from irevla_ros.nodes.common import (
     time_to_ns,
     to_time_msg,
 )
+from irevla_ros.nodes.diagnostics_publisher import DiagnosticsPublisher
 from irevla_ros.nodes.event_codes import OUTCOME_CODES, SOURCE_CODES
 from irevla_ros.session import Session, SessionConfig, SessionEvent, SessionState, TransitionError
 
@@ -74,12 +80,14 @@ class EpisodeManagerNode(Node):
         self._lock = threading.RLock()
         self._sim_success = False
         self._resetting = False
+        self._reset_started: float | None = None  # monotonic start of the reset call in progress
+        self._reset_error: str | None = None  # why the newest reset failed
         self._joy_previous: list[int] = []
         self._policy_version = ""
         self._event_pub = self.create_publisher(EpisodeEvent, topics.EPISODE_EVENTS, RELIABLE_QOS)
         self._status_pub = self.create_publisher(SessionStatus, topics.SESSION_STATUS, LATCHED_QOS)
         self._marker_pub = self.create_publisher(MarkerArray, topics.OVERLAY_MARKERS, 10)
-        self._overlay_pub = self.create_publisher(Image, topics.OVERLAY_IMAGE, SENSOR_QOS)
+        self._overlay_pub = self.create_publisher(Image, topics.OVERLAY_IMAGE, DRIVER_QOS)  # an image source
         group = MutuallyExclusiveCallbackGroup()
         self.create_subscription(Bool, topics.SIM_SUCCESS, self._on_success, 10, callback_group=group)
         self.create_subscription(Joy, topics.JOY, self._on_joy, 10, callback_group=group)
@@ -102,6 +110,7 @@ class EpisodeManagerNode(Node):
         # before the policy or the trainer subscribed would be lost to them.
         self._waiting_for = set(p["required_nodes"]) if p["auto_start"] else set()  # type: ignore[arg-type]
         self._session_started = not p["auto_start"]
+        self.diagnostics = DiagnosticsPublisher(self, self._statuses, callback_group=group)
 
     def _now(self) -> float:
         return self.get_clock().now().nanoseconds * 1e-9
@@ -200,9 +209,11 @@ class EpisodeManagerNode(Node):
         self._resetting = True
         task = self.session.next_task()
         if self._sim_reset.service_is_ready():
+            self._reset_started = time.monotonic()
             future = self._sim_reset.call_async(ResetEpisode.Request(task=task, seed=-1))
             future.add_done_callback(lambda f: self._reset_finished(f.result(), task))
         elif self._home.service_is_ready():
+            self._reset_started = time.monotonic()
             future = self._home.call_async(Trigger.Request())
             future.add_done_callback(lambda f: self._reset_finished(f.result(), task))
         else:
@@ -211,9 +222,12 @@ class EpisodeManagerNode(Node):
     def _reset_finished(self, result: object, task: str) -> None:
         with self._lock:
             self._resetting = False
+            self._reset_started = None
             if result is None or not getattr(result, "success", False):
-                self.get_logger().error(f"reset failed: {getattr(result, 'message', 'no response')}")
+                self._reset_error = str(getattr(result, "message", "no response"))
+                self.get_logger().error(f"reset failed: {self._reset_error}")
                 return
+            self._reset_error = None
             instruction = getattr(result, "instruction", "") or task.replace("-v3", "").replace("-", " ")
             task = getattr(result, "task", "") or task
             self._sim_success = False
@@ -279,6 +293,30 @@ class EpisodeManagerNode(Node):
         )
         msg.header.stamp = self.get_clock().now().to_msg()
         self._status_pub.publish(msg)
+
+    def _statuses(self) -> list[Status]:
+        with self._lock:
+            counters = self.session.counters
+            episode = self.session.episode
+            started = self._reset_started
+            snapshot = SessionSnapshot(
+                state=self.session.state.name.lower(),
+                finished=self.session.finished,
+                waiting_for=sorted(self._waiting_for),
+                reset_running=None if started is None else time.monotonic() - started,
+                reset_timeout=float(self.params["reset_timeout"]),  # type: ignore[arg-type]
+                reset_error=self._reset_error,
+                reset_service=self._sim_reset.service_is_ready() or self._home.service_is_ready(),
+                wants_reset=self.session.wants_reset,
+                counters={
+                    "episode_id": episode.episode_id if episode else "",
+                    "episode_index": counters.started,
+                    "episodes_done": counters.done,
+                    "successes": counters.successes,
+                    "success_rate": counters.success_rate,
+                },
+            )
+        return [session_status(self.get_name(), snapshot)]
 
     def _publish_overlay_markers(self) -> None:
         text, outcome = self._summary()

@@ -18,6 +18,9 @@ Everything observed at time t (camera frames, arm state, success, the expert's a
 /clock message of t, so the policy's tick at t acts on the world at t, as the direct rollout (`train/rollout.py`)
 does. A reset answers only after its new scene is out, with the scene's stamp: the episode starts, and its timeout
 counts, from that first observation.
+
+Status on /diagnostics ("sim_cell: world", `irevla_ros.diagnostics`): simulated time and periods; periods that
+advanced without an arm command are WARN, a dead stepping thread ERROR.
 """
 
 from __future__ import annotations
@@ -37,12 +40,14 @@ from std_msgs.msg import Bool
 from irevla_interfaces.msg import ArmCommand
 from irevla_interfaces.srv import ResetEpisode
 from irevla_ros import topics
+from irevla_ros.diagnostics import EVENT_WINDOW, EventWindow, SimSnapshot, Status, sim_status
 from irevla_ros.hardware.arm import make_arm
 from irevla_ros.hardware.camera import CameraBackend, make_camera
 from irevla_ros.node_parameters import SIM_CELL
 from irevla_ros.nodes.arm_controller_node import ArmControllerNode
 from irevla_ros.nodes.camera_node import CameraNode
 from irevla_ros.nodes.common import declare_parameters, run_nodes
+from irevla_ros.nodes.diagnostics_publisher import DiagnosticsPublisher
 from irevla_ros.sim.cell import MetaWorldCell, finish_control_period
 
 
@@ -72,6 +77,7 @@ class SimCellNode(Node):
         self.create_service(ResetEpisode, topics.SIM_RESET, self._on_reset)
         self.periods = 0
         self.periods_without_command = 0
+        self._recent_uncommanded = EventWindow(EVENT_WINDOW)  # wall times of those periods
         self._stop = threading.Event()
         self._wake = threading.Event()  # a reset happened: publish the new scene now
         self._scene_out = threading.Condition(self.cell.lock)  # the new scene was published (after _wake)
@@ -83,6 +89,7 @@ class SimCellNode(Node):
         # Called with the new scene's stamp (s) after a reset, before the reset is answered.
         self.on_reset: list[Callable[[float], Any]] = []
         self._thread = threading.Thread(target=self._run, name="sim-cell", daemon=True)
+        self.diagnostics = DiagnosticsPublisher(self, self._statuses)
 
     def start(self) -> None:
         self._thread.start()
@@ -171,6 +178,7 @@ class SimCellNode(Node):
                 commanded = self.cell.sim_time != t0
                 if not commanded:
                     self.periods_without_command += 1
+                    self._recent_uncommanded.add(time.monotonic())
                     self.get_logger().warning(
                         f"no arm command within {max_wait} s (wall): period advanced with the arm held",
                         throttle_duration_sec=5.0,
@@ -206,6 +214,17 @@ class SimCellNode(Node):
         expert_msg.header.stamp = stamp
         self._expert_pub.publish(expert_msg)
         self._clock_pub.publish(Clock(clock=stamp))
+
+    def _statuses(self) -> list[Status]:
+        snapshot = SimSnapshot(
+            running=self._thread.is_alive(),
+            stopping=self._stop.is_set() or not self._thread.ident,  # not started yet counts as fine
+            sim_time=self.clock_ns * 1e-9,
+            periods=self.periods,
+            uncommanded=self._recent_uncommanded.count(time.monotonic()),
+            max_wall_wait=float(self.params["max_wall_wait"]),  # type: ignore[arg-type]
+        )
+        return [sim_status(self.get_name(), snapshot)]
 
     def stop(self) -> None:
         """Stop advancing the world (idempotent): no more periods, frames or state after this returns."""

@@ -12,12 +12,18 @@ Iteration half (`iterate`): a worker thread runs `train.iteration.IterationRunne
 feeds Stage 1 (online RL on the heads), head updates and promoted Stage 2 versions are announced on
 /trainer/policy_version (latched), and the RunIteration action (/trainer/run_iteration) ends a session on the
 operator's word, with progress feedback and cancel. The runner persists its phase, so a restarted trainer resumes.
+
+Status on /diagnostics: "<name>: iteration" (phase, iteration, active version; an iteration error is ERROR) and
+"<name>: episode store" (episodes stored, incomplete and pending, free disk space at the store against
+disk_warn_free_gb / disk_error_free_gb, the newest episode's write latency, a failed write; levels in
+`irevla_ros.diagnostics`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import queue
+import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -41,6 +47,7 @@ from irevla_interfaces.msg import (
     TrainerStatus,
 )
 from irevla_ros import topics
+from irevla_ros.diagnostics import IterationSnapshot, Status, StoreSnapshot, iteration_status, store_status
 from irevla_ros.node_parameters import TRAINER
 from irevla_ros.nodes.common import (
     LATCHED_QOS,
@@ -51,6 +58,7 @@ from irevla_ros.nodes.common import (
     run_nodes,
     time_to_ns,
 )
+from irevla_ros.nodes.diagnostics_publisher import DiagnosticsPublisher
 from irevla_ros.nodes.event_codes import OUTCOME_CODES, OUTCOME_NAMES, SOURCE_NAMES
 from irevla_ros.nodes.robot_state_recording import record_robot_state
 from irevla_ros.param_spec import ConfigError, from_parameters
@@ -122,6 +130,11 @@ class TrainerNode(Node):
         super().__init__(name, **kwargs)  # type: ignore[arg-type]
         p = declare_parameters(self, TRAINER)
         self.params = p
+        if float(p["disk_error_free_gb"]) > float(p["disk_warn_free_gb"]):  # type: ignore[arg-type]
+            raise ConfigError(
+                f"{self.get_fully_qualified_name()}: disk_error_free_gb ({p['disk_error_free_gb']}) must not be "
+                f"above disk_warn_free_gb ({p['disk_warn_free_gb']})"
+            )
         self.store_path = Path(str(p["store_path"])).expanduser().resolve()
         self.store = EpisodeStore(self.store_path)
         report = self.store.last_recovery
@@ -135,6 +148,8 @@ class TrainerNode(Node):
         self.malformed_steps = 0
         self.stored = 0
         self.incomplete = 0
+        self.write_latency: float | None = None  # s, the newest episode's store.write (file, fsync, commit)
+        self.write_failure: str | None = None  # why the newest write failed (None once one succeeds)
         group = MutuallyExclusiveCallbackGroup()
         self.runner: IterationRunner | None = None
         self._goal_handles: dict[bytes, tuple[object, IterationRequest]] = {}
@@ -158,6 +173,8 @@ class TrainerNode(Node):
         steady = RosClock(clock_type=ClockType.STEADY_TIME)
         self.create_timer(0.1, self._finalise_ready, callback_group=group, clock=steady)
         self.create_timer(float(p["status_period"]), self._publish_status, callback_group=group, clock=steady)  # type: ignore[arg-type]
+        # Checked once a second: nothing here changes faster, and each check reads the catalogue.
+        self.diagnostics = DiagnosticsPublisher(self, self._statuses, check_period=1.0, callback_group=group)
         self._writer = threading.Thread(target=self._write_loop, name="episode-writer", daemon=True)
         self._writer.start()
         self.get_logger().info(f"episode store at {self.store_path}: {self.store.stats().total} episodes")
@@ -349,11 +366,14 @@ class TrainerNode(Node):
             if isinstance(assembled, _Relabel):
                 self._relabel(assembled)
                 continue
+            started = time.monotonic()
             try:
                 stored = self.store.write(assembled)
             except Exception as exc:  # never lose the data silently: log loudly, keep the node up
+                self.write_failure = f"{assembled.meta.episode_id}: {exc}"
                 self.get_logger().error(f"storing episode {assembled.meta.episode_id} failed: {exc}")
                 continue
+            self.write_latency, self.write_failure = time.monotonic() - started, None
             self.stored += 1
             self.incomplete += 0 if stored.complete else 1
             ack = EpisodeStored(
@@ -409,6 +429,42 @@ class TrainerNode(Node):
                 msg.metrics.append(Metric(name="session_success_rate", value=sum(successes) / len(successes)))
         msg.header.stamp = self.get_clock().now().to_msg()
         self._status_pub.publish(msg)
+
+    def _statuses(self) -> list[Status]:
+        p = self.params
+        name = self.get_name()
+        runner = self.runner
+        if runner is None:
+            iteration = IterationSnapshot(False, "", 0, "", None, "")
+        else:
+            record = runner.record
+            iteration = IterationSnapshot(
+                iterate=True,
+                phase=record.phase,
+                iteration=record.iteration,
+                active_version=record.running_version or "",
+                error=runner.last_error or None,
+                message=self._stage_progress[2],
+            )
+        try:
+            free: float | None = float(shutil.disk_usage(self.store_path).free)
+            disk_error = None
+        except OSError as exc:  # the store's folder gone or its disk unmounted
+            free, disk_error = None, str(exc)
+        stats = self.store.stats()
+        store = StoreSnapshot(
+            path=str(self.store_path),
+            stored=stats.total,
+            incomplete=stats.incomplete,
+            pending=self.collector.pending() + self._writes.qsize(),
+            free_bytes=free,
+            disk_error=disk_error,
+            warn_free_gb=float(p["disk_warn_free_gb"]),  # type: ignore[arg-type]
+            error_free_gb=float(p["disk_error_free_gb"]),  # type: ignore[arg-type]
+            write_latency=self.write_latency,
+            write_failure=self.write_failure,
+        )
+        return [iteration_status(name, iteration), store_status(name, store)]
 
     def close(self) -> None:
         self._stop.set()

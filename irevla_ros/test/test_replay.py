@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from irevla_ros.bringup.domains import leased_domain
 from irevla_ros.cli import main
 from irevla_ros.policies.scripted import ScriptedExpertPolicy
 from irevla_ros.store.episode_store import EpisodeStore
@@ -175,6 +176,19 @@ def test_the_verb_exit_codes_and_json_line(recorded, capsys):
     )
     assert done.returncode == 3, (done.stdout, done.stderr)
     assert "stdin is not a terminal" in done.stderr and "--yes" in done.stderr
+
+    # With --yes on a domain where no graph runs: nothing answered (exit 1), naming the topic and the domain.
+    with leased_domain() as domain:
+        argv = ["ep-expert", "--store", store, "--target", "robot", "--yes", "--domain", str(domain)]
+        done = subprocess.run(
+            [IREVLA, "replay", *argv, "--timeout", "1.5"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    assert "/episode_manager/status" in done.stderr and f"ROS_DOMAIN_ID {domain}" in done.stderr
 
 
 def test_the_typed_confirmation_takes_exactly_the_episode_id():

@@ -11,6 +11,7 @@ from irevla_ros.bringup.graph import (
     GRAPHS,
     HARDWARE_PROFILES,
     KNOWN_CAMERAS,
+    SESSIONS,
     GraphSpec,
     validate_graph,
 )
@@ -33,6 +34,13 @@ def _add_graph_args(parser: argparse.ArgumentParser) -> None:
         f"as /<name>/<name> (default: {','.join(DEFAULT_CAMERAS)})",
     )
     parser.add_argument(
+        "--session",
+        default="profile",
+        choices=sorted(SESSIONS),
+        help="demonstrate: record demonstrations (robot profiles: teleoperated); policy: run the VLA (Stage 1 "
+        "live, takeovers); profile: the hardware profile's choice (sim: demonstrate, robot profiles: policy)",
+    )
+    parser.add_argument(
         "--params-file",
         dest="params_files",
         action="append",
@@ -53,12 +61,12 @@ def _add_graph_args(parser: argparse.ArgumentParser) -> None:
 
 def _graph(args: argparse.Namespace) -> GraphSpec:
     cameras = tuple(c for c in args.cameras.split(",") if c)
-    return GRAPHS[args.graph](args.hardware, cameras, tuple(args.params_files))
+    return GRAPHS[args.graph](args.hardware, cameras, tuple(args.params_files), args.session)
 
 
 def cmd_graph(args: argparse.Namespace) -> int:
     graph = _graph(args)
-    print(f"graph {graph.name} ({graph.hardware}): {graph.description}")
+    print(f"graph {graph.title}: {graph.description}")
     print(f"{'process (executable)':<24} {'node':<22} {'parameter files'}")
     for process in graph.processes:
         for node in process.nodes:
@@ -81,7 +89,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         print(node)
         for key, value in sorted(values.items()):
             print(f"  {key}: {value!r}")
-    print(f"configuration of graph {graph.name} ({graph.hardware}) is valid")
+    print(f"configuration of graph {graph.title} is valid")
     return 0
 
 

@@ -1,4 +1,5 @@
 """ros2 launch irevla_ros collect.launch.py hardware:=robot cameras:=camera,wrist_camera params_file:=my_cell.yaml
+    [session:=demonstrate|policy]
 
 Brings up the collection graph. The node list lives in irevla_ros.bringup.graph (shared with `irevla bringup`
 on pip-only machines): this file only translates it into launch_ros actions, with the same failure policy:
@@ -21,6 +22,7 @@ from irevla_ros.bringup.graph import (
     KNOWN_CAMERAS,
     RESPAWN_DELAY,
     RESPAWN_MAX_RETRIES,
+    SESSIONS,
     collect_graph,
     process_parameter_paths,
     validate_graph,
@@ -82,7 +84,8 @@ def _nodes(context, *args, **kwargs):
     hardware = LaunchConfiguration("hardware").perform(context)
     cameras = tuple(c for c in LaunchConfiguration("cameras").perform(context).split(",") if c)
     params_file = LaunchConfiguration("params_file").perform(context)
-    graph = collect_graph(hardware, cameras, (params_file,) if params_file else ())
+    session = LaunchConfiguration("session").perform(context)
+    graph = collect_graph(hardware, cameras, (params_file,) if params_file else (), session)
     overrides = []
     use_sim_time = LaunchConfiguration("use_sim_time").perform(context)
     if use_sim_time != "profile":
@@ -149,6 +152,14 @@ def generate_launch_description():
                 default_value="",
                 description="your cell's parameter file (ROS 2 YAML), read after the package's files so its "
                 "values win: workspace box, home, camera serials, user-named cameras",
+            ),
+            DeclareLaunchArgument(
+                "session",
+                default_value="profile",
+                choices=list(SESSIONS),
+                description="demonstrate: record demonstrations (robot profiles: by teleoperation); policy: run "
+                "the VLA (Stage 1 live, operator takeovers); profile: the hardware profile's choice (sim: "
+                "demonstrate, robot profiles: policy)",
             ),
             DeclareLaunchArgument(
                 "use_sim_time",

@@ -56,7 +56,7 @@ def test_every_launch_argument_is_declared_described_and_used():
         for c in _calls(tree, "LaunchConfiguration")
         if c.args and isinstance(c.args[0], ast.Constant)
     }
-    expected = {"hardware", "cameras", "params_file", "use_sim_time", "rviz", "joy"}
+    expected = {"hardware", "cameras", "params_file", "session", "use_sim_time", "rviz", "joy"}
     assert set(declared) == expected, set(declared) ^ expected
     assert used == set(declared), (
         f"declared but unused: {set(declared) - used}; used undeclared: {used - set(declared)}"
@@ -64,7 +64,7 @@ def test_every_launch_argument_is_declared_described_and_used():
     for name, call in declared.items():
         description = _keyword(call, "description")
         assert description is not None and _keyword(call, "default_value") is not None, name
-    for name in ("hardware", "use_sim_time", "rviz", "joy"):
+    for name in ("hardware", "session", "use_sim_time", "rviz", "joy"):
         assert _keyword(declared[name], "choices") is not None, f"{name} has no choices"
     # Critical processes shut the launch down, camera drivers respawn: both go through the graph's respawn flag.
     source = LAUNCH_FILE.read_text()
@@ -121,6 +121,28 @@ def test_user_named_cameras_come_from_params_file(tmp_path):
     assert effective["/policy"]["cameras"] == ["/left/left/color/image_raw", "/right/right/color/image_raw"]
     # One of the user's cameras only: the other is still validated, not refused as unknown.
     validate_graph(with_overrides(collect_graph("robot", ("left",), (cell,)), (), tmp_path))
+
+
+@pytest.mark.parametrize("hardware", ["sim", "robot", "robot_ur"])
+def test_the_session_argument_picks_demonstrations_or_the_vla_on_any_profile(hardware, tmp_path):
+    from irevla_ros.bringup.graph import with_overrides
+
+    def effective(session: str) -> dict:
+        graph = collect_graph(hardware, session=session)
+        return validate_graph(with_overrides(graph, (), tmp_path))
+
+    demonstrate, policy, profile = effective("demonstrate"), effective("policy"), effective("profile")
+    assert (demonstrate["/policy"]["policy"], demonstrate["/episode_manager"]["source"]) == (
+        "scripted_expert",
+        "expert",
+    )
+    assert (policy["/policy"]["policy"], policy["/episode_manager"]["source"]) == ("vla", "policy")
+    # The profile's own choice: scripted demonstrations in sim, the VLA on a robot.
+    assert profile["/policy"]["policy"] == ("scripted_expert" if hardware == "sim" else "vla")
+    if hardware != "sim":  # a robot's demonstrations follow the operator's gamepad
+        assert demonstrate["/policy"]["expert_command_topic"] == "/teleop/command"
+    with pytest.raises(ConfigError, match="session: 'record' is not one of profile, demonstrate, policy"):
+        collect_graph(hardware, session="record")
 
 
 def test_cameras_nobody_configures_are_refused_by_name(tmp_path):

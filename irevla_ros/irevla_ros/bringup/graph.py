@@ -40,6 +40,14 @@ DEFAULT_CAMERAS = ("camera",)
 # times (ros2 launch: respawn, respawn_delay, respawn_max_retries); then its death stops the graph.
 RESPAWN_DELAY = 2.0
 RESPAWN_MAX_RETRIES = 3
+# What a session's episodes are, on any profile: "demonstrate" records demonstrations (D_e: the scripted expert,
+# which on the robot profiles follows the operator's /teleop/command), "policy" runs the VLA (policy episodes,
+# Stage 1 live, takeovers), "profile" leaves it to the profile (sim: demonstrations; robot profiles: the VLA).
+SESSIONS: dict[str, tuple[str, ...]] = {
+    "profile": (),
+    "demonstrate": ("/policy.policy=scripted_expert", "/episode_manager.source=expert"),
+    "policy": ("/policy.policy=vla", "/episode_manager.source=policy"),
+}
 # A camera name is both the node's name and its namespace (realsense-ros camera_name = camera_namespace).
 _CAMERA_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 
@@ -92,6 +100,13 @@ class GraphSpec:
     cameras: tuple[str, ...] = ()
     # The user's own parameter files (params_file:=), read after the package's and before extra_parameter_files.
     user_parameter_files: tuple[Path, ...] = ()
+    session: str = "profile"  # a key of SESSIONS
+
+    @property
+    def title(self) -> str:
+        """'collect (robot)', 'collect (robot, session demonstrate)'."""
+        session = "" if self.session == "profile" else f", session {self.session}"
+        return f"{self.name} ({self.hardware}{session})"
 
     def nodes(self) -> Iterator[NodeSpec]:
         for process in self.processes:
@@ -133,7 +148,10 @@ def _check_cameras(cameras: Sequence[str], params_files: Sequence[Path]) -> None
 
 
 def collect_graph(
-    hardware: str = "sim", cameras: Sequence[str] = DEFAULT_CAMERAS, params_files: Sequence[Path | str] = ()
+    hardware: str = "sim",
+    cameras: Sequence[str] = DEFAULT_CAMERAS,
+    params_files: Sequence[Path | str] = (),
+    session: str = "profile",
 ) -> GraphSpec:
     """The collection graph of `ros2 launch irevla_ros collect.launch.py` / `irevla bringup`.
 
@@ -143,6 +161,8 @@ def collect_graph(
     """
     if hardware not in HARDWARE_PROFILES:
         raise ConfigError(f"hardware: {hardware!r} is not one of {', '.join(HARDWARE_PROFILES)}")
+    if session not in SESSIONS:
+        raise ConfigError(f"session: {session!r} is not one of {', '.join(SESSIONS)}")
     user_files = tuple(Path(p).expanduser().resolve() for p in params_files)
     _check_cameras(cameras, user_files)
     camera_nodes = tuple(_node(c, "camera", hardware, namespace=c) for c in cameras)
@@ -169,8 +189,10 @@ def collect_graph(
     settings = [f"/policy.cameras=[{image_topics}]"]
     if hardware == "sim":
         settings.append(f"/sim_cell.camera_nodes=[{','.join(cameras)}]")
+    settings.extend(SESSIONS[session])
     return GraphSpec(
         settings=tuple(settings),
+        session=session,
         cameras=tuple(cameras),
         user_parameter_files=user_files,
         name="collect",
@@ -222,7 +244,7 @@ def _every_node(graph: GraphSpec) -> list[NodeSpec]:
     """Every node of this graph's kind with every camera anything configures, in this hardware profile."""
     files = graph.user_parameter_files
     cameras = dict.fromkeys((*KNOWN_CAMERAS, *user_cameras(files), *graph.cameras))
-    return list(GRAPHS[graph.name](graph.hardware, tuple(cameras), files).nodes())
+    return list(GRAPHS[graph.name](graph.hardware, tuple(cameras), files, graph.session).nodes())
 
 
 def with_overrides(graph: GraphSpec, overrides: Sequence[str], directory: Path) -> GraphSpec:

@@ -202,7 +202,7 @@ def run_graph(graph: GraphSpec, overrides: Sequence[str] = (), duration: float =
     signal.signal(signal.SIGTERM, _request_stop)
     runner = GraphRunner(graph, overrides)
     names = ", ".join(runner.graph.executables())
-    print(f"[bringup] graph {graph.name} ({graph.hardware}): starting {names}", flush=True)
+    print(f"[bringup] graph {graph.title}: starting {names}", flush=True)
     runner.start()
     started = time.monotonic()
     failed = None

@@ -6,12 +6,6 @@ private address keeps parallel runs apart) and kills it at teardown.
 
 from __future__ import annotations
 
-import os
-import random
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,60 +16,14 @@ import pytest
 pytest.importorskip("franky")
 pytest.importorskip("franky_sim")
 
+from franky_sim_peer import FrankySim, free_loopback_address
+
 from irevla_ros.hardware.arm import ArmConnectionError, make_arm
 from irevla_ros.hardware.arm.franky_arm import FrankyArm
 from irevla_ros.safety import CommandStatus, SafetyLayer, SafetyLimits
 
 TICK = 0.1  # the arm controller's 10 Hz
 MAX_SPEED = 0.1  # m/s, for the SafetyLayer and the arm alike
-
-
-def _free_loopback_address() -> str:
-    for _ in range(200):
-        host = f"127.{random.randint(1, 254)}.{random.randint(1, 254)}.{random.randint(1, 254)}"
-        try:
-            for port in (1337, 1338):
-                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-                    s.bind((host, port))
-        except OSError:
-            continue
-        return host
-    raise RuntimeError("no free loopback address for franky-sim")
-
-
-class FrankySim:
-    def __init__(self, log: Path) -> None:
-        exe = Path(sys.executable).with_name("franky-sim")
-        self.host = _free_loopback_address()
-        env = dict(os.environ, MUJOCO_GL="osmesa", PYOPENGL_PLATFORM="osmesa", PYTHONUNBUFFERED="1")
-        self.log = log
-        self._out = open(log, "wb")  # noqa: SIM115 (closed in stop)
-        self.proc = subprocess.Popen(
-            [str(exe), "-s", "mujoco", "--hostname", self.host],
-            stdout=self._out,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if "Connect to the server using" in self.log.read_text(errors="replace"):
-                return
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.1)
-        raise RuntimeError(f"franky-sim did not start:\n{self.log.read_text(errors='replace')}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._out.close()
 
 
 @pytest.fixture
@@ -264,7 +212,7 @@ def test_a_dropped_connection_raises_and_clears_is_connected(arm, sim):
 
 
 def test_connecting_to_nothing_is_a_clear_error():
-    arm = FrankyArm(_free_loopback_address())
+    arm = FrankyArm(free_loopback_address())
     with pytest.raises(ArmConnectionError, match="cannot connect"):
         arm.connect()
     assert not arm.is_connected

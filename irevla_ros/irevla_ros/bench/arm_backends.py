@@ -46,7 +46,7 @@ MEASURES = {
 @contextmanager
 def _franky_peer() -> Iterator[dict[str, object]]:
     sys.path.insert(0, str(TEST_DIR))
-    from test_arm_franky import FrankySim
+    from franky_sim_peer import FrankySim
 
     log_path = Path("runs") / "bench-arm-franky-sim.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)

@@ -68,6 +68,8 @@ class DatasetError(ValueError):
 def _episode_arrays(
     store: EpisodeStore, row: StoredEpisode, cameras: Sequence[str], skip_holds: bool, cache_dir: Path | None
 ) -> dict[str, np.ndarray] | None:
+    if not cameras:
+        raise DatasetError("no cameras selected: a model takes at least one camera image")
     key = f"{row.episode_id}-{row.sha256[:16]}-{'_'.join(cameras)}-{int(skip_holds)}.npz"
     cached = cache_dir / key if cache_dir is not None else None
     if cached is not None and cached.exists():

@@ -51,7 +51,11 @@ def recorded_cameras(store: EpisodeStore) -> tuple[str, ...]:
             "record some first (a session with /policy.policy=scripted_expert and /episode_manager.source=expert, "
             "driven by the gamepad, each labelled `irevla label success`; README 'A real cell, step by step')"
         )
-    return tuple(store.read(rows[0].episode_id).steps[0].images)
+    for row in rows:
+        for step in store.read(row.episode_id).steps:
+            if step.images:  # a held step (no fresh frame, deadman released) may have none
+                return tuple(step.images)
+    raise Stage0Error(f"no demonstration step in {store.root} has camera images: nothing to train on")
 
 
 def train_first_version(

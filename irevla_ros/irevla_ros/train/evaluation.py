@@ -15,11 +15,15 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from irevla_ros import durable
 from irevla_ros.policies.base import Policy
-from irevla_ros.train.rollout import EpisodeResult, RolloutSettings, episode_seed, make_cell, run_episode
+
+if (
+    TYPE_CHECKING
+):  # the rollout (MuJoCo, Meta-World) loads when an evaluation runs, not when `irevla` parses its verbs
+    from irevla_ros.train.rollout import EpisodeResult, RolloutSettings
 
 # Two-sided 95% normal quantile.
 Z95 = 1.959963984540054
@@ -219,6 +223,8 @@ def evaluate(
 
     `policy` is a Policy object (used as it is) or a version id of the model store `models` (loaded as the
     policy node loads it, deterministic unless told otherwise). Scenes are seeded per (seed, task, episode)."""
+    from irevla_ros.train.rollout import RolloutSettings, episode_seed, make_cell, run_episode
+
     tasks = list(tasks)
     if not tasks:
         raise EvaluationError("tasks must name at least one task")

@@ -16,13 +16,14 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from irevla_ros.store.episode_store import EpisodeStore
 from irevla_ros.train.config import DEVICES, SFTConfig
-from irevla_ros.train.datasets import expert_set
 from irevla_ros.vla.config import VLAConfig
-from irevla_ros.vla.model_store import ModelStore, VersionInfo
+
+if TYPE_CHECKING:  # torch and the store load when Stage 0 runs, not when `irevla` parses its verbs
+    from irevla_ros.store.episode_store import EpisodeStore
+    from irevla_ros.vla.model_store import VersionInfo
 
 # On a 2-core CPU the first version trains LoRA in the text encoder, the new fusion layers, the token learner and
 # the action head; LoRA inside the image encoder (the compact default) needs backpropagation through it, several
@@ -73,8 +74,11 @@ def train_first_version(
     """Stage 0: supervised learning (MSE; LoRA + new layers + action head) on D_e of the store -> a root version
     in the model store. `cameras` empty: those of the stored demonstrations. `vla` overrides the model's config
     (its cameras are set from `cameras`)."""
+    from irevla_ros.store.episode_store import EpisodeStore
+    from irevla_ros.train.datasets import expert_set
     from irevla_ros.train.sft import train_supervised
     from irevla_ros.vla.model import VLAModel
+    from irevla_ros.vla.model_store import ModelStore
 
     store_path, models_path = Path(store_path), Path(models_path)
     if not store_path.is_dir():
@@ -141,6 +145,8 @@ def add_verbs(sub: Any, verbs: dict[str, Callable[[argparse.Namespace], int]]) -
 
 
 def cmd_train_stage0(args: argparse.Namespace) -> int:
+    from irevla_ros.vla.model_store import ModelStore
+
     models = Path(args.models).expanduser().resolve()
     store = Path(args.store).expanduser().resolve()
     if not store.is_dir():

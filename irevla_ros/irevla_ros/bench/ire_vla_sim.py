@@ -28,7 +28,7 @@ table and the plot of a result file.
 
 Departures from the paper, on purpose: Meta-World v3 tasks stand in for the paper's "-new" variants (an RL task
 is a different task of a skill the expert tasks teach, e.g. button-press-topdown after button-press); on a CPU
-the model is the compact backbone with LoRA in the text encoder only (train/pipeline.CPU_LORA_TARGETS);
+the model is the compact backbone with LoRA in the text encoder only (train/stage0.CPU_LORA_TARGETS);
 evaluation runs the torch runtime of the model in memory (the policy node runs the ONNX export of a saved version,
 which the model store checks against torch to 1e-4).
 """
@@ -255,13 +255,13 @@ def collect_demos(cfg: BenchConfig, settings: RolloutSettings) -> tuple[list[Epi
 
 
 def build_model(cfg: BenchConfig) -> Any:
-    from irevla_ros.train.pipeline import CPU_LORA_TARGETS
+    from irevla_ros.train.stage0 import CPU_LORA_TARGETS
     from irevla_ros.vla.config import VLAConfig
     from irevla_ros.vla.model import VLAModel
 
     torch.manual_seed(cfg.seed)
     device = _device(cfg.device)
-    # LoRA in the text encoder only on a CPU (see train/pipeline.py); the VLAConfig default on a GPU.
+    # LoRA in the text encoder only on a CPU (see train/stage0.py); the VLAConfig default on a GPU.
     targets = CPU_LORA_TARGETS if device.type == "cpu" else None
     model = VLAModel(
         VLAConfig(cameras=tuple(cfg.cameras), lora_targets=targets), load_pretrained=cfg.pretrained

@@ -12,7 +12,7 @@ the kernels); CPU seconds per step (the child's own, all threads) is the figure 
 RSS just before training is reported too, so the training increment (gradients, optimiser state, activations
 kept for backward) can be read off. Variants: "lora" (VLAConfig defaults: LoRA in MiniLM's attention and
 EfficientNet's head convolution), "full", and (not --quick) "lora_text_only" (LoRA in MiniLM only, the trainer's
-CPU setting, train/pipeline.py).
+CPU setting, train/stage0.py).
 """
 
 from __future__ import annotations

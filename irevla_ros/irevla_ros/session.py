@@ -36,6 +36,7 @@ class SessionEvent:
     task: str = ""
     instruction: str = ""
     note: str = ""
+    scene_seed: int = -1  # start: the simulator's layout seed of the scene; -1: none (a robot)
 
 
 @dataclass
@@ -44,6 +45,7 @@ class EpisodeInfo:
     task: str
     instruction: str
     started: float
+    scene_seed: int = -1
     ended: float | None = None
     outcome: str = ""
     label_source: str = ""
@@ -87,7 +89,7 @@ class Session:
         self._paused_from = SessionState.IDLE
         self._next_task = 0
         self.finished = False
-        self.pending_task: tuple[str, str] | None = None
+        self.pending_task: tuple[str, str, int] | None = None  # task, instruction, scene seed of the reset
 
     # --- what the node asks -----------------------------------------------------------------------------------
     @property
@@ -113,11 +115,12 @@ class Session:
         self.state = SessionState.RESETTING
         return [*events, SessionEvent("reset_requested", note=note)]
 
-    def reset_done(self, now: float, task: str, instruction: str) -> list[SessionEvent]:
+    def reset_done(self, now: float, task: str, instruction: str, scene_seed: int = -1) -> list[SessionEvent]:
+        """The reset finished: `scene_seed` is the layout seed the simulator reset with (-1: none, a robot)."""
         if self.state is not SessionState.RESETTING:
             return []
         self._next_task += 1
-        self.pending_task = (task, instruction)
+        self.pending_task = (task, instruction, int(scene_seed))
         events = [SessionEvent("reset_done", task=task, instruction=instruction)]
         if self.config.auto_start:
             events += self.start(now)
@@ -126,14 +129,20 @@ class Session:
         return events
 
     def start(self, now: float) -> list[SessionEvent]:
-        task, instruction = self.pending_task or (self.next_task(), "")
+        task, instruction, seed = self.pending_task or (self.next_task(), "", -1)
         self.pending_task = None
         if self.state not in (SessionState.IDLE, SessionState.RESETTING):
             raise TransitionError(f"cannot start an episode while {self.state.name}")
-        self.episode = EpisodeInfo(f"ep-{uuid.uuid4().hex[:12]}", task, instruction, started=now)
+        self.episode = EpisodeInfo(
+            f"ep-{uuid.uuid4().hex[:12]}", task, instruction, started=now, scene_seed=seed
+        )
         self.counters.started += 1
         self.state = SessionState.RUNNING
-        return [SessionEvent("start", self.episode.episode_id, task=task, instruction=instruction)]
+        return [
+            SessionEvent(
+                "start", self.episode.episode_id, task=task, instruction=instruction, scene_seed=seed
+            )
+        ]
 
     def tick(self, now: float, sim_success: bool) -> list[SessionEvent]:
         if self.state is SessionState.RUNNING and self.episode is not None:

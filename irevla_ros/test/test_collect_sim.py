@@ -3,11 +3,14 @@
 Three episodes run through sim cell, camera, arm controller, policy, episode manager and trainer; the store holds
 them with the right step counts, outcomes and checksums, and what it returns is exactly what was published. An
 independent reader (mcap_ros2, not the store's code) checks every stored file's step timing: stamps one control
-period apart, no image captured after its step.
+period apart, no image captured after its step. Each episode's scene seed goes from the cell's reset through START
+into the store, and `irevla replay` of a stored episode, without --seed, rebuilds its scene from it and retraces
+the recorded end effector.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 
 import numpy as np
@@ -17,13 +20,19 @@ from rclpy.node import Node
 
 from irevla_interfaces.msg import EpisodeEvent, EpisodeStored, StepRecord
 from irevla_ros import topics
+from irevla_ros.cli import main
 from irevla_ros.nodes.common import RELIABLE_QOS, msg_to_image, time_to_ns
 from irevla_ros.nodes.event_codes import OUTCOME_NAMES
+from irevla_ros.sim.cell import scene_seed
 from irevla_ros.store.episode_store import EpisodeStore
 
+# The replay retraces the graph exactly (test_rollout_agreement.py); this leaves room for float noise only.
+REPLAY_TOLERANCE_M = 1e-5
 
-def test_three_episodes_are_stored_exactly_as_published(ros_context, sim_graph, spin, tmp_path):
+
+def test_three_episodes_are_stored_exactly_as_published(ros_context, sim_graph, spin, tmp_path, capsys):
     published: dict[tuple[str, int], StepRecord] = {}
+    starts: dict[str, EpisodeEvent] = {}
     ends: dict[str, EpisodeEvent] = {}
     emitted: dict[str, int] = {}
     acks: dict[str, EpisodeStored] = {}
@@ -35,7 +44,9 @@ def test_three_episodes_are_stored_exactly_as_published(ros_context, sim_graph, 
             published[(msg.episode_id, msg.step_index)] = msg
 
     def on_event(msg: EpisodeEvent) -> None:
-        if msg.type == EpisodeEvent.END:
+        if msg.type == EpisodeEvent.START:
+            starts[msg.episode_id] = msg
+        elif msg.type == EpisodeEvent.END:
             ends[msg.episode_id] = msg
         elif msg.type == EpisodeEvent.STEPS_DONE:
             emitted[msg.episode_id] = msg.num_steps
@@ -48,8 +59,13 @@ def test_three_episodes_are_stored_exactly_as_published(ros_context, sim_graph, 
     executor = SingleThreadedExecutor(context=ros_context)
     executor.add_node(node)
     # The observer subscribes before the graph starts, so it sees every record from the first one.
+    # max_wall_wait 6 s (default 2): a command later than that on a loaded host makes the cell hold a period,
+    # which the open-loop replay below would not retrace (test_rollout_agreement.py says the same).
     runner = sim_graph(
-        "/episode_manager.num_episodes=3", "/episode_manager.episode_timeout=12.0", "/policy.action_noise=0.1"
+        "/episode_manager.num_episodes=3",
+        "/episode_manager.episode_timeout=12.0",
+        "/policy.action_noise=0.1",
+        "/sim_cell.max_wall_wait=6.0",
     )
     finished = spin(executor, lambda: len(acks) >= 3 or runner.poll() is not None, timeout=240)
     logs = "\n".join(p.read_text()[-3000:] for p in (tmp_path / "logs").glob("*.log"))
@@ -88,5 +104,26 @@ def test_three_episodes_are_stored_exactly_as_published(ros_context, sim_graph, 
     # The expert with light noise solves most episodes; the session counted what the store holds.
     assert sum(r.outcome == "success" for r in rows.values()) >= 1
     assert sum(1 for s in store.list() if not s.complete) == 0
+
+    # The scene seed: drawn by the cell for each reset (the manager asks for none), passed on by START, stored in
+    # the catalogue and the file. Each is the first scene of its task in a cell with the graph's /sim_cell.seed.
+    cell_seed = int(runner.effective_parameters["/sim_cell"]["seed"])
+    for episode_id in acks:
+        row = rows[episode_id]
+        assert row.scene_seed is not None and row.scene_seed == starts[episode_id].scene_seed
+        assert row.scene_seed == scene_seed(cell_seed, row.task, 0), (row.task, row.scene_seed)
+        assert store.read(episode_id).meta.scene_seed == row.scene_seed
+    assert len({rows[e].scene_seed for e in acks}) == len(acks)
     store.close()
     node.destroy_node()
+
+    # `irevla replay` without --seed resets the recorded scene and retraces the recorded end effector.
+    capsys.readouterr()
+    for episode_id in acks:
+        assert main(["replay", episode_id, "--store", str(tmp_path / "store"), "--json"]) == 0
+        out, err = capsys.readouterr()
+        line = json.loads(out.strip().splitlines()[-1])
+        assert (line["seed"], line["seed_source"]) == (rows[episode_id].scene_seed, "recorded"), err
+        assert line["scene_same"] is True, out
+        assert line["ee_deviation_max"] <= REPLAY_TOLERANCE_M, out
+        assert line["outcome_match"] is True, out

@@ -32,14 +32,17 @@ def test_session_over_ros(ros_context, spin):
     )
     peer = Node("cell_and_operator", context=ros_context)
     resets: list[str] = []
+    requested_seeds: list[int] = []
 
     def reset(request: ResetEpisode.Request, response: ResetEpisode.Response) -> ResetEpisode.Response:
         resets.append(request.task)
+        requested_seeds.append(request.seed)
         response.success, response.task, response.instruction = (
             True,
             request.task,
             f"instruction {len(resets)}",
         )
+        response.seed = 2**40 + len(resets)  # the layout seed the cell says it reset with
         return response
 
     peer.create_service(ResetEpisode, topics.SIM_RESET, reset)
@@ -68,6 +71,8 @@ def test_session_over_ros(ros_context, spin):
     assert spin(executor, lambda: len(starts()) == 1, timeout=20)
     first = starts()[0]
     assert resets == ["button-press-v3"] and first.instruction == "instruction 1"
+    assert requested_seeds == [-1]  # the manager lets the cell choose the layout...
+    assert first.scene_seed == 2**40 + 1  # ...and START passes on the seed it chose, for the store to record
 
     # Teleop: the failure button (1) ends the running episode with an operator label.
     joy_pub.publish(Joy(buttons=[0, 1, 0, 0]))
@@ -80,6 +85,7 @@ def test_session_over_ros(ros_context, spin):
     )
     assert spin(executor, lambda: len(starts()) == 2, timeout=10)
     assert resets[-1] == "door-open-v3"
+    assert starts()[1].scene_seed == 2**40 + 2 and ends()[0].scene_seed == -1  # each START its own reset's
 
     # The simulator's success signal ends the second one automatically...
     success_pub.publish(Bool(data=True))

@@ -30,6 +30,7 @@ from irevla_ros.store.errors import (
     StoreLockedError,
     UnknownEpisodeError,
 )
+from irevla_ros.store.mcap_format import read_episode_info
 from irevla_ros.store.records import AssembledEpisode, EpisodeMeta, InvalidRecordError, StepData
 
 T0 = 1_700_000_000_000_000_000  # 2023-11-14 UTC
@@ -675,7 +676,99 @@ def test_v1_catalogue_migrates_to_timing_errors(tmp_path: Path):
         assert (
             store._conn.execute("SELECT version FROM schema_version").fetchone()[0]
             == catalog.SCHEMA_VERSION
-            == 3
+            == 4
         )
         stored = store.get("ep-old")
         assert stored.timing_errors == 0 and stored.complete and stored.num_steps == 3
+
+
+# --- the scene seed (schema v4) ----------------------------------------------------------------------------
+
+FORMAT1_FIXTURE = Path(__file__).parent / "data" / "episode_format1.mcap"
+
+
+def test_scene_seed_is_kept_in_the_file_and_the_catalogue_and_comes_back_on_reindexing(store: EpisodeStore):
+    seed = 2**40 + 3  # beyond 32 bits: int64 all the way
+    seeded = assemble("ep-seeded", list(range(4)), 4)
+    seeded = dataclasses.replace(seeded, meta=dataclasses.replace(seeded.meta, scene_seed=seed))
+    assert store.write(seeded).scene_seed == seed
+    assert store.write(assemble("ep-robot", list(range(4)), 4)).scene_seed is None  # none known
+    assert store.get("ep-seeded").scene_seed == seed and store.read("ep-seeded").meta.scene_seed == seed
+    assert store.read("ep-robot").meta.scene_seed is None
+    with sqlite3.connect(store.root / "catalog.sqlite") as conn:
+        rows = dict(conn.execute("SELECT episode_id, scene_seed FROM episodes").fetchall())
+    assert rows == {"ep-seeded": seed, "ep-robot": None}
+    for eid, text in (("ep-seeded", str(seed)), ("ep-robot", "")):
+        with open(store.absolute_path(store.get(eid)), "rb") as f:
+            metadata = {m.name: m.metadata for m in make_reader(f).iter_metadata()}
+        assert metadata["irevla_episode"]["scene_seed"] == text
+    # The catalogue lost: re-indexed from the files' own metadata, the seeds come back.
+    with sqlite3.connect(store.root / "catalog.sqlite") as conn:
+        conn.execute("DELETE FROM labels")
+        conn.execute("DELETE FROM episodes")
+    assert sorted(store.recover().reindexed) == ["ep-robot", "ep-seeded"]
+    assert store.get("ep-seeded").scene_seed == seed and store.get("ep-robot").scene_seed is None
+
+
+@pytest.mark.parametrize("bad", [-1, 2**63, 1.5, True, "7"])
+def test_a_scene_seed_outside_int64_is_refused(bad: object):
+    with pytest.raises(InvalidRecordError, match="scene_seed"):
+        dataclasses.replace(make_meta("ep-1"), scene_seed=bad)
+
+
+def test_v3_catalogue_migrates_keeping_its_rows_with_the_scene_seed_unknown(tmp_path: Path):
+    """A store as the code before the scene seed left it: a v3 catalogue and a file without the seed (the format 1
+    fixture, whose metadata has no scene_seed either)."""
+    root = tmp_path / "store"
+    rel = "episodes/2023-11-14/legacy-v1-0001.mcap"
+    (root / rel).parent.mkdir(parents=True)
+    data = FORMAT1_FIXTURE.read_bytes()
+    (root / rel).write_bytes(data)
+    meta = read_episode_info(data).meta
+    conn = sqlite3.connect(root / "catalog.sqlite")
+    for version in (1, 2, 3):
+        catalog.MIGRATIONS[version](conn)
+    conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    conn.execute("INSERT INTO schema_version (version) VALUES (3)")
+    conn.execute(
+        "INSERT INTO episodes (episode_id, task, instruction, outcome, label_source, policy_version, source, "
+        "num_steps, complete, reasons, sha256, path, size_bytes, started_ns, ended_ns, stored_ns, timing_errors, "
+        "interventions, intervention_steps) VALUES (?, ?, ?, ?, ?, ?, ?, 3, 1, '[]', ?, ?, ?, ?, ?, 5, 0, 1, 1)",
+        (
+            meta.episode_id,
+            meta.task,
+            meta.instruction,
+            meta.outcome,
+            meta.label_source,
+            meta.policy_version,
+            meta.source,
+            hashlib.sha256(data).hexdigest(),
+            rel,
+            len(data),
+            meta.started_ns,
+            meta.ended_ns,
+        ),
+    )
+    conn.execute(
+        "INSERT INTO labels (episode_id, outcome, label_source, stamp_ns, applied) VALUES (?, ?, ?, 4, 1)",
+        (meta.episode_id, meta.outcome, meta.label_source),
+    )
+    conn.commit()
+    conn.close()
+    with pytest.raises(RuntimeError, match="needs migration"):
+        EpisodeStore(root, read_only=True)  # a reader never migrates
+    with EpisodeStore(root) as store:
+        assert store._conn.execute("SELECT version FROM schema_version").fetchone()[0] == 4
+        assert store.last_recovery.clean and store.last_recovery.reindexed == []
+        [old] = store.list()
+        assert (old.episode_id, old.num_steps, old.interventions, old.stored_ns) == (meta.episode_id, 3, 1, 5)
+        assert old.scene_seed is None and old.trainable and old.sha256 == hashlib.sha256(data).hexdigest()
+        assert [entry.stamp_ns for entry in store.labels(meta.episode_id)] == [4]
+        record = store.read(meta.episode_id)  # the old file still reads, checksum verified
+        assert len(record.steps) == 3 and record.meta.scene_seed is None
+        # New episodes in the migrated store carry their seed.
+        fresh = assemble("ep-new", list(range(3)), 3)
+        fresh = dataclasses.replace(fresh, meta=dataclasses.replace(fresh.meta, scene_seed=11))
+        assert store.write(fresh).scene_seed == 11
+    with EpisodeStore(root, read_only=True) as reader:
+        assert {r.episode_id: r.scene_seed for r in reader.list()} == {meta.episode_id: None, "ep-new": 11}

@@ -48,7 +48,8 @@ def _variant(store: EpisodeStore, source_id: str, new_id: str, keep: list[int], 
 
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, RolloutSettings]:
-    """A store with a noisy scripted-expert success (layout seed LAYOUT) and hand-made variants of it."""
+    """A store with a noisy scripted-expert success (layout seed LAYOUT, recorded with it) and hand-made variants
+    of it, one without a recorded seed (as a robot's, or one stored before seeds were recorded)."""
     root = tmp_path_factory.mktemp("replay") / "store"
     settings = RolloutSettings.from_graph()
     cell = make_cell(settings, [TASK])
@@ -56,13 +57,15 @@ def recorded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, RolloutSet
         episode = run_episode(cell, ScriptedExpertPolicy(noise_std=0.1, seed=1), settings, TASK, seed=LAYOUT)
     finally:
         cell.close()
-    assert episode.success and episode.steps > 20
+    assert episode.success and episode.steps > 20 and episode.seed == LAYOUT
     with EpisodeStore(root) as store:
-        write_to_store(
+        stored = write_to_store(
             store, episode, source="expert", episode_id="ep-expert", started_ns=1_700_000_000 * 10**9
         )
+        assert stored.scene_seed == LAYOUT  # write_to_store keeps the episode's layout seed
         _variant(store, "ep-expert", "ep-gap", [0, 1, 2, 3, 4, 6, 7, 8, 9, 10, 11])
-        _variant(store, "ep-expert", "ep-robot-task", [0, 1, 2], task="franka-pick-cup")
+        _variant(store, "ep-expert", "ep-unseeded", list(range(episode.steps)), scene_seed=None)
+        _variant(store, "ep-expert", "ep-robot-task", [0, 1, 2], task="franka-pick-cup", scene_seed=None)
         _variant(store, "ep-expert", "ep-tampered", [0, 1, 2])
         path = store.absolute_path(store.get("ep-tampered"))
     data = bytearray(path.read_bytes())
@@ -79,10 +82,12 @@ def test_a_replayed_expert_episode_retraces_the_recording_and_succeeds_again(rec
     assert plan.steps == len(stored) and not plan.missing.any() and not plan.holds.any()
     assert np.array_equal(plan.actions, np.stack([s.action for s in stored]))
     assert plan.period == pytest.approx(0.1) and plan.recorded_success and plan.cameras == ("camera",)
+    assert plan.scene_seed == LAYOUT
 
     seen: list[tuple[int, float]] = []
-    result = replay.replay_in_sim(plan, settings, seed=LAYOUT, progress=lambda k, n, d: seen.append((k, d)))
-    # Same layout, same actions, same safety layer: MuJoCo retraces the recording.
+    result = replay.replay_in_sim(plan, settings, progress=lambda k, n, d: seen.append((k, d)))
+    # The recorded layout, the same actions, the same safety layer: MuJoCo retraces the recording.
+    assert (result.seed, result.seed_source) == (LAYOUT, "recorded")
     assert result.steps_replayed == plan.steps
     assert result.max_deviation <= 1e-6 and result.max_gripper_deviation <= 1e-6, result.summary()
     assert [k for k, _ in seen] == list(range(plan.steps)) and max(d for _, d in seen) <= 1e-6
@@ -90,11 +95,36 @@ def test_a_replayed_expert_episode_retraces_the_recording_and_succeeds_again(rec
     assert result.scene.same is True and result.scene.cameras == ("camera",)
     assert sum(result.safety.values()) == plan.steps  # every step went through the layer
     assert "max 0.00 mm" in result.summary() and "same first frame" in result.summary()
+    assert f"layout seed {LAYOUT} recorded with the episode" in result.summary()
 
-    # Without the layout seed the task's first layout is another scene: the first frames say so.
-    other = replay.replay_in_sim(plan, settings, seed=None)
+    # A given seed overrides the recorded one: another scene, and the first frames say so.
+    other = replay.replay_in_sim(plan, settings, seed=LAYOUT + 1)
+    assert (other.seed, other.seed_source) == (LAYOUT + 1, "given")
     assert other.scene.same is False and other.scene.changed_fraction > 0.001, other.scene
-    assert "DIFFERENT first frame" in other.summary() and "--seed" in other.summary()
+    assert "DIFFERENT first frame" in other.summary() and "not the episode's layout" in other.summary()
+
+
+def test_an_episode_without_a_recorded_seed_replays_the_tasks_first_scene_and_says_so(recorded):
+    root, settings = recorded
+    with EpisodeStore(root, read_only=True) as store:
+        assert store.get("ep-unseeded").scene_seed is None
+        plan = replay.load_plan(store, "ep-unseeded")
+    assert plan.scene_seed is None
+    result = replay.replay_in_sim(plan, settings)
+    # What replay did before seeds were recorded: a fresh cell's first scene of the task, not the recorded one.
+    cell = make_cell(settings, [TASK])
+    try:
+        first_scene = cell.reset(TASK)
+    finally:
+        cell.close()
+    assert (result.seed, result.seed_source) == (first_scene, "none") and first_scene != LAYOUT
+    assert result.scene.same is False, result.summary()
+    summary = result.summary()
+    assert "no layout seed recorded" in summary and "first scene of a fresh cell" in summary
+    assert "DIFFERENT first frame" in summary and "--seed" in summary
+    # Its seed given by hand rebuilds the scene again.
+    again = replay.replay_in_sim(plan, settings, seed=LAYOUT)
+    assert again.scene.same is True and again.max_deviation <= 1e-6, again.summary()
 
 
 def test_an_incomplete_episode_is_refused_unless_allowed_and_its_gap_is_held(recorded):
@@ -123,7 +153,7 @@ def test_unknown_ids_tampered_files_and_unknown_tasks_are_named(recorded):
             with pytest.raises(replay.EpisodeNotFoundError) as missing:
                 replay.load_plan(store, bad)
             message = str(missing.value)
-            assert repr(bad) in message and str(root) in message and "4 episodes" in message
+            assert repr(bad) in message and str(root) in message and "5 episodes" in message
             assert "ep-tampered" in message and f"irevla replay --list --store {root}" in message
             assert isinstance(missing.value, ValueError)
         with pytest.raises(CorruptEpisodeError, match=r"ep-tampered.*sha256"):
@@ -139,13 +169,26 @@ def test_the_verb_exit_codes_and_json_line(recorded, capsys):
     root, _ = recorded
     store = str(root)
 
-    assert main(["replay", "ep-expert", "--store", store, "--seed", str(LAYOUT), "--json"]) == 0
+    # Without --seed: the layout seed recorded with the episode.
+    assert main(["replay", "ep-expert", "--store", store, "--json"]) == 0
     out, err = capsys.readouterr()
     line = json.loads(out.strip().splitlines()[-1])
     assert line["target"] == "sim" and line["episode_id"] == "ep-expert" and line["seed"] == LAYOUT
+    assert line["seed_source"] == "recorded"
     assert line["ee_deviation_max"] <= 1e-6 and line["outcome_match"] is True and line["scene_same"] is True
     assert len(line["ee_deviation_per_step"]) == line["steps_replayed"] == line["steps_recorded"]
     assert "replay of ep-expert (button-press-v3)" in out and "[replay] step" in err
+    assert f"layout seed {LAYOUT} recorded with the episode" in err
+    # --seed overrides it; an episode without one says so.
+    assert main(["replay", "ep-expert", "--store", store, "--seed", str(LAYOUT + 1), "--json"]) == 0
+    out, err = capsys.readouterr()
+    line = json.loads(out.strip().splitlines()[-1])
+    assert (line["seed"], line["seed_source"], line["scene_same"]) == (LAYOUT + 1, "given", False)
+    assert f"layout seed {LAYOUT + 1} from --seed" in err
+    assert main(["replay", "ep-unseeded", "--store", store, "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out.strip().splitlines()[-1])["seed_source"] == "none"
+    assert "no layout seed recorded with the episode" in err and "--seed" in err
 
     cases = [
         (["ep-nope"], 1, "not in the store"),
@@ -162,6 +205,8 @@ def test_the_verb_exit_codes_and_json_line(recorded, capsys):
     assert main(["replay", "--list", "--store", store]) == 0
     listing = capsys.readouterr().out
     assert all(i in listing for i in ("ep-expert", "ep-gap", "ep-robot-task")) and "incomplete" in listing
+    seeds = {line.split()[0]: line.split()[-1] for line in listing.splitlines()[1:]}
+    assert seeds["ep-expert"] == str(LAYOUT) and seeds["ep-unseeded"] == "-"
     with pytest.raises(SystemExit) as bad_speed:
         main(["replay", "ep-expert", "--store", store, "--speed", "0"])
     assert bad_speed.value.code == 2 and "speed must be in (0, 2]" in capsys.readouterr().err

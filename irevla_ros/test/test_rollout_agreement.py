@@ -49,7 +49,7 @@ def _common(tmp: Path, timeout: float) -> list[str]:
     ]
 
 
-def _graph_episode(tmp: Path, settings: list[str]) -> dict[str, np.ndarray | str | int]:
+def _graph_episode(tmp: Path, settings: list[str]) -> dict[str, np.ndarray | str | int | None]:
     summary = run_session("agreement", 1, tmp / "store", tmp / "logs", settings, ("camera",), timeout=240.0)
     assert summary["episodes"] == 1 and summary["lost_steps"] == 0, summary
     with EpisodeStore(tmp / "store", read_only=True) as store:
@@ -66,13 +66,14 @@ def _graph_episode(tmp: Path, settings: list[str]) -> dict[str, np.ndarray | str
         "proprio": np.stack([s.proprioception for s in steps]),
         "actions": np.stack([s.action for s in steps]),
         "images": np.stack([s.images["camera"] for s in steps]),
+        "scene_seed": row.scene_seed,
     }
 
 
 def _direct_episode(settings: list[str], policy: object) -> EpisodeResult:
     rollout = RolloutSettings.from_graph(overrides=settings)
-    # The sim cell's constructor starts an episode and the episode manager's reset draws the next layout of
-    # the task's stream: the same cell construction + a reset with no seed gives the same scene.
+    # The episode manager's reset asks for no seed, so the sim cell draws the task's first scene seed: the same
+    # cell construction + a reset with no seed draws the same one (and the graph recorded it).
     cell = make_cell(rollout, [TASK])
     try:
         return run_episode(cell, policy, rollout, TASK, seed=None)  # type: ignore[arg-type]
@@ -81,6 +82,7 @@ def _direct_episode(settings: list[str], policy: object) -> EpisodeResult:
 
 
 def _assert_same_episode(graph: dict[str, object], direct: EpisodeResult) -> None:
+    assert graph["scene_seed"] == direct.seed  # the graph stored the layout seed its scene was reset with
     assert graph["outcome"] == direct.outcome
     assert int(graph["steps"]) - direct.steps in (0, 1), (graph["steps"], direct.steps)  # type: ignore[call-overload]
     n = direct.steps

@@ -176,6 +176,7 @@ def test_a_file_of_the_old_layout_still_loads():
     """test/data/episode_format1.mcap was written by the format 1 writer (before issue 14)."""
     decoded = decode_episode(FIXTURE.read_bytes())
     assert decoded.info.format_version == "1" and decoded.info.meta.episode_id == "legacy-v1-0001"
+    assert decoded.info.meta.scene_seed is None  # written before the scene seed was recorded: unknown
     assert [s.step_index for s in decoded.steps] == [0, 1, 2]
     assert [s.intervention for s in decoded.steps] == [False, True, False]
     assert [s.log_prob for s in decoded.steps] == [-1.5, None, -1.5]
@@ -195,3 +196,4 @@ def test_an_old_file_is_reindexed_by_the_store(tmp_path: Path):
         assert "legacy-v1-0001" in store.last_recovery.reindexed
         record = store.read("legacy-v1-0001")
         assert len(record.steps) == 3 and record.meta.label_source == "operator"
+        assert record.meta.scene_seed is None and store.get("legacy-v1-0001").scene_seed is None

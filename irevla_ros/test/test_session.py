@@ -29,7 +29,19 @@ def test_reset_then_auto_start_cycles_tasks():
     events = session.reset_done(1.0, "a", "do a")
     assert [e.type for e in events] == ["reset_done", "start"]
     assert session.state is SessionState.RUNNING and events[1].task == "a" and events[1].instruction == "do a"
+    assert events[1].scene_seed == -1 == session.episode.scene_seed  # no simulator seed: a robot's homing
     assert session.next_task() == "b"
+
+
+def test_start_carries_the_scene_seed_of_its_reset():
+    session = Session(SessionConfig(tasks=["a", "b"], episode_timeout=1.0))
+    session.request_reset(0.0)
+    start = session.reset_done(0.5, "a", "do a", scene_seed=2**40 + 7)[-1]
+    assert (start.type, start.scene_seed, session.episode.scene_seed) == ("start", 2**40 + 7, 2**40 + 7)
+    [end] = session.tick(2.0, sim_success=False)
+    assert end.scene_seed == -1  # only START says it
+    session.tick(2.1, sim_success=False)
+    assert session.reset_done(2.5, "b", "do b", scene_seed=0)[-1].scene_seed == 0  # seed 0 is a seed
 
 
 def test_simulator_success_ends_episode_then_resets():

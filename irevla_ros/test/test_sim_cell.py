@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import pytest
 
-from irevla_ros.sim.cell import DEFAULT_TASKS, InvalidActionError, MetaWorldCell
+from irevla_ros.sim.cell import DEFAULT_TASKS, InvalidActionError, InvalidSeedError, MetaWorldCell, scene_seed
 
 pytestmark = pytest.mark.filterwarnings("ignore:Constant\\(s\\) may be too high:UserWarning")
 
@@ -47,6 +47,38 @@ def test_reset_randomises_object_positions_per_seed(cell):
     unseeded_a = cell.object_layout()
     cell.reset("button-press-v3")
     assert not np.allclose(unseeded_a, cell.object_layout())
+
+
+def test_unseeded_resets_draw_a_seed_that_rebuilds_their_scene_in_any_cell():
+    task = "button-press-v3"
+    a = MetaWorldCell(tasks=(task, "drawer-open-v3"), width=96, height=64, seed=7)
+    b = MetaWorldCell(tasks=(task,), width=96, height=64, seed=0)
+    try:
+        a.reset("drawer-open-v3")  # other tasks' and seeded episodes do not move this task's scene sequence
+        assert a.reset(task, seed=3) == 3 == a.episode_seed
+        first = a.reset(task)
+        layout, image = a.object_layout(), a.render("corner")
+        second = a.reset(task)
+        assert (first, second) == (scene_seed(7, task, 0), scene_seed(7, task, 1)) and first != second
+        assert a.episode_seed == second and not np.allclose(a.object_layout(), layout)
+        # The drawn seed is the whole story: another cell (other cell seed, other history) rebuilds the scene.
+        b.apply_action(np.array([1.0, 0.0, 0.0, 0.0]))
+        assert b.reset(task, seed=first) == first
+        np.testing.assert_array_equal(b.object_layout(), layout)
+        np.testing.assert_array_equal(b.render("corner"), image)
+        for bad in (-1, 2**63, 1.5, "3", True):
+            with pytest.raises(InvalidSeedError, match="layout seed"):
+                b.reset(task, seed=bad)  # type: ignore[arg-type]
+        assert b.episode_seed == first  # a refused reset leaves the episode alone
+    finally:
+        a.close()
+        b.close()
+    # A fresh cell with the same seed draws the same sequence for the task, whatever its other tasks.
+    c = MetaWorldCell(tasks=(task,), width=96, height=64, seed=7)
+    try:
+        assert c.reset() == first
+    finally:
+        c.close()
 
 
 def test_same_seed_reproduces_the_arm_and_the_image(cell):

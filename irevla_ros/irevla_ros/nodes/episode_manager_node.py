@@ -3,7 +3,8 @@
 Inputs: the simulator's success signal, operator Trigger services (~/label_success, ~/label_failure, ~/reset,
 ~/pause, ~/resume) and a gamepad (sensor_msgs/Joy; the teleop reset button). Outputs: EpisodeEvents, the session
 status, and the RViz overlay (a text MarkerArray and an annotated camera image showing the last outcome and the
-running success rate). Resets call /sim/reset_episode in simulation, or home the arm on a robot. Status on
+running success rate). Resets call /sim/reset_episode in simulation (START passes on the layout seed it answers
+with, so the store records the scene), or home the arm on a robot (START's scene_seed -1). Status on
 /diagnostics ("<name>: session"): the session state and counters; waiting for the required nodes or for a reset
 service is WARN, a failed reset or one running longer than `reset_timeout` ERROR (`irevla_ros.diagnostics`).
 """
@@ -235,7 +236,10 @@ class EpisodeManagerNode(Node):
             # have seen yet): the episode, and its timeout, start there. A robot's homing answers now.
             scene = getattr(result, "stamp", None)
             start = max(self._now(), time_to_ns(scene) * 1e-9 if scene is not None else 0.0)
-            self._apply(self.session.reset_done(start, task, instruction))
+            # The simulator names the layout seed it reset with, which START passes on so the store records
+            # it; a robot's homing (Trigger) has none.
+            seed = int(getattr(result, "seed", -1))
+            self._apply(self.session.reset_done(start, task, instruction, seed if seed >= 0 else -1))
 
     # --- outputs --------------------------------------------------------------------------------------------------
     def _apply(self, events: list[SessionEvent]) -> None:
@@ -250,6 +254,7 @@ class EpisodeManagerNode(Node):
                 note=event.note,
                 source=str(self.params["source"]),
                 policy_version=self._policy_version,
+                scene_seed=event.scene_seed,
             )
             if event.type == "start" and self.session.episode is not None:
                 # START carries the episode's start time: the policy acts on the observation of that moment.

@@ -4,7 +4,8 @@
 - `sim_cell` (this module's SimCellNode): owns the MetaWorldCell, advances it one control period at a time in
   step with the arm controller, renders the cameras after each period, publishes /clock (every node runs on
   simulated time), the simulator's success signal and its scripted expert's action, and serves
-  /sim/reset_episode (per-episode randomisation);
+  /sim/reset_episode (per-episode randomisation; the answer names the layout seed, drawn by the cell when the
+  request has none, so every episode's scene can be rebuilt);
 - `camera` (CameraNode with the `sim` backend): publishes the frames the cell rendered;
 - `arm_controller` (ArmControllerNode with the `sim` backend): its commands step the cell; its state (pose,
   joints) is published by the cell after every period, like the frames.
@@ -111,7 +112,9 @@ class SimCellNode(Node):
         try:
             with self.cell.lock:
                 before = self.cell.sim_time
-                self.cell.reset(
+                # A request without a seed (-1) gets one drawn by the cell; either way the answer names it, so
+                # the episode's scene is recorded and can be rebuilt (irevla replay).
+                response.seed = self.cell.reset(
                     task=request.task or None, seed=None if request.seed < 0 else int(request.seed)
                 )
                 response.task, response.instruction = self.cell.task, self.cell.instruction

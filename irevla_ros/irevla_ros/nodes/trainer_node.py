@@ -327,6 +327,7 @@ class TrainerNode(Node):
                         policy_version=msg.policy_version,
                         source=msg.source or "policy",
                         started_ns=time.time_ns(),
+                        scene_seed=msg.scene_seed if msg.scene_seed >= 0 else None,  # -1: no simulator
                     )
                 )
             elif msg.type == EpisodeEvent.END:

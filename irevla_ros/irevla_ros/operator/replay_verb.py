@@ -38,10 +38,15 @@ def _say(message: str) -> None:
 
 def _list(store: Any) -> int:
     rows = store.list()
-    print(f"{'episode id':<28} {'task':<24} {'source':<12} {'outcome':<9} {'steps':>5}  state")
+    print(
+        f"{'episode id':<28} {'task':<24} {'source':<12} {'outcome':<9} {'steps':>5}  {'state':<10}  scene seed"
+    )
     for r in rows:
         state = "corrupt" if r.corrupt else ("complete" if r.complete else "incomplete")
-        print(f"{r.episode_id:<28} {r.task:<24} {r.source:<12} {r.outcome:<9} {r.num_steps:>5}  {state}")
+        seed = "-" if r.scene_seed is None else str(r.scene_seed)  # -: none recorded (robot, older store)
+        print(
+            f"{r.episode_id:<28} {r.task:<24} {r.source:<12} {r.outcome:<9} {r.num_steps:>5}  {state:<10}  {seed}"
+        )
     _say(f"{len(rows)} episodes in {store.root}")
     return 0
 
@@ -103,7 +108,13 @@ def _replay_sim(args: argparse.Namespace, plan: Any) -> int:
                 f"[replay] step {step + 1}/{steps}: end effector {1000 * deviation:.2f} mm from the recording"
             )
 
-    layout = f"seed {args.seed}" if args.seed is not None else "no --seed: the task's first layout"
+    seed, source = replay.layout_seed(plan, args.seed)
+    layout = {
+        "given": f"layout seed {seed} from --seed",
+        "recorded": f"layout seed {seed} recorded with the episode",
+        "none": "no layout seed recorded with the episode (a robot episode, or one stored before scene seeds "
+        "were recorded): the task's first scene of a fresh cell; --seed names another",
+    }[source]
     _say(f"[replay] {plan.episode_id}: {plan.steps} steps of {plan.task} in the simulated cell ({layout})")
     try:
         result = replay.replay_in_sim(plan, settings, seed=args.seed, progress=progress)
@@ -204,8 +215,9 @@ def add_verbs(sub: Any, verbs: dict[str, Callable[[argparse.Namespace], int]]) -
         "--seed",
         type=int,
         default=None,
-        help="sim: the layout seed of the episode's scene reset, if known (the store does not record it; "
-        "default: the task's first layout of a fresh cell, i.e. a fresh graph's first episode of that task)",
+        help="sim: the layout seed of the scene to reset (default: the one recorded with the episode; for an "
+        "episode without one, a robot's or one stored before seeds were recorded, the task's first scene of "
+        "a fresh cell, i.e. a fresh graph's first episode of that task)",
     )
     p.add_argument(
         "--set",

@@ -65,10 +65,32 @@ class InvalidActionError(ValueError):
     """An action or target is not finite, has the wrong shape, or lies outside the normalised range."""
 
 
+class InvalidSeedError(ValueError):
+    """A layout seed is not an integer in [0, 2**63) (what ResetEpisode and the episode store can carry)."""
+
+
+# Mixed into the scene seeds so that a graph's scenes are not the episode_seed(seed, task, i) scenes of
+# evaluation and validation (train/rollout.py) when the two seed numbers happen to be equal.
+_SCENE_STREAM = zlib.crc32(b"sim_cell scenes")
+_MAX_SEED = 2**63  # int64 on the wire (ResetEpisode.seed, EpisodeEvent.scene_seed) and in the catalogue
+
+
 def _task_seed(seed: int, task: str) -> int:
     # Each task env gets its own stream so that the order in which tasks are first used does not change
     # another task's object positions.
     return int(np.random.SeedSequence([seed, zlib.crc32(task.encode())]).generate_state(1)[0])
+
+
+def scene_seed(seed: int, task: str, index: int) -> int:
+    """The layout seed a cell with seed `seed` draws for its `index`-th reset (0-based) of `task` without a seed.
+
+    A function of the three only, so a recorded seed rebuilds its scene in any cell, and the order in which
+    tasks are run does not change another task's scenes."""
+    return int(
+        np.random.SeedSequence(
+            [int(seed), zlib.crc32(task.encode()), int(index), _SCENE_STREAM]
+        ).generate_state(1)[0]
+    )
 
 
 def _finite_vector(name: str, value: object, size: int) -> np.ndarray:
@@ -176,11 +198,12 @@ class MetaWorldCell:
         self._sim_time = 0.0
         self._success = False
         self._episode_steps = 0
-        self._episode_seed: int | None = None
+        self._scenes_drawn: dict[str, int] = {}  # task -> resets without a seed so far
+        self._episode_seed = 0
         self._task = tasks[0]
         # Start in a valid episode so a camera can render before the first explicit reset; the round-robin
-        # still begins with tasks[0].
-        self._start_episode(tasks[0], None)
+        # still begins with tasks[0], and so does the task's scene sequence (this scene is not one of it).
+        self._start_episode(tasks[0], _task_seed(self._seed, tasks[0]))
 
     # ---- configuration -------------------------------------------------------------------------------------
 
@@ -213,8 +236,9 @@ class MetaWorldCell:
         return instruction_for(self._task)
 
     @property
-    def episode_seed(self) -> int | None:
-        """The seed passed to the current episode's reset (None: drawn from the task's stream)."""
+    def episode_seed(self) -> int:
+        """The layout seed of the current episode: the reset's, or the one the cell drew for a reset without one
+        (`scene_seed`). Resetting the task with it in any cell rebuilds the same scene."""
         return self._episode_seed
 
     @property
@@ -263,24 +287,33 @@ class MetaWorldCell:
 
     # ---- episodes ------------------------------------------------------------------------------------------
 
-    def reset(self, task: str | None = None, seed: int | None = None) -> None:
-        """Start an episode: `task` None takes the next configured task in turn; `seed` fixes the layout."""
+    def reset(self, task: str | None = None, seed: int | None = None) -> int:
+        """Start an episode: `task` None takes the next configured task in turn; `seed` fixes the layout, None
+        draws the task's next scene seed (`scene_seed`). Returns the layout seed used (`episode_seed`)."""
+        valid = isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) and 0 <= seed < _MAX_SEED
+        if seed is not None and not valid:
+            raise InvalidSeedError(f"layout seed must be an integer in [0, 2**63), got {seed!r}")
         with self._lock:
             if task is None:
                 task = self._tasks[self._next_task_index]
             elif task not in self._tasks:
                 raise UnknownTaskError(f"task {task!r} is not configured; this cell runs {list(self._tasks)}")
             self._next_task_index = (self._tasks.index(task) + 1) % len(self._tasks)
-            self._start_episode(task, seed)
+            if seed is None:
+                # An explicit seed even here, so that every episode's scene can be recorded and rebuilt.
+                index = self._scenes_drawn.get(task, 0)
+                self._scenes_drawn[task] = index + 1
+                seed = scene_seed(self._seed, task, index)
+            self._start_episode(task, int(seed))
+            return self._episode_seed
 
-    def _start_episode(self, task: str, seed: int | None) -> None:
+    def _start_episode(self, task: str, seed: int) -> None:
         slot = self._slot(task)
-        if seed is not None:
-            slot.env.seed(int(seed))
+        slot.env.seed(seed)
         obs, _ = slot.env.reset()
         slot.obs = obs
         self._task = task
-        self._episode_seed = None if seed is None else int(seed)
+        self._episode_seed = seed
         self._success = False
         self._episode_steps = 0
         # Meta-World homes the hand by simulating; that physics time passed, so stamps keep increasing.

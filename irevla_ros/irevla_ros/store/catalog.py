@@ -65,13 +65,23 @@ def _migrate_to_v3(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE episodes ADD COLUMN intervention_steps INTEGER")
 
 
-MIGRATIONS: dict[int, Migration] = {1: _migrate_to_v1, 2: _migrate_to_v2, 3: _migrate_to_v3}
+def _migrate_to_v4(conn: sqlite3.Connection) -> None:
+    # NULL = unknown, and stays so: files written before the scene seed was recorded do not hold it either.
+    conn.execute("ALTER TABLE episodes ADD COLUMN scene_seed INTEGER")
+
+
+MIGRATIONS: dict[int, Migration] = {
+    1: _migrate_to_v1,
+    2: _migrate_to_v2,
+    3: _migrate_to_v3,
+    4: _migrate_to_v4,
+}
 SCHEMA_VERSION = max(MIGRATIONS)
 
 INSERT_EPISODE = """INSERT INTO episodes (episode_id, task, instruction, outcome, label_source, policy_version,
     source, num_steps, complete, reasons, sha256, path, size_bytes, started_ns, ended_ns, stored_ns, timing_errors,
-    interventions, intervention_steps)
-    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
+    interventions, intervention_steps, scene_seed)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
 SELECT_UNCOUNTED = "SELECT * FROM episodes WHERE interventions IS NULL OR intervention_steps IS NULL"
 UPDATE_INTERVENTIONS = "UPDATE episodes SET interventions = ?, intervention_steps = ? WHERE episode_id = ?"
 INSERT_LABEL = (
@@ -132,4 +142,5 @@ def to_stored(row: sqlite3.Row) -> StoredEpisode:
         # NULL only while a migrated row's file could not be read to count them (see _migrate_to_v3)
         interventions=row["interventions"] or 0,
         intervention_steps=row["intervention_steps"] or 0,
+        scene_seed=row["scene_seed"],
     )

@@ -346,6 +346,7 @@ class EpisodeStore:
                     stored_ns,
                     timing_errors,
                     *interventions,
+                    None if meta.scene_seed is None else int(meta.scene_seed),
                 ),
             )
             conn.execute(

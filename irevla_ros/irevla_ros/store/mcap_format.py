@@ -12,7 +12,8 @@ so playing the file reproduces the live topics.
   image data, which is on the camera topics; `image_topics` names them).
 - log_time = publish_time = the step stamp except for images and the arm's state (their own stamps); every
   message has sequence = step_index, which ties a step's messages together (stamps may repeat, indices may not).
-- Metadata record `irevla_episode`: the EpisodeMeta fields as strings; `irevla_assembly`: completeness.
+- Metadata record `irevla_episode`: the EpisodeMeta fields as strings (`scene_seed` empty when unknown, absent in
+  files written before it was recorded: read as unknown); `irevla_assembly`: completeness.
 Schemas are the types' installed .msg definitions with their dependencies, concatenated as rosbag2 embeds them
 (`ros2msg_definition`), never hand-written. The file is immutable once written: later relabels live in the
 catalogue only. Format 1 files (`/irevla/episode/...` topics, before issue 14) still read (`_decode_format1`).
@@ -187,6 +188,7 @@ def _meta_to_strings(meta: EpisodeMeta) -> dict[str, str]:
         "outcome": meta.outcome,
         "label_source": meta.label_source,
         "expected_steps": _opt(meta.expected_steps),
+        "scene_seed": _opt(meta.scene_seed),
     }
 
 
@@ -205,6 +207,8 @@ def _meta_from_strings(data: dict[str, str]) -> EpisodeMeta:
         outcome=data["outcome"],
         label_source=data["label_source"],
         expected_steps=opt_int("expected_steps"),
+        # Absent from files written before the seed was recorded (format 1 and early format 2): unknown.
+        scene_seed=opt_int("scene_seed") if "scene_seed" in data else None,
     )
 
 

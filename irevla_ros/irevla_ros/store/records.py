@@ -239,6 +239,9 @@ class EpisodeMeta:
     outcome: str = "unknown"  # one of OUTCOMES
     label_source: str = "none"  # one of LABEL_SOURCES
     expected_steps: int | None = None  # the count the producer said it emitted
+    # The simulator's layout seed of the episode's scene (START); None: unknown (a robot, or recorded before
+    # the seed was recorded). Resetting the simulated cell to the task with it rebuilds the scene.
+    scene_seed: int | None = None
 
     def __post_init__(self) -> None:
         check_episode_id(self.episode_id)
@@ -249,6 +252,14 @@ class EpisodeMeta:
             raise InvalidRecordError(f"started_ns must be non-negative, got {self.started_ns}")
         if self.expected_steps is not None and self.expected_steps < 0:
             raise InvalidRecordError(f"expected_steps must be non-negative, got {self.expected_steps}")
+        if self.scene_seed is not None and (
+            isinstance(self.scene_seed, bool)
+            or not isinstance(self.scene_seed, (int, np.integer))
+            or not 0 <= self.scene_seed < 2**63
+        ):
+            raise InvalidRecordError(
+                f"scene_seed must be None or an integer in [0, 2**63), got {self.scene_seed!r}"
+            )
 
 
 @dataclass
@@ -302,6 +313,7 @@ class StoredEpisode:
     timing_errors: int = 0  # see AssembledEpisode; such an episode is incomplete
     interventions: int = 0  # operator takeovers: maximal runs of consecutive steps with intervention=true
     intervention_steps: int = 0  # steps the operator commanded (intervention=true)
+    scene_seed: int | None = None  # see EpisodeMeta; None: unknown (robot, or catalogued before schema v4)
 
     @property
     def trainable(self) -> bool:

@@ -8,12 +8,13 @@ action of each step, and compares per step the replayed end effector with the re
 replay's outcome (simulator success) with the stored one. The robot replay (`operator/replay_robot.py`) plays
 the same plan through a running graph's arm controller.
 
-The scene. The store does not record which layout an episode's reset drew: the graph resets with seed -1 (the
-cell's own stream per task), and `rollout.write_to_store` drops `EpisodeResult.seed`. So the caller names the
-layout seed when it knows it (`seed`); without one the replay resets the task's first layout of a fresh cell
-(what a fresh graph with the same `/sim_cell.seed` draws for the first episode of that task). Either way the
-first frame of the replay is compared with the recorded one (`SceneCheck`): the same scene renders identically
-here, another layout does not.
+The scene. Every simulated episode records the layout seed its reset used (the sim cell draws one when the
+episode manager asks for none, START carries it, the store keeps it as `scene_seed`), and the replay resets the
+task with it: the recorded scene, whatever `/sim_cell.seed` and the episodes before it were. A caller's `seed`
+overrides it. An episode without one (a robot's, or one stored before the seed was recorded) is replayed in the
+task's first scene of a fresh cell (what a fresh graph with the same `/sim_cell.seed` draws for its first episode
+of that task), and the result says so (`seed_source`). Either way the first frame of the replay is compared with
+the recorded one (`SceneCheck`): the same scene renders identically here, another layout does not.
 
 Plain Python: no rclpy.
 """
@@ -40,6 +41,16 @@ _PIXEL_CHANGE = 8
 _SCENE_CHANGED_FRACTION = 0.001
 # How many ids an unknown-id error names (the newest).
 _IDS_SHOWN = 5
+
+# Where a replay's layout seed came from: the caller, the episode's record, or nowhere (a fresh cell's first scene).
+SEED_SOURCES = ("given", "recorded", "none")
+_NO_SEED = "a robot episode, or one stored before scene seeds were recorded"
+_WHY_DIFFERENT = {
+    "none": "the replay reset another layout; pass the episode's --seed if known",
+    "given": "the given seed is not the episode's layout; without --seed the recorded one is used, if any",
+    "recorded": "the recorded layout seed rebuilt another scene: the replay's cell is not configured as the "
+    "recording session's (cameras, image sizes: --set)",
+}
 
 
 class ReplayError(ValueError):
@@ -86,6 +97,7 @@ class ReplayPlan:
     period: float  # seconds per step, from the recorded stamps
     cameras: tuple[str, ...]
     first_images: dict[str, np.ndarray] = field(default_factory=dict)  # step 0's images, if recorded
+    scene_seed: int | None = None  # the layout seed recorded with the episode; None: unknown
 
     @property
     def steps(self) -> int:
@@ -158,6 +170,7 @@ def load_plan(
         period=_recorded_period(steps, default_period),
         cameras=tuple(steps[0].images),
         first_images=dict(steps[0].images) if steps[0].step_index == 0 else {},
+        scene_seed=record.meta.scene_seed,
     )
 
 
@@ -253,7 +266,8 @@ class SimReplayResult:
 
     episode_id: str
     task: str
-    seed: int | None  # the layout seed the replay reset with (None: the task's first layout of a fresh cell)
+    seed: int  # the layout seed the replay reset with
+    seed_source: str  # one of SEED_SOURCES: where `seed` came from
     cell_seed: int
     steps_recorded: int
     steps_replayed: int  # fewer when the replay succeeded earlier (the end rule stops at success)
@@ -299,14 +313,15 @@ class SimReplayResult:
             scene_line = "same first frame" + (" (identical)" if scene.max_difference == 0 else "")
         else:
             scene_line = (
-                f"DIFFERENT first frame ({100 * scene.changed_fraction:.2f}% of pixels changed): the replay "
-                "reset another layout; pass the episode's --seed if known"
+                f"DIFFERENT first frame ({100 * scene.changed_fraction:.2f}% of pixels changed): "
+                + _WHY_DIFFERENT[self.seed_source]
             )
-        layout = (
-            f"seed {self.seed}"
-            if self.seed is not None
-            else f"the task's first layout (cell seed {self.cell_seed})"
-        )
+        layout = {
+            "recorded": f"layout seed {self.seed} recorded with the episode",
+            "given": f"layout seed {self.seed} as given",
+            "none": f"no layout seed recorded ({_NO_SEED}): the task's first scene of a fresh cell (cell seed "
+            f"{self.cell_seed}, layout seed {self.seed})",
+        }[self.seed_source]
         recorded_success = self.recorded_outcome == "success"
         outcome = (
             f"replay {'success' if self.replay_success else 'no success'} vs recorded {self.recorded_outcome}: "
@@ -343,6 +358,7 @@ class SimReplayResult:
             "episode_id": self.episode_id,
             "task": self.task,
             "seed": self.seed,
+            "seed_source": self.seed_source,
             "cell_seed": self.cell_seed,
             "steps_recorded": self.steps_recorded,
             "steps_replayed": self.steps_replayed,
@@ -368,6 +384,16 @@ def sim_cameras(plan: ReplayPlan, known: Sequence[str], default: Sequence[str]) 
     return tuple(c for c in plan.cameras if c in known) or tuple(default)
 
 
+def layout_seed(plan: ReplayPlan, seed: int | None) -> tuple[int | None, str]:
+    """The layout seed a replay resets with and where it comes from (SEED_SOURCES): `seed` when given, else the
+    one recorded with the episode, else None (the cell draws the task's first scene)."""
+    if seed is not None:
+        return int(seed), "given"
+    if plan.scene_seed is not None:
+        return int(plan.scene_seed), "recorded"
+    return None, "none"
+
+
 def replay_in_sim(
     plan: ReplayPlan,
     settings: Any,
@@ -376,8 +402,9 @@ def replay_in_sim(
     progress: Callable[[int, int, float], None] | None = None,
 ) -> SimReplayResult:
     """Play `plan` in a fresh simulated cell built from `settings` (`rollout.RolloutSettings`, the graph's
-    parameters) after resetting `plan.task` with layout `seed`. `progress(step, steps, deviation)` is called
-    after each step's observation. Raises SimTaskError for a task the cell does not know."""
+    parameters) after resetting `plan.task` with layout `seed`, by default the one recorded with the episode
+    (`layout_seed`). `progress(step, steps, deviation)` is called after each step's observation. Raises
+    SimTaskError for a task the cell does not know."""
     from irevla_ros.sim.cell import UnknownTaskError
     from irevla_ros.train.rollout import make_cell, run_episode
 
@@ -398,13 +425,14 @@ def replay_in_sim(
             progress(step, plan.steps, float(np.linalg.norm(obs.proprioception[:3] - recorded)))
 
     layer = _CountingSafetyLayer(settings.limits)
+    reset_seed, seed_source = layout_seed(plan, seed)
     try:
         episode = run_episode(
             cell,
             _RecordedActions(plan),  # type: ignore[arg-type]
             settings,
             plan.task,
-            seed,
+            reset_seed,
             keep_images=False,
             max_steps=plan.steps,
             safety=layer,
@@ -418,7 +446,8 @@ def replay_in_sim(
     return SimReplayResult(
         episode_id=plan.episode_id,
         task=plan.task,
-        seed=seed,
+        seed=episode.seed,  # the one the cell reset with, drawn by it when reset_seed is None
+        seed_source=seed_source,
         cell_seed=int(settings.cell_seed),
         steps_recorded=plan.steps,
         steps_replayed=episode.steps,
@@ -448,6 +477,7 @@ __all__ = [
     "SimReplayResult",
     "SimTaskError",
     "compare_first_frames",
+    "layout_seed",
     "load_plan",
     "replay_in_sim",
     "sim_cameras",

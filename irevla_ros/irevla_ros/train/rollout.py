@@ -183,7 +183,7 @@ class EpisodeResult:
 
     task: str
     instruction: str
-    seed: int | None  # the reset seed (None: drawn from the task's stream)
+    seed: int  # the layout seed the reset used (the cell draws one when run_episode got none)
     success: bool
     steps: int
     proprio: np.ndarray  # (T, 4) float32, before each action
@@ -245,7 +245,7 @@ def run_episode(
     arm = SimArm(cell)
     arm.connect()
     with cell.lock:
-        cell.reset(task, seed)
+        layout = cell.reset(task, seed)  # the one the cell drew when `seed` is None: recorded all the same
         task_name, instruction = cell.task, cell.instruction
     layer.reset()  # the arm controller does this at START
     policy.reset(instruction)
@@ -299,7 +299,7 @@ def run_episode(
     return EpisodeResult(
         task=task_name,
         instruction=instruction,
-        seed=seed,
+        seed=layout,
         success=bool(success),
         steps=len(rows["actions"]),
         proprio=np.stack(rows["proprio"]).astype(np.float32),
@@ -361,7 +361,8 @@ def write_to_store(
     period_ns: int | None = None,
 ) -> Any:
     """Store an episode (with images) through the episode store's public API, as the trainer node does:
-    one StepData per step, outcome and label source "simulator"; returns the catalogue row."""
+    one StepData per step, outcome and label source "simulator", the episode's layout seed as its scene seed;
+    returns the catalogue row."""
     import uuid
 
     from irevla_ros.store.records import AssembledEpisode, EpisodeMeta, StepData
@@ -405,5 +406,6 @@ def write_to_store(
         outcome=episode.outcome,
         label_source="simulator",
         expected_steps=episode.steps,
+        scene_seed=episode.seed,
     )
     return store.write(AssembledEpisode(meta=meta, steps=steps, complete=True))

@@ -124,3 +124,55 @@ def test_session_over_ros(ros_context, spin):
     assert statuses[-1].episodes_done == 2 and statuses[-1].successes == 1
     manager.destroy_node()
     peer.destroy_node()
+
+
+def test_the_overlay_shows_the_operators_takeovers_of_a_policy_episode(ros_context, spin):
+    manager = EpisodeManagerNode(
+        context=ros_context,
+        parameter_overrides=[
+            Parameter("tasks", value=["button-press-v3"]),
+            Parameter("episode_timeout", value=60.0),
+            Parameter("source", value="policy"),
+            Parameter("success_source", value="none"),
+            Parameter("required_nodes", Parameter.Type.STRING_ARRAY, ["/cell_and_operator"]),
+        ],
+    )
+    peer = Node("cell_and_operator", context=ros_context)
+
+    def reset(request: ResetEpisode.Request, response: ResetEpisode.Response) -> ResetEpisode.Response:
+        response.success, response.task, response.seed = True, request.task, 7
+        return response
+
+    peer.create_service(ResetEpisode, topics.SIM_RESET, reset)
+    events: list[EpisodeEvent] = []
+    markers: list[MarkerArray] = []
+    peer.create_subscription(EpisodeEvent, topics.EPISODE_EVENTS, events.append, RELIABLE_QOS)
+    peer.create_subscription(MarkerArray, topics.OVERLAY_MARKERS, markers.append, 10)
+    engaged = peer.create_publisher(Bool, topics.TELEOP_ENGAGED, LATCHED_QOS)  # what teleop_node publishes
+    executor = MultiThreadedExecutor(context=ros_context)
+    executor.add_node(manager)
+    executor.add_node(peer)
+
+    def text() -> str:
+        return markers[-1].markers[0].text if markers else ""
+
+    def press(held: bool) -> None:
+        engaged.publish(Bool(data=held))
+
+    try:
+        assert spin(executor, lambda: any(e.type == EpisodeEvent.START for e in events), timeout=20)
+        assert "TAKEOVER" not in text() and "takeovers" not in text()
+        press(True)
+        assert spin(executor, lambda: text().startswith("OPERATOR TAKEOVER") and "takeovers 1" in text(), 10)
+        (marker,) = markers[-1].markers
+        np.testing.assert_allclose(
+            [marker.color.r, marker.color.g, marker.color.b], [0.2, 0.5, 1.0], rtol=1e-6
+        )
+        press(False)  # handed back: the count stays for the episode, the banner goes
+        assert spin(executor, lambda: "takeovers 1" in text() and "OPERATOR" not in text(), 10)
+        press(True)
+        assert spin(executor, lambda: text().startswith("OPERATOR TAKEOVER") and "takeovers 2" in text(), 10)
+    finally:
+        executor.shutdown()
+        manager.destroy_node()
+        peer.destroy_node()

@@ -60,6 +60,7 @@ OUTCOME_COLOURS = {
     "timeout": (0.9, 0.6, 0.1),
     "aborted": (0.6, 0.6, 0.6),
     "": (1.0, 1.0, 1.0),
+    "takeover": (0.2, 0.5, 1.0),  # the operator holds the arm (takeover button held in a policy episode)
 }
 
 
@@ -85,6 +86,10 @@ class EpisodeManagerNode(Node):
         self._reset_error: str | None = None  # why the newest reset failed
         self._joy_previous: list[int] = []
         self._policy_version = ""
+        # The operator's takeovers of the running policy episode, for the overlay: /teleop/engaged (the takeover
+        # button held), counted on each press while a policy episode runs.
+        self._takeover_held = False
+        self._takeovers = 0
         self._event_pub = self.create_publisher(EpisodeEvent, topics.EPISODE_EVENTS, RELIABLE_QOS)
         self._status_pub = self.create_publisher(SessionStatus, topics.SESSION_STATUS, LATCHED_QOS)
         self._marker_pub = self.create_publisher(MarkerArray, topics.OVERLAY_MARKERS, 10)
@@ -92,6 +97,9 @@ class EpisodeManagerNode(Node):
         group = MutuallyExclusiveCallbackGroup()
         self.create_subscription(Bool, topics.SIM_SUCCESS, self._on_success, 10, callback_group=group)
         self.create_subscription(Joy, topics.JOY, self._on_joy, 10, callback_group=group)
+        self.create_subscription(
+            Bool, topics.TELEOP_ENGAGED, self._on_engaged, LATCHED_QOS, callback_group=group
+        )
         self.create_subscription(Image, topics.CAMERA_IMAGE, self._on_image, SENSOR_QOS, callback_group=group)
         RosTimePeriodic(self, 0.05, self._on_timer, callback_group=group)
         clients = ReentrantCallbackGroup()
@@ -242,8 +250,23 @@ class EpisodeManagerNode(Node):
             self._apply(self.session.reset_done(start, task, instruction, seed if seed >= 0 else -1))
 
     # --- outputs --------------------------------------------------------------------------------------------------
+    def _policy_running(self) -> bool:
+        return self.session.state == SessionState.RUNNING and self.params["source"] == "policy"
+
+    def _on_engaged(self, msg: Bool) -> None:
+        with self._lock:
+            held = bool(msg.data)
+            if held and not self._takeover_held and self._policy_running():
+                self._takeovers += 1
+            changed = held != self._takeover_held
+            self._takeover_held = held
+        if changed:
+            self._publish_overlay_markers()
+
     def _apply(self, events: list[SessionEvent]) -> None:
         for event in events:
+            if event.type == "start":
+                self._takeovers = int(self._takeover_held and self.params["source"] == "policy")
             msg = EpisodeEvent(
                 type=EVENT_CODES[event.type],
                 episode_id=event.episode_id,
@@ -278,6 +301,10 @@ class EpisodeManagerNode(Node):
             f"{self.session.state.name.lower()} | last: {outcome or '-'}"
             f" | success {counters.successes}/{counters.done} ({100 * counters.success_rate:.0f}%)"
         )
+        if self._policy_running() and self._takeovers:
+            text += f" | takeovers {self._takeovers}"
+            if self._takeover_held:
+                return f"OPERATOR TAKEOVER | {text}", "takeover"
         return text, outcome
 
     def _publish_status(self) -> None:

@@ -17,11 +17,13 @@ from pathlib import Path
 import pytest
 
 from irevla_ros.bringup.domains import leased_domain
+from irevla_ros.dds_profile import use_default_profile
 
 os.environ.setdefault("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp")
 os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
 os.environ.setdefault("MUJOCO_GL", "osmesa")
 os.environ.setdefault("PYOPENGL_PLATFORM", "osmesa")
+use_default_profile()  # this process and the children it starts (nodes, peers, verbs)
 os.environ.setdefault("ROS_LOG_DIR", str(Path(tempfile.gettempdir()) / "irevla-test-roslog"))
 if sys.prefix not in os.environ.get("AMENT_PREFIX_PATH", "").split(":"):
     os.environ["AMENT_PREFIX_PATH"] = ":".join(

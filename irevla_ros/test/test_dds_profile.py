@@ -4,6 +4,7 @@ own ROS tools) still exchange the package's messages both ways."""
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
@@ -44,12 +45,38 @@ PLAIN_PROFILE = """<?xml version="1.0" encoding="UTF-8"?>
 
 
 def test_the_profile_is_in_place_unless_the_user_names_one(tmp_path):
-    assert os.environ[dds_profile.ENV] == str(dds_profile.PROFILE)  # importing irevla_ros put it there
+    assert os.environ[dds_profile.ENV] == str(
+        dds_profile.PROFILE
+    )  # the conftest put it there, as a node does
     assert "<name>fastdds.type_propagation</name>" in dds_profile.PROFILE.read_text()
     theirs = {dds_profile.ENV: str(tmp_path / "theirs.xml")}
     assert dds_profile.use_default_profile(theirs) == str(tmp_path / "theirs.xml")
     empty: dict[str, str] = {}
     assert dds_profile.use_default_profile(empty) == str(dds_profile.PROFILE) == empty[dds_profile.ENV]
+
+
+def test_every_rclpy_init_of_the_package_comes_after_the_profile():
+    # Each function of the package that creates a DDS participant (rclpy.init) puts the profile in place first:
+    # node processes (run_nodes), the verbs' client, the demo and the benchmarks' observers.
+    package = Path(dds_profile.__file__).parent
+    sites = []
+    for path in sorted(package.rglob("*.py")):
+        for func in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(func, ast.FunctionDef):
+                continue
+            calls = [n for n in ast.walk(func) if (isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute))
+                     or (isinstance(n, ast.Call) and isinstance(n.func, ast.Name))]  # fmt: skip
+            inits = [c.lineno for c in calls if isinstance(c.func, ast.Attribute) and c.func.attr == "init"
+                     and isinstance(c.func.value, ast.Name) and c.func.value.id == "rclpy"]  # fmt: skip
+            profile = [
+                c.lineno for c in calls if isinstance(c.func, ast.Name) and c.func.id == "use_default_profile"
+            ]
+            for line in inits:
+                sites.append(f"{path.name}:{line}")
+                assert any(p < line for p in profile), (
+                    f"{path.name}:{line}: rclpy.init without the profile first"
+                )
+    assert len(sites) >= 6, sites  # run_nodes, the client, the demo, three benchmark observers
 
 
 def test_rmw_fastrtps_reads_the_profile(ros_domain, tmp_path):

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from irevla_ros.bench.harness import RESULTS_DIR, log, summary, write_result
+from irevla_ros.dds_profile import use_default_profile
 from irevla_ros.hardware.arm import ArmBackend, make_arm
 from irevla_ros.safety import SafetyLayer, SafetyLimits
 
@@ -83,6 +84,7 @@ def _servo_peer() -> Iterator[dict[str, object]]:
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     with leased_domain() as domain, ServoPeer(domain) as peer:
         context = Context()
+        use_default_profile()  # before this process's first DDS participant
         rclpy.init(context=context, domain_id=domain)
         try:
             yield {

@@ -14,6 +14,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from irevla_ros.dds_profile import use_default_profile
+
 
 @dataclass(frozen=True)
 class Arrival:
@@ -94,6 +96,7 @@ class Observer:
         self._lock = threading.Lock()
         self._episode_event = EpisodeEvent
         self.context = Context()
+        use_default_profile()  # before this process's first DDS participant
         rclpy.init(context=self.context, domain_id=domain)
         self.node = Node("irevla_bench_observer", context=self.context)
         node = self.node

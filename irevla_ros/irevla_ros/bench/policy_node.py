@@ -28,6 +28,7 @@ import numpy as np
 from irevla_ros import topics
 from irevla_ros.bench.harness import RESULTS_DIR, BenchError, log, summary, write_result
 from irevla_ros.bringup.domains import leased_domain
+from irevla_ros.dds_profile import use_default_profile
 
 MEASURES = {
     "rss_mb": (
@@ -147,6 +148,7 @@ class _Peer:
         self.seen = _Seen()
         self.lock = threading.Lock()
         self.context = Context()
+        use_default_profile()  # before this process's first DDS participant
         rclpy.init(context=self.context, domain_id=domain)
         self.node = node = Node("irevla_bench_policy_peer", context=self.context)
         self._PolicyVersion, self._EpisodeEvent = PolicyVersion, EpisodeEvent

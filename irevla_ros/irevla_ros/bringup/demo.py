@@ -25,6 +25,7 @@ from pathlib import Path
 from irevla_ros.bringup.domains import leased_domain
 from irevla_ros.bringup.graph import DEFAULT_CAMERAS, collect_graph
 from irevla_ros.bringup.launcher import GraphRunner
+from irevla_ros.dds_profile import use_default_profile
 
 
 @dataclass
@@ -55,6 +56,7 @@ def start_monitor(
     from irevla_ros.nodes.common import LATCHED_QOS, RELIABLE_QOS
 
     context = Context()
+    use_default_profile()  # before this process's first DDS participant
     rclpy.init(context=context)
     node = Node("irevla_demo_monitor", context=context)
 

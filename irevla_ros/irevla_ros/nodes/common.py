@@ -30,6 +30,7 @@ from rclpy.qos import (
 from rosgraph_msgs.msg import Clock
 from sensor_msgs.msg import Image
 
+from irevla_ros.dds_profile import use_default_profile
 from irevla_ros.param_spec import ConfigError, ParamSpec, ParamValue
 
 # REP-2003: sensor drivers (the cameras, the overlay image) publish reliable, keep-last: every subscriber can
@@ -246,6 +247,7 @@ def run_nodes(
     stack to stderr (the node's log).
     """
     faulthandler.enable()
+    use_default_profile()  # before this process's first DDS participant
     rclpy.init(args=args if args is not None else sys.argv)
     context = rclpy.get_default_context()
     nodes: list[Node] = []

@@ -24,6 +24,7 @@ from std_srvs.srv import Trigger
 from irevla_interfaces.action import RunIteration
 from irevla_interfaces.msg import EpisodeEvent, PolicyVersion, SessionStatus, TrainerStatus
 from irevla_ros import topics
+from irevla_ros.dds_profile import use_default_profile
 from irevla_ros.diagnostics import ARM_TASK, status_name
 from irevla_ros.nodes.common import LATCHED_QOS
 from irevla_ros.operator.view import (
@@ -93,6 +94,7 @@ class OperatorClient:
         self.context = Context()
         # No rclpy signal handler: Ctrl-C must reach the verb as KeyboardInterrupt (iterate cancels its goal)
         # instead of shutting the context down under it.
+        use_default_profile()  # before this process's first DDS participant
         rclpy.init(context=self.context, domain_id=domain, signal_handler_options=SignalHandlerOptions.NO)
         try:
             self.node = Node(

@@ -19,52 +19,116 @@ def _rate_ok(group: dict) -> None:
     assert 0.0 <= lo <= group["success_rate"] <= hi <= 1.0
 
 
-def test_tiny_benchmark_writes_json_and_table_for_every_method(tmp_path: Path):
-    out = tmp_path / "results"
-    assert main(["--scale", "tiny", "--out", str(out), "--work", str(tmp_path / "work")]) == 0
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_tiny_benchmark_two_seeds_in_workers_writes_json_table_curves_and_gate(tmp_path: Path, capfd):
+    out, work = tmp_path / "results", tmp_path / "work"
+    argv = ["--scale", "tiny", "--seeds", "0,1", "--jobs", "2", "--out", str(out), "--work", str(work)]
+    assert main(argv) == 0
     cfg = BenchConfig.from_dict(SCALES["tiny"])
     doc = json.loads((out / "ire_vla_sim.json").read_text())
-    assert doc["benchmark"] == "ire_vla_sim" and doc["scale"] == "tiny"
+    assert doc["benchmark"] == "ire_vla_sim" and doc["scale"] == "tiny" and doc["format"] == 2
     assert doc["parameters"]["expert_tasks"] == cfg.expert_tasks
-    assert set(doc["methods"]) == set(METHODS)
-    demos = doc["demonstrations"]
-    wanted = cfg.demos_per_task * len(cfg.expert_tasks)
-    assert demos["kept"] == wanted
-    assert wanted <= demos["episodes_run"] <= wanted * cfg.demo_attempts_per_demo
+    assert [s["seed"] for s in doc["seeds"]] == [0, 1] and set(doc["methods"]) == set(METHODS)
     eval_episodes = cfg.eval_episodes_per_task * (
         len(cfg.expert_tasks) + len(cfg.rl_tasks) + len(cfg.unseen_tasks)
     )
+    per = cfg.rl_episodes_per_task // cfg.iterations_per_task
+    for seed in doc["seeds"]:
+        wanted = cfg.demos_per_task * len(cfg.expert_tasks)
+        demos = seed["demonstrations"]
+        assert (
+            demos["kept"] == wanted and wanted <= demos["episodes_run"] <= wanted * cfg.demo_attempts_per_demo
+        )
+        assert math.isfinite(seed["stage0"]["final_loss"])
+        timing = seed["timing"]
+        assert timing["environment_steps"] > 0 and timing["steps_per_second"] > 0
+        assert {"demonstrations", "stage0", "final_eval", "stage2", "gate", "curve_eval"} <= set(
+            timing["phases"]
+        )
+        for name, m in seed["methods"].items():
+            _rate_ok(m["expert"])
+            _rate_ok(m["unseen"])
+            assert m["eval_episodes"] == eval_episodes
+            e = m["environment_episodes"]
+            assert e["demos"] == demos["episodes_run"] and e["train"] == e["demos"] + e["rl"]
+            assert e["rl"] == (0 if name == "SFT" else cfg.rl_episodes_per_task * len(cfg.rl_tasks))
+            for task in m["per_task"].values():
+                assert all(1 <= n <= cfg.max_steps for n in task["lengths"])  # type: ignore[operator]
+            if name == "SFT":
+                continue
+            for task in cfg.rl_tasks:
+                # the curve starts at the SFT policy's success on the same scenes, then one point per iteration
+                curve = m["curves"][task]
+                assert [p["rl_episodes"] for p in curve] == [
+                    per * k for k in range(cfg.iterations_per_task + 1)
+                ]
+                assert curve[0]["success"] == seed["methods"]["SFT"]["rl"][task]["success_rate"]
+                assert all(0.0 <= p["success"] <= 1.0 for p in curve)
+                level = min(1.0, curve[0]["success"] + cfg.level_delta)
+                reached = [p["rl_episodes"] for p in curve if p["success"] >= level]
+                assert m["episodes_to_level"][task] == (reached[0] if reached else None)
+        ire = seed["methods"]["iRe-VLA"]
+        assert len(ire["gate"]) == cfg.iterations_per_task * len(cfg.rl_tasks)
+        for verdict, point in zip(ire["gate"], ire["curves"][cfg.rl_tasks[0]][1:], strict=True):
+            assert verdict["promoted"] == point["promoted"]
+            assert verdict["why"].startswith("promoted" if verdict["promoted"] else "refused")
+        for task in cfg.rl_tasks:
+            iterations = ire["stages"][task]["iterations"]
+            assert len(iterations) == cfg.iterations_per_task
+            assert all(math.isfinite(it["stage2"]["final_loss"]) for it in iterations)
+            assert sum(it["stage1"]["episodes"] for it in iterations) == cfg.rl_episodes_per_task
+    # aggregated over the seeds: the mean of the per-seed rates, an interval around it, every seed listed
     for name, m in doc["methods"].items():
-        _rate_ok(m["expert"])
-        _rate_ok(m["unseen"])
-        assert set(m["rl"]) == set(cfg.rl_tasks)
-        for group in m["rl"].values():
-            _rate_ok(group)
-            assert group["episodes"] == cfg.eval_episodes_per_task
-        e = m["environment_episodes"]
-        assert e["demos"] == demos["episodes_run"] and e["eval"] == eval_episodes
-        assert e["rl"] == (0 if name == "SFT" else cfg.rl_episodes_per_task * len(cfg.rl_tasks))
-        assert e["train"] == e["demos"] + e["rl"]
-        for task in m["per_task"].values():
-            assert all(1 <= n <= cfg.max_steps for n in task["lengths"])  # type: ignore[operator]
-    stages = doc["stages"]
-    assert math.isfinite(stages["stage0"]["final_loss"])
-    expected_updates = cfg.rl_episodes_per_task // cfg.episodes_per_update
-    for task in cfg.rl_tasks:
-        assert len(stages["iRe-VLA"][task]["stage1"]["updates"]) == expected_updates
-        assert math.isfinite(stages["iRe-VLA"][task]["stage2"]["final_loss"])
-        assert len(stages["PPO-Replay"][task]["updates"]) == expected_updates
-    assert (out / "ire_vla_sim.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        rates = [s["methods"][name]["expert"]["success_rate"] for s in doc["seeds"]]
+        assert m["expert"]["per_seed"] == rates and m["expert"]["mean"] == pytest.approx(
+            sum(rates) / 2, abs=1e-4
+        )
+        assert m["expert"]["ci95"][0] <= m["expert"]["mean"] <= m["expert"]["ci95"][1]
+    assert doc["methods"]["iRe-VLA"]["gate"]["candidates"] == 2 * cfg.iterations_per_task * len(cfg.rl_tasks)
+    for image in ("ire_vla_sim.png", "ire_vla_sim_curves.png"):
+        assert (out / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (out / "ire_vla_sim.md").read_text().splitlines()
     header = next(line for line in table if line.startswith("| Method"))
     assert (
         all(task in header for task in cfg.rl_tasks) and "Expert (1 tasks)" in header and "Unseen" in header
     )
     rows = [line for line in table if line.startswith("| ") and not line.startswith("| Method")]
-    assert [r.split("|")[1].strip() for r in rows] == list(METHODS)
-    for row, name in zip(rows, METHODS, strict=True):
-        e = doc["methods"][name]["environment_episodes"]
-        assert f"{e['train']} ({e['demos']} + {e['rl']})" in row
+    assert [r.split("|")[1].strip() for r in rows[: len(METHODS)]] == list(METHODS)
+    assert any("seed 0 | seed 1" in line for line in table)  # the per-seed table: no seed hidden in a mean
+    # The same work folder again: both seeds are kept, nothing runs, the same table comes out.
+    capfd.readouterr()
+    assert main(argv) == 0
+    assert capfd.readouterr().err.count("kept from") == 2
+    assert json.loads((out / "ire_vla_sim.json").read_text())["methods"] == doc["methods"]
+
+
+def test_over_seeds_intervals_levels_and_the_gate_rule():
+    from irevla_ros.bench.ire_vla_sim import episodes_to_level, gate, mean_ci
+    from irevla_ros.train.evaluation import EvalReport, TaskEval
+
+    assert mean_ci([0.5]) == (0.5, 0.5, 0.5)
+    mean, lo, hi = mean_ci([0.4, 0.5, 0.6])  # std 0.1, t(0.975, 2) = 4.303
+    assert (mean, lo, hi) == pytest.approx(
+        (0.5, 0.5 - 4.303 * 0.1 / math.sqrt(3), 0.5 + 4.303 * 0.1 / math.sqrt(3))
+    )
+    assert mean_ci([1.0, 1.0, 0.9])[2] == 1.0  # clipped to [0, 1]
+    curve = [{"rl_episodes": 0, "success": 0.2}, {"rl_episodes": 10, "success": 0.4},
+             {"rl_episodes": 20, "success": 0.5}, {"rl_episodes": 30, "success": 0.9}]  # fmt: skip
+    assert episodes_to_level(curve, 0.5) == 20 and episodes_to_level(curve, 0.95) is None
+
+    def report(rates: dict[str, int]) -> EvalReport:
+        tasks = {t: TaskEval(t, 10, k, [1] * 10, list(range(10))) for t, k in rates.items()}
+        return EvalReport("v", tasks, 0, True, 100)
+
+    running = report({"a": 8, "b": 6, "new": 2})
+    ok, why = gate(report({"a": 8, "b": 5, "new": 6}), running, ["a", "b"], "new", 0.1)
+    assert ok and why.startswith("promoted")
+    # better on the new task, but the known tasks fell from 0.70 to 0.50: forgetting is refused
+    ok, why = gate(report({"a": 5, "b": 5, "new": 9}), running, ["a", "b"], "new", 0.1)
+    assert not ok and "known tasks 0.50 vs 0.70 (worse)" in why
+    ok, _ = gate(report({"a": 8, "b": 6, "new": 0}), running, ["a", "b"], "new", 0.1)
+    assert not ok  # worse on the new task
 
 
 def test_settings_are_validated_with_the_key_named(tmp_path: Path):
@@ -79,6 +143,11 @@ def test_settings_are_validated_with_the_key_named(tmp_path: Path):
     path = tmp_path / "b.yaml"
     path.write_text("demos_per_task: 3\nrl_tasks: [drawer-close-v3]\n")
     cfg = load_config("tiny", path, {"seed": 5})
+    assert cfg.seed_list == [5] and load_config("tiny", None, {"seeds": [3, 4]}).seed_list == [3, 4]
+    with pytest.raises(BenchConfigError, match="multiple of iterations_per_task"):
+        load_config("tiny", None, {"rl_episodes_per_task": 3, "iterations_per_task": 2})
+    with pytest.raises(BenchConfigError, match="stage1_algorithm"):
+        load_config("tiny", None, {"stage1_algorithm": "ddpg"})
     assert (cfg.demos_per_task, cfg.rl_tasks, cfg.seed, cfg.max_steps) == (3, ["drawer-close-v3"], 5, 40)
     for scale, values in SCALES.items():
         BenchConfig.from_dict(values)  # every preset is valid

@@ -1,30 +1,43 @@
 """The iRe-VLA simulation benchmark (the paper's Meta-World protocol, at a configurable scale).
 
-    python -m irevla_ros.bench.ire_vla_sim --scale tiny            # minutes: a smoke run (CI)
-    python -m irevla_ros.bench.ire_vla_sim --scale default         # hours on a CPU; see SCALES
-    python -m irevla_ros.bench.ire_vla_sim --config bench/config/ire_vla_sim_default.yaml --seed 1
-    irevla bench-sim --scale tiny                                  # the same through the CLI
+    python -m irevla_ros.bench.ire_vla_sim --scale tiny                     # minutes: a smoke run (CI)
+    python -m irevla_ros.bench.ire_vla_sim --scale small --seeds 0,1,2      # hours on 2 CPU cores
+    python -m irevla_ros.bench.ire_vla_sim --config bench/config/ire_vla_sim_default.yaml --seeds 0,1,2 --jobs 2
+    irevla bench-sim --scale tiny                                           # the same through the CLI
 
 Protocol (paper, Algorithm 1 and Table I), every episode a direct rollout of the node graph's loop
-(`train/rollout.py`):
+(`train/rollout.py`), for every seed of `--seeds`:
 1. Stage 0: `demos_per_task` successful demonstrations of each EXPERT task by Meta-World's scripted expert with
    exploration noise (failed attempts are counted and dropped, as the store's D_e keeps successes only), then
    supervised learning (train/sft.train_supervised) -> the SFT policy. Baseline "SFT" stops here.
-2. iRe-VLA: for each RL task in turn (one iteration per new task): Stage 1, online PPO on the heads with the VLM
-   frozen (train/stage1.OnlineRL on latents cached while acting: TorchPolicyRuntime over the model being
-   trained, wrapped by LatentTap), successes appended to D_RL; then Stage 2, supervised on D_e + D_RL (LoRA +
-   new layers + token learner + action head).
+2. iRe-VLA: for each RL task in turn, `iterations_per_task` iterations of
+   - Stage 1: online RL on the heads with the VLM frozen (train/stage1.OnlineRL on latents cached while acting):
+     SACfD/RLPD (`stage1_algorithm: sacfd`, the default: twin LayerNorm critics, utd 4, 50/50 batches from a
+     demo buffer of D_e and every RL success so far, and the online episodes) or the paper's PPO (`ppo`); a fresh
+     critic every iteration; successes appended to D_RL;
+   - Stage 2: supervised on D_e + D_RL (LoRA + new layers + token learner + action head), from the Stage 1
+     heads (`stage2_from: stage1`) or from the running version (`running`), D_RL's share of each batch
+     `stage2_rl_fraction` (0: task-balanced, one share per task the version knows);
+   - the promotion gate, as the trainer's: the candidate and the running version on the same seeded scenes of
+     every task the running version knows (the expert tasks and the RL tasks so far) and the new one; the
+     candidate replaces the running version unless it is worse by more than `gate_margin` on the known tasks or
+     on the new task. A refused candidate is dropped (its RL successes stay in D_RL), and the table counts it.
+   After each iteration the running version is evaluated on the RL task: success against the environment
+   episodes spent (the curve).
 3. Baseline "PPO-Replay": the same RL episode budget, PPO on the whole trainable model (LoRA, the backbone's new
    layers, token learner, heads, log_std; latents recomputed through the backbone with gradients) plus an
-   expert-replay MSE term on D_e in every minibatch.
-4. Evaluation (train/evaluation.evaluate, deterministic, scenes seeded apart from the training scenes) on the
-   expert tasks, each RL task and the UNSEEN tasks (never trained on).
+   expert-replay MSE term on D_e in every minibatch; evaluated on the RL task at the same episode counts.
+4. Evaluation (train/evaluation.evaluate, deterministic, scenes seeded apart from the training and the gate's
+   scenes) on the expert tasks, each RL task and the UNSEEN tasks (never trained on).
 
-Results: bench/results/ire_vla_sim.json (every number, the environment episodes each method used, the stage
-logs), bench/results/ire_vla_sim.md (the paper's table: rows = methods, columns = expert / each RL task /
-unseen) and bench/results/ire_vla_sim.png (the same as bars with 95% intervals). Progress on stderr. `--out DIR`
-writes them elsewhere (the tiny scale's default is scratch under runs/); `--report RESULT_JSON` rebuilds the
-table and the plot of a result file.
+Results: bench/results/ire_vla_sim.json (every number: per seed and aggregated, the curves, the environment
+episodes each method used, the gate's verdicts, wall time per phase and environment steps per second),
+bench/results/ire_vla_sim.md (the paper's table: rows = methods, columns = expert / each RL task / unseen, mean
+over seeds with a 95% t-interval; the episodes each method needed to reach SFT + `level_delta` on each RL task),
+bench/results/ire_vla_sim.png (the table as bars) and ire_vla_sim_curves.png (success vs environment episodes).
+Progress on stderr. `--out DIR` writes them elsewhere (the tiny scale's default is scratch under runs/);
+`--report RESULT_JSON` rebuilds the table and the plots of a result file. Each seed's result is kept in the
+work folder as it finishes, so a run that is stopped goes on from the seeds it has (same settings only).
 
 Departures from the paper, on purpose: Meta-World v3 tasks stand in for the paper's "-new" variants (an RL task
 is a different task of a skill the expert tasks teach, e.g. button-press-topdown after button-press); on a CPU
@@ -39,9 +52,13 @@ import argparse
 import copy
 import dataclasses
 import json
+import math
+import multiprocessing
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,8 +68,9 @@ import torch
 import yaml
 
 from irevla_ros import durable
-from irevla_ros.bench.harness import RESULTS_DIR, log, write_result
-from irevla_ros.bench.plot import plot_ire_vla_sim
+from irevla_ros.bench import harness
+from irevla_ros.bench.harness import RESULTS_DIR, write_result
+from irevla_ros.bench.plot import plot_ire_vla_sim, plot_ire_vla_sim_curves
 from irevla_ros.policies.scripted import ScriptedExpertPolicy
 from irevla_ros.train.rollout import (
     EpisodeResult,
@@ -65,6 +83,14 @@ from irevla_ros.train.rollout import (
 )
 
 METHODS = ("SFT", "PPO-Replay", "iRe-VLA")
+STAGE1_ALGORITHMS = ("sacfd", "ppo")
+STAGE2_STARTS = ("stage1", "running")
+FORMAT = 2  # result files: 2 = seeds, curves and gates; 1 (one seed, no curves) is not read any more
+_SEED_LABEL = ""  # "seed 3: " in a worker process, so interleaved progress lines say whose they are
+
+
+def log(message: str) -> None:
+    harness.log(f"{_SEED_LABEL}{message}")
 
 
 class BenchConfigError(ValueError):
@@ -85,8 +111,20 @@ class BenchConfig:
     stage0_steps: int = 150
     stage2_steps: int = 100
     sft_batch_size: int = 16
-    rl_episodes_per_task: int = 16  # Stage 1 budget per RL task (PPO-Replay gets the same)
-    episodes_per_update: int = 4
+    rl_episodes_per_task: int = (
+        16  # RL budget per RL task, all iterations together (PPO-Replay gets the same)
+    )
+    iterations_per_task: int = 1  # iRe-VLA iterations (Stage 1 + Stage 2 + gate) per RL task
+    stage1_algorithm: str = "sacfd"
+    sacfd_batch_size: int = 128
+    sacfd_min_transitions: int = 64
+    sacfd_utd_ratio: int = 4
+    stage2_from: str = "stage1"
+    stage2_rl_fraction: float = 0.5  # D_RL's share of a Stage 2 batch; 0: task-balanced
+    gate_episodes_per_task: int = 5  # per known task, candidate and running version alike (0: no gate)
+    gate_margin: float = 0.1
+    level_delta: float = 0.3  # "episodes to a level": the first curve point at or above SFT + this
+    episodes_per_update: int = 4  # PPO (iRe-VLA with stage1_algorithm ppo, and PPO-Replay)
     update_epochs: int = 4
     minibatch_size: int = 64
     ppo_lr: float = 3e-4
@@ -94,7 +132,8 @@ class BenchConfig:
     replay_batch_size: int = 16
     backbone_lr: float = 1e-4  # PPO-Replay: LoRA / new backbone layers / token learner
     eval_episodes_per_task: int = 5
-    seed: int = 0
+    seed: int = 0  # the seed of a one-seed run; `seeds` runs several
+    seeds: list[int] | None = None
     # torch intra-op threads. 1 by default: on a busy 2-core host one compact forward took 0.15 s with 1 thread
     # and 2.5-5.5 s with 2 (OpenMP workers waiting for a core); raise it on a machine of your own.
     threads: int = 1
@@ -112,18 +151,45 @@ class BenchConfig:
             raise BenchConfigError(f"a task appears twice in expert/rl/unseen: {every}")
         positive = (
             "demos_per_task", "demo_attempts_per_demo", "stage0_steps", "stage2_steps", "sft_batch_size",
-            "rl_episodes_per_task", "episodes_per_update", "update_epochs", "minibatch_size",
-            "replay_batch_size", "eval_episodes_per_task", "threads",
+            "rl_episodes_per_task", "iterations_per_task", "episodes_per_update", "update_epochs",
+            "minibatch_size", "replay_batch_size", "eval_episodes_per_task", "threads", "sacfd_batch_size",
+            "sacfd_min_transitions", "sacfd_utd_ratio",
         )  # fmt: skip
         for name in positive:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise BenchConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.gate_episodes_per_task < 0:
+            raise BenchConfigError(f"gate_episodes_per_task must be >= 0, got {self.gate_episodes_per_task}")
+        if self.rl_episodes_per_task % self.iterations_per_task:
+            raise BenchConfigError(
+                f"rl_episodes_per_task ({self.rl_episodes_per_task}) must be a multiple of iterations_per_task "
+                f"({self.iterations_per_task}): every iteration gets the same number of episodes"
+            )
         if self.max_steps is not None and self.max_steps < 1:
             raise BenchConfigError(f"max_steps must be >= 1 or null, got {self.max_steps}")
         for name in ("demo_noise", "ppo_lr", "replay_coef", "backbone_lr"):
             if not float(getattr(self, name)) >= 0.0:
                 raise BenchConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("stage2_rl_fraction", "gate_margin", "level_delta"):
+            if not 0.0 <= float(getattr(self, name)) <= 1.0:
+                raise BenchConfigError(f"{name} must lie in [0, 1], got {getattr(self, name)!r}")
+        if self.stage1_algorithm not in STAGE1_ALGORITHMS:
+            raise BenchConfigError(
+                f"stage1_algorithm must be one of {STAGE1_ALGORITHMS}, got {self.stage1_algorithm!r}"
+            )
+        if self.stage2_from not in STAGE2_STARTS:
+            raise BenchConfigError(f"stage2_from must be one of {STAGE2_STARTS}, got {self.stage2_from!r}")
+        if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)):
+            raise BenchConfigError(f"seeds must be distinct and at least one, got {self.seeds!r}")
+
+    @property
+    def seed_list(self) -> list[int]:
+        return list(self.seeds) if self.seeds else [self.seed]
+
+    @property
+    def episodes_per_iteration(self) -> int:
+        return self.rl_episodes_per_task // self.iterations_per_task
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BenchConfig:
@@ -135,9 +201,9 @@ class BenchConfig:
 
 
 # Scales. "tiny" is a smoke run (a few minutes on 2 CPU cores: it checks the code paths, its success rates mean
-# nothing); "small" is a first reading (43 min on 2 cores, measured); "default" is the documented protocol at a CPU
-# workstation's scale (a day on 2 cores; hours on a GPU machine); "paper" is Table I's shape (expert: 25 tasks x
-# 50 demos) and needs a GPU.
+# nothing); "small" is a first reading on 2 cores; "default" is the documented protocol at a CPU workstation's
+# scale (a day on 2 cores; hours on a GPU machine); "paper" is Table I's shape (expert: 25 tasks x 50 demos) and
+# needs a GPU.
 SCALES: dict[str, dict[str, Any]] = {
     "tiny": {
         # The scripted expert solves these two in 7-40 steps: demonstrations fit a 40-step episode.
@@ -150,7 +216,11 @@ SCALES: dict[str, dict[str, Any]] = {
         "stage2_steps": 4,
         "sft_batch_size": 8,
         "rl_episodes_per_task": 2,
-        "episodes_per_update": 2,
+        "iterations_per_task": 2,
+        "gate_episodes_per_task": 1,
+        "sacfd_batch_size": 16,
+        "sacfd_min_transitions": 8,
+        "episodes_per_update": 1,
         "update_epochs": 1,
         "minibatch_size": 32,
         "replay_batch_size": 8,
@@ -216,33 +286,82 @@ def _train_seed(seed: int, task: str, index: int) -> int:
     return episode_seed(seed, f"train:{task}", index)
 
 
+# Evaluation streams (train/evaluation.evaluate seeds episode i of a task with episode_seed(seed, task, i)): the
+# final table and the curves use seed + 1, the promotion gate seed + 2, so a gate never sees the scenes it is
+# judged on afterwards.
+def _final_eval_seed(seed: int) -> int:
+    return seed + 1
+
+
+def _gate_seed(seed: int) -> int:
+    return seed + 2
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
 
 
+class Timer:
+    """Wall seconds per phase, environment steps and the seconds spent stepping them (rollouts only)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.env_steps = 0
+        self.rollout_seconds = 0.0
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.monotonic() - started
+
+    def episode(self, cell: Any, policy: Any, settings: RolloutSettings, task: str, seed: int, max_steps: Any,
+                phase: str) -> EpisodeResult:  # fmt: skip
+        started = time.monotonic()
+        with self.phase(phase):
+            ep = run_episode(cell, policy, settings, task, seed, max_steps=max_steps)
+        self.rollout_seconds += time.monotonic() - started
+        self.env_steps += len(ep.actions)
+        return ep
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "phases": {k: round(v, 1) for k, v in sorted(self.seconds.items())},
+            "environment_steps": self.env_steps,
+            "rollout_seconds": round(self.rollout_seconds, 1),
+            "steps_per_second": round(self.env_steps / self.rollout_seconds, 2)
+            if self.rollout_seconds
+            else 0.0,
+        }
+
+
 # ---- Stage 0 ---------------------------------------------------------------------------------------------------
 
 
-def collect_demos(cfg: BenchConfig, settings: RolloutSettings) -> tuple[list[EpisodeResult], int]:
+def collect_demos(
+    cfg: BenchConfig, settings: RolloutSettings, seed: int, timer: Timer
+) -> tuple[list[EpisodeResult], int]:
     """`demos_per_task` successful scripted-expert episodes per expert task; returns them and the episodes run."""
     demos: list[EpisodeResult] = []
     attempts = 0
-    cell = make_cell(settings, cfg.expert_tasks, seed=cfg.seed)
+    cell = make_cell(settings, cfg.expert_tasks, seed=seed)
     try:
         for task in cfg.expert_tasks:
-            policy = ScriptedExpertPolicy(noise_std=cfg.demo_noise, seed=cfg.seed)
+            policy = ScriptedExpertPolicy(noise_std=cfg.demo_noise, seed=seed)
             kept, tried = 0, 0
             while kept < cfg.demos_per_task:
                 if tried >= cfg.demos_per_task * cfg.demo_attempts_per_demo:
                     raise RuntimeError(
                         f"the scripted expert solved only {kept} of {tried} episodes of {task} within "
-                        f"{cfg.max_steps or settings.max_steps} steps: raise max_steps or pick another task"
+                        f"{cfg.max_steps or settings.max_steps} steps: raise max_steps or pick another task "
+                        "(bench/results/expert_probe.md lists what the expert solves)"
                     )
-                ep = run_episode(
-                    cell, policy, settings, task, _train_seed(cfg.seed, task, tried), max_steps=cfg.max_steps
-                )
+                ep = timer.episode(cell, policy, settings, task, _train_seed(seed, task, tried), cfg.max_steps,
+                                   "demonstrations")  # fmt: skip
                 tried += 1
                 if ep.success:
                     demos.append(ep)
@@ -254,12 +373,12 @@ def collect_demos(cfg: BenchConfig, settings: RolloutSettings) -> tuple[list[Epi
     return demos, attempts
 
 
-def build_model(cfg: BenchConfig) -> Any:
+def build_model(cfg: BenchConfig, seed: int) -> Any:
     from irevla_ros.train.stage0 import CPU_LORA_TARGETS
     from irevla_ros.vla.config import VLAConfig
     from irevla_ros.vla.model import VLAModel
 
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(seed)
     device = _device(cfg.device)
     # LoRA in the text encoder only on a CPU (see train/stage0.py); the VLAConfig default on a GPU.
     targets = CPU_LORA_TARGETS if device.type == "cpu" else None
@@ -269,7 +388,16 @@ def build_model(cfg: BenchConfig) -> Any:
     return model.to(device)
 
 
-def supervised(model: Any, cfg: BenchConfig, expert: Any, rl: Any, steps: int, label: str) -> dict[str, Any]:
+def supervised(
+    model: Any,
+    cfg: BenchConfig,
+    expert: Any,
+    rl: Any,
+    steps: int,
+    label: str,
+    seed: int,
+    rl_fraction: float = 0.5,
+) -> dict[str, Any]:
     from irevla_ros.train.sft import SFTConfig, train_supervised
 
     every = max(1, steps // 5)
@@ -283,13 +411,28 @@ def supervised(model: Any, cfg: BenchConfig, expert: Any, rl: Any, steps: int, l
         expert,
         rl,
         SFTConfig(
-            steps=steps, batch_size=cfg.sft_batch_size, seed=cfg.seed, threads=cfg.threads, device=cfg.device
+            steps=steps,
+            batch_size=cfg.sft_batch_size,
+            seed=seed,
+            threads=cfg.threads,
+            device=cfg.device,
+            rl_fraction=rl_fraction,
         ),
         progress=False,
         on_step=on_step,
     )
     model.eval()
     return {k: report[k] for k in ("first_loss", "final_loss", "seconds", "samples") if k in report}
+
+
+def stage2_rl_fraction(cfg: BenchConfig, expert: Any, rl: Any) -> float:
+    """D_RL's share of a Stage 2 batch: the setting, or (0) one share per task the data holds, so that neither
+    the new task nor any expert task dominates (D_e's tasks are balanced by demos_per_task)."""
+    if rl is None or not len(rl):
+        return 0.0
+    if cfg.stage2_rl_fraction > 0.0:
+        return cfg.stage2_rl_fraction
+    return len(rl.instructions) / (len(expert.instructions) + len(rl.instructions))
 
 
 # ---- acting with the model being trained ---------------------------------------------------------------------
@@ -315,71 +458,159 @@ def latent_episode(ep: EpisodeResult, episode_id: str) -> Any:
     return LatentEpisodes.from_episode(episode_id, ep.latents, ep.actions, ep.outcome, ep.log_probs)
 
 
+def evaluate_model(
+    model: Any, name: str, tasks: Sequence[str], episodes: int, eval_seed: int, cfg: BenchConfig,
+    settings: RolloutSettings, timer: Timer, phase: str,
+) -> Any:  # fmt: skip
+    from irevla_ros.train.evaluation import evaluate
+
+    policy = acting_policy(model, name, deterministic=True, seed=eval_seed)
+    with timer.phase(phase):
+        report = evaluate(
+            policy, list(tasks), episodes, seed=eval_seed, settings=settings, max_steps=cfg.max_steps
+        )
+    timer.env_steps += report.environment_steps
+    timer.rollout_seconds += report.seconds
+    return report
+
+
+def _rate(report: Any, tasks: Sequence[str]) -> float:
+    group = report.group(list(tasks))
+    return group["successes"] / group["episodes"] if group["episodes"] else 0.0
+
+
+def gate(candidate: Any, running: Any, known: Sequence[str], new: str, margin: float) -> tuple[bool, str]:
+    """The promotion rule on the same scenes: not worse by more than `margin` on the tasks the running version
+    knows (pooled), nor on the new task."""
+    parts, ok = [], True
+    for label, tasks in (("known tasks", known), (new, [new])):
+        c, r = _rate(candidate, tasks), _rate(running, tasks)
+        worse = c < r - margin - 1e-12
+        ok = ok and not worse
+        parts.append(f"{label} {c:.2f} vs {r:.2f}{' (worse)' if worse else ''}")
+    return ok, f"{'promoted' if ok else 'refused'}: " + ", ".join(parts) + f" (margin {margin:.2f})"
+
+
 # ---- iRe-VLA ----------------------------------------------------------------------------------------------------
 
 
-def run_ire_vla(
-    model: Any, cfg: BenchConfig, settings: RolloutSettings, d_e: Any, work: Path
-) -> tuple[dict[str, Any], int]:
-    """Stage 1 + Stage 2 per RL task, in place on `model`; returns the stage logs and the RL episodes used."""
-    from irevla_ros.train.ppo import PPOConfig
-    from irevla_ros.train.stage1 import OnlineRL, Stage1Config
+def stage1_config(cfg: BenchConfig, seed: int) -> Any:
+    from irevla_ros.train.config import PPOConfig, SACfDConfig, Stage1Config
 
-    logs: dict[str, Any] = {}
+    return Stage1Config(
+        algorithm=cfg.stage1_algorithm,
+        episodes_per_update=cfg.episodes_per_update,
+        seed=seed,
+        threads=0,  # leave torch's thread count (the rollouts run the backbone)
+        checkpoint_every_updates=0,  # a benchmark run is not resumed mid-stage
+        ppo=PPOConfig(lr=cfg.ppo_lr, update_epochs=cfg.update_epochs, minibatch_size=cfg.minibatch_size),
+        sacfd=SACfDConfig(
+            batch_size=cfg.sacfd_batch_size,
+            min_transitions=cfg.sacfd_min_transitions,
+            utd_ratio=cfg.sacfd_utd_ratio,
+        ),
+    )
+
+
+def run_ire_vla(
+    model: Any, cfg: BenchConfig, settings: RolloutSettings, d_e: Any, seed: int, sft_rl: dict[str, float],
+    timer: Timer,
+) -> dict[str, Any]:  # fmt: skip
+    """`iterations_per_task` iterations (Stage 1, Stage 2, gate) per RL task, in place on `model` (which ends as
+    the running version); returns the stage logs, the RL episodes used, the curve and the gate's verdicts."""
+    from irevla_ros.train.latents import from_transitions
+    from irevla_ros.train.stage1 import OnlineRL
+
     d_rl: list[EpisodeResult] = []
+    logs: dict[str, Any] = {}
+    curves: dict[str, list[dict[str, Any]]] = {}
+    verdicts: list[dict[str, Any]] = []
+    running_state = copy.deepcopy(model.state_dict())
+    running_gate: tuple[tuple[str, ...], Any] | None = None  # (tasks, the running version's gate report)
+    known = list(cfg.expert_tasks)
+    per = cfg.episodes_per_iteration
     episodes_used = 0
-    cell = make_cell(settings, cfg.rl_tasks, seed=cfg.seed)
+    cell = make_cell(settings, cfg.rl_tasks, seed=seed)
     try:
-        for it, task in enumerate(cfg.rl_tasks):
-            stage1 = Stage1Config(
-                algorithm="ppo",
-                episodes_per_update=cfg.episodes_per_update,
-                seed=cfg.seed + it,
-                threads=0,  # leave torch's thread count (the rollouts run the backbone)
-                checkpoint_every_updates=1,
-                ppo=PPOConfig(
-                    lr=cfg.ppo_lr, update_epochs=cfg.update_epochs, minibatch_size=cfg.minibatch_size
-                ),
-            )
-            rl = OnlineRL(model, stage1, work / f"ire-vla-stage1-{it}")  # fresh critic, heads trainable
-            policy = acting_policy(model, f"ire-vla-it{it}", deterministic=False, seed=cfg.seed + it)
-            updates, successes = [], 0
-            for i in range(cfg.rl_episodes_per_task):
-                ep = run_episode(
-                    cell, policy, settings, task, _train_seed(cfg.seed, task, i), max_steps=cfg.max_steps
+        for t, task in enumerate(cfg.rl_tasks):
+            logs[task] = {"iterations": []}
+            curves[task] = [{"rl_episodes": 0, "success": sft_rl[task], "promoted": True}]
+            for k in range(cfg.iterations_per_task):
+                it = t * cfg.iterations_per_task + k
+                rl = OnlineRL(model, stage1_config(cfg, seed + it), None)  # fresh critic, heads trainable
+                if cfg.stage1_algorithm == "sacfd":
+                    # The demo buffer: D_e and every RL success so far (the paper: the initial VLA's successes).
+                    with timer.phase("stage1_updates"):
+                        demos = to_transitions(d_rl) if d_rl else None
+                        rl.add_demos(from_transitions(model, d_e))
+                        if demos is not None:
+                            rl.add_demos(from_transitions(model, demos))
+                policy = acting_policy(model, f"ire-vla-it{it}", deterministic=False, seed=seed + it)
+                updates, successes = 0, 0
+                for i in range(per):
+                    index = k * per + i
+                    ep = timer.episode(cell, policy, settings, task, _train_seed(seed, task, index), cfg.max_steps,
+                                       "rl_episodes:iRe-VLA")  # fmt: skip
+                    episodes_used += 1
+                    if ep.latents is None:  # every step held: the policy could not act; nothing to learn from
+                        continue
+                    rl.add_episodes(latent_episode(ep, f"{task}-ire-{index:04d}"))
+                    if ep.success:
+                        successes += 1
+                        d_rl.append(ep)
+                    with timer.phase("stage1_updates"):
+                        stats = rl.step()
+                    if stats is not None:
+                        updates += 1
+                        _refresh(policy)
+                log(
+                    f"iRe-VLA {task} iteration {k + 1}: stage 1 {successes}/{per} successes, {updates} updates"
                 )
-                episodes_used += 1
-                if ep.latents is None:  # a hold step: the policy could not act; nothing to learn from
-                    continue
-                rl.add_episodes(latent_episode(ep, f"{task}-ire-{i:04d}"))
-                if ep.success:
-                    successes += 1
-                    d_rl.append(ep)
-                stats = rl.step()
-                if stats is not None:
-                    _refresh(policy)
-                    updates.append(
-                        {k: stats[k] for k in ("loss", "approx_kl", "batch_success_rate") if k in stats}
-                    )
-                    log(
-                        f"iRe-VLA {task} stage 1: update {len(updates)} after {i + 1} episodes, batch success "
-                        f"{stats.get('batch_success_rate', float('nan')):.2f}"
-                    )
-            model.eval()
-            logs[task] = {
-                "stage1": {"episodes": cfg.rl_episodes_per_task, "successes": successes, "updates": updates}
-            }
-            rl_data = to_transitions(d_rl) if d_rl else None
-            log(
-                f"iRe-VLA {task} stage 2: D_e {len(d_e)} steps + D_RL {0 if rl_data is None else len(rl_data)} steps"
-            )
-            logs[task]["stage2"] = supervised(
-                model, cfg, d_e, rl_data, cfg.stage2_steps, f"iRe-VLA {task} stage 2"
-            )
+                model.eval()
+                record: dict[str, Any] = {
+                    "stage1": {"episodes": per, "successes": successes, "updates": updates}
+                }
+                if cfg.stage2_from == "running":
+                    model.load_state_dict(running_state)
+                rl_data = to_transitions(d_rl) if d_rl else None
+                fraction = stage2_rl_fraction(cfg, d_e, rl_data)
+                with timer.phase("stage2"):
+                    record["stage2"] = supervised(model, cfg, d_e, rl_data, cfg.stage2_steps,
+                                                  f"iRe-VLA {task} it {k + 1} stage 2", seed + it, fraction)  # fmt: skip
+                record["stage2"]["rl_fraction"] = round(fraction, 4)
+                record["d_rl_episodes"] = len(d_rl)
+                promoted, why = True, "no gate"
+                if cfg.gate_episodes_per_task:
+                    tasks = (*known, task)
+                    if running_gate is None or running_gate[0] != tasks:
+                        candidate_state = copy.deepcopy(model.state_dict())
+                        model.load_state_dict(running_state)
+                        running_gate = (tasks, evaluate_model(model, "running", tasks, cfg.gate_episodes_per_task,
+                                                              _gate_seed(seed), cfg, settings, timer, "gate"))  # fmt: skip
+                        model.load_state_dict(candidate_state)
+                    candidate = evaluate_model(model, "candidate", tasks, cfg.gate_episodes_per_task,
+                                               _gate_seed(seed), cfg, settings, timer, "gate")  # fmt: skip
+                    promoted, why = gate(candidate, running_gate[1], known, task, cfg.gate_margin)
+                    if promoted:
+                        running_gate = (tasks, candidate)
+                if promoted:
+                    running_state = copy.deepcopy(model.state_dict())
+                else:
+                    model.load_state_dict(running_state)
+                log(f"iRe-VLA {task} iteration {k + 1}: {why}")
+                verdicts.append({"task": task, "iteration": k + 1, "promoted": promoted, "why": why})
+                record["gate"] = {"promoted": promoted, "why": why}
+                point = evaluate_model(model, "curve", [task], cfg.eval_episodes_per_task, _final_eval_seed(seed),
+                                       cfg, settings, timer, "curve_eval")  # fmt: skip
+                curves[task].append(
+                    {"rl_episodes": (k + 1) * per, "success": _rate(point, [task]), "promoted": promoted}
+                )
+                logs[task]["iterations"].append(record)
+            known.append(task)
             logs[task]["d_rl_episodes"] = len(d_rl)
     finally:
         cell.close()
-    return logs, episodes_used
+    return {"stages": logs, "rl_episodes": episodes_used, "curves": curves, "gate": verdicts}
 
 
 # ---- PPO-Replay -------------------------------------------------------------------------------------------------
@@ -389,7 +620,7 @@ class PPOReplay:
     """PPO on the whole trainable model (LoRA, new backbone layers, token learner, heads, log_std), the backbone
     recomputed with gradients in every minibatch, plus an MSE term on a D_e minibatch (expert replay)."""
 
-    def __init__(self, model: Any, cfg: BenchConfig, d_e: Any) -> None:
+    def __init__(self, model: Any, cfg: BenchConfig, d_e: Any, seed: int) -> None:
         from irevla_ros.train.ppo import PPOConfig
 
         self.model, self.cfg = model, cfg
@@ -409,7 +640,7 @@ class PPOReplay:
             [{"params": fast, "lr": cfg.ppo_lr}, {"params": slow, "lr": cfg.backbone_lr}],
             eps=self.ppo.adam_eps,
         )
-        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.generator = torch.Generator().manual_seed(seed)
         self.expert = d_e
         self.updates = 0
 
@@ -484,28 +715,31 @@ class PPOReplay:
 
 
 def run_ppo_replay(
-    model: Any, cfg: BenchConfig, settings: RolloutSettings, d_e: Any
-) -> tuple[dict[str, Any], int]:
+    model: Any, cfg: BenchConfig, settings: RolloutSettings, d_e: Any, seed: int, sft_rl: dict[str, float],
+    timer: Timer,
+) -> dict[str, Any]:  # fmt: skip
     logs: dict[str, Any] = {}
+    curves: dict[str, list[dict[str, Any]]] = {}
     episodes_used = 0
-    cell = make_cell(settings, cfg.rl_tasks, seed=cfg.seed)
+    per = cfg.episodes_per_iteration
+    cell = make_cell(settings, cfg.rl_tasks, seed=seed)
     try:
         for it, task in enumerate(cfg.rl_tasks):
-            learner = PPOReplay(model, cfg, d_e)
-            policy = acting_policy(model, f"ppo-replay-it{it}", deterministic=False, seed=cfg.seed + 100 + it)
+            learner = PPOReplay(model, cfg, d_e, seed)
+            policy = acting_policy(model, f"ppo-replay-it{it}", deterministic=False, seed=seed + 100 + it)
             pending: list[EpisodeResult] = []
             updates, successes = [], 0
+            curves[task] = [{"rl_episodes": 0, "success": sft_rl[task]}]
             for i in range(cfg.rl_episodes_per_task):
-                ep = run_episode(
-                    cell, policy, settings, task, _train_seed(cfg.seed, task, i), max_steps=cfg.max_steps
-                )
+                ep = timer.episode(cell, policy, settings, task, _train_seed(seed, task, i), cfg.max_steps,
+                                   "rl_episodes:PPO-Replay")  # fmt: skip
                 episodes_used += 1
                 successes += int(ep.success)
-                if ep.holds.all():
-                    continue
-                pending.append(ep)
+                if not ep.holds.all():
+                    pending.append(ep)
                 if len(pending) >= cfg.episodes_per_update:
-                    stats = learner.update(pending)
+                    with timer.phase("ppo_replay_updates"):
+                        stats = learner.update(pending)
                     pending = []
                     model.eval()
                     _refresh(policy)
@@ -514,85 +748,289 @@ def run_ppo_replay(
                         f"PPO-Replay {task}: update {len(updates)} after {i + 1} episodes, batch success "
                         f"{stats['batch_success_rate']:.2f}, replay loss {stats['replay_loss']:.4f}"
                     )
+                if (i + 1) % per == 0:
+                    model.eval()
+                    point = evaluate_model(model, "curve", [task], cfg.eval_episodes_per_task,
+                                           _final_eval_seed(seed), cfg, settings, timer, "curve_eval")  # fmt: skip
+                    curves[task].append({"rl_episodes": i + 1, "success": _rate(point, [task])})
             logs[task] = {"episodes": cfg.rl_episodes_per_task, "successes": successes, "updates": updates}
     finally:
         cell.close()
-    return logs, episodes_used
+    return {"stages": logs, "rl_episodes": episodes_used, "curves": curves}
 
 
-# ---- evaluation and the report ---------------------------------------------------------------------------------
+# ---- one seed ------------------------------------------------------------------------------------------------
 
 
-def evaluate_method(model: Any, name: str, cfg: BenchConfig, settings: RolloutSettings) -> Any:
-    from irevla_ros.train.evaluation import evaluate
+def _summary(report: Any, cfg: BenchConfig) -> dict[str, Any]:
+    return {
+        "expert": report.group(cfg.expert_tasks),
+        "rl": {t: report.group([t]) for t in cfg.rl_tasks},
+        "unseen": report.group(cfg.unseen_tasks) if cfg.unseen_tasks else None,
+        "per_task": {t: e.to_dict() for t, e in report.tasks.items()},
+        "eval_episodes": report.episodes,
+    }
 
-    tasks = [*cfg.expert_tasks, *cfg.rl_tasks, *cfg.unseen_tasks]
-    policy = acting_policy(model, name, deterministic=True, seed=cfg.seed)
-    report = evaluate(
-        policy,
-        tasks,
-        cfg.eval_episodes_per_task,
-        seed=cfg.seed + 1,
-        settings=settings,
-        max_steps=cfg.max_steps,
-        progress=lambda m: log(f"eval {name}: {m}"),
+
+def episodes_to_level(curve: Sequence[dict[str, Any]], level: float) -> int | None:
+    """The RL episodes spent when the curve first reached `level` (None: never within the budget)."""
+    return next((int(p["rl_episodes"]) for p in curve if p["success"] >= level - 1e-9), None)
+
+
+def run_seed(cfg: BenchConfig, seed: int, work: Path) -> dict[str, Any]:
+    """Every method for one seed; the result is also written to `work/seed-<seed>.json` (kept for a rerun)."""
+    started = time.monotonic()
+    torch.set_num_threads(cfg.threads)
+    settings = RolloutSettings.from_graph(cameras=tuple(cfg.cameras))
+    timer = Timer()
+    log(f"expert {cfg.expert_tasks}, RL {cfg.rl_tasks}, unseen {cfg.unseen_tasks}")
+    every = [*cfg.expert_tasks, *cfg.rl_tasks, *cfg.unseen_tasks]
+
+    demos, demo_episodes = collect_demos(cfg, settings, seed, timer)
+    d_e = to_transitions(demos)
+    model = build_model(cfg, seed)
+    with timer.phase("stage0"):
+        stage0 = supervised(model, cfg, d_e, None, cfg.stage0_steps, "stage 0", seed)
+    sft_state = copy.deepcopy(model.state_dict())
+
+    methods: dict[str, dict[str, Any]] = {}
+    sft_eval = evaluate_model(model, "SFT", every, cfg.eval_episodes_per_task, _final_eval_seed(seed), cfg, settings,
+                              timer, "final_eval")  # fmt: skip
+    methods["SFT"] = {**_summary(sft_eval, cfg), "rl_episodes": 0}
+    sft_rl = {t: _rate(sft_eval, [t]) for t in cfg.rl_tasks}
+
+    model.load_state_dict(sft_state)
+    ppo = run_ppo_replay(model, cfg, settings, d_e, seed, sft_rl, timer)
+    final = evaluate_model(model, "PPO-Replay", every, cfg.eval_episodes_per_task, _final_eval_seed(seed), cfg,
+                           settings, timer, "final_eval")  # fmt: skip
+    methods["PPO-Replay"] = {**_summary(final, cfg), "rl_episodes": ppo["rl_episodes"], "curves": ppo["curves"],
+                             "stages": ppo["stages"]}  # fmt: skip
+
+    model.load_state_dict(sft_state)
+    ire = run_ire_vla(model, cfg, settings, d_e, seed, sft_rl, timer)
+    final = evaluate_model(model, "iRe-VLA", every, cfg.eval_episodes_per_task, _final_eval_seed(seed), cfg,
+                           settings, timer, "final_eval")  # fmt: skip
+    methods["iRe-VLA"] = {**_summary(final, cfg), "rl_episodes": ire["rl_episodes"], "curves": ire["curves"],
+                          "stages": ire["stages"], "gate": ire["gate"]}  # fmt: skip
+
+    for m in methods.values():
+        m["environment_episodes"] = {"demos": demo_episodes, "rl": m["rl_episodes"],
+                                     "train": demo_episodes + m["rl_episodes"]}  # fmt: skip
+        if "curves" in m:
+            m["episodes_to_level"] = {
+                t: episodes_to_level(m["curves"][t], min(1.0, sft_rl[t] + cfg.level_delta))
+                for t in cfg.rl_tasks
+            }
+    result = {
+        "seed": seed,
+        "methods": methods,
+        "demonstrations": {"kept": len(demos), "episodes_run": demo_episodes, "steps": len(d_e)},
+        "stage0": stage0,
+        "timing": timer.to_dict(),
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    durable.write_json(
+        work / f"seed-{seed}.json", {"parameters": dataclasses.asdict(cfg), **result}, indent=1
     )
-    return report
+    log(f"done in {result['seconds']:.0f} s ({timer.to_dict()['steps_per_second']} environment steps/s)")
+    return result
 
 
-def _cell(group: dict[str, Any]) -> str:
-    return f"{group['success_rate']:.2f} ({group['successes']}/{group['episodes']})"
+def _seed_worker(cfg_dict: dict[str, Any], seed: int, work: str) -> dict[str, Any]:
+    global _SEED_LABEL
+    _SEED_LABEL = f"seed {seed}: "
+    return run_seed(BenchConfig.from_dict(cfg_dict), seed, Path(work))
 
 
-def rl_training_successes(stages: dict[str, Any], method: str, rl_tasks: Sequence[str]) -> int | None:
-    """Successful episodes among a method's RL training episodes (None: the method runs no RL)."""
-    logs = stages.get(method)
-    if not logs:
-        return None
-    return sum(
-        int(logs[t]["stage1"]["successes"] if "stage1" in logs[t] else logs[t]["successes"]) for t in rl_tasks
+def run_seeds(cfg: BenchConfig, work: Path, jobs: int) -> list[dict[str, Any]]:
+    """Every seed of `cfg`, `jobs` at a time in worker processes (1: in this process). A seed whose result is in
+    `work` from an earlier run with the same settings is not run again."""
+    done: dict[int, dict[str, Any]] = {}
+    wanted = dataclasses.asdict(cfg)
+    for seed in cfg.seed_list:
+        path = work / f"seed-{seed}.json"
+        if path.exists():
+            kept = json.loads(path.read_text())
+            if kept.pop("parameters") == wanted:
+                log(f"seed {seed}: kept from {path}")
+                done[seed] = kept
+    todo = [s for s in cfg.seed_list if s not in done]
+    if jobs <= 1 or len(todo) <= 1:
+        for seed in todo:
+            global _SEED_LABEL
+            _SEED_LABEL = f"seed {seed}: " if len(cfg.seed_list) > 1 else ""
+            done[seed] = run_seed(cfg, seed, work)
+    else:
+        # spawn: a fresh interpreter per worker (no forked torch/MuJoCo/OpenGL state); one torch thread each.
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {s: pool.submit(_seed_worker, wanted, s, str(work)) for s in todo}
+            for seed, future in futures.items():
+                done[seed] = future.result()
+    return [done[s] for s in cfg.seed_list]
+
+
+# ---- over seeds -----------------------------------------------------------------------------------------------
+
+# Student's t quantile t(0.975, df) for df = 1..30; the normal 1.96 beyond.
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)  # fmt: skip
+
+
+def mean_ci(values: Sequence[float]) -> tuple[float, float, float]:
+    """Mean and 95% t-interval over seeds (clipped to [0, 1]); a single value's interval is the value itself."""
+    x = np.asarray(values, dtype=float)
+    mean = float(x.mean())
+    if len(x) < 2:
+        return mean, mean, mean
+    half = (
+        (_T975[len(x) - 2] if len(x) - 1 <= len(_T975) else 1.96) * float(x.std(ddof=1)) / math.sqrt(len(x))
     )
+    return mean, max(0.0, mean - half), min(1.0, mean + half)
 
 
-def markdown(cfg: BenchConfig, methods: dict[str, dict[str, Any]], stages: dict[str, Any]) -> str:
-    head = [
-        "Method",
-        f"Expert ({len(cfg.expert_tasks)} tasks)",
-        *cfg.rl_tasks,
-        f"Unseen ({len(cfg.unseen_tasks)} tasks)" if cfg.unseen_tasks else "Unseen (none)",
-        "Train episodes (demos + RL)",
-        "RL episodes solved in training",
-    ]
+def _over_seeds(groups: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    from irevla_ros.train.evaluation import wilson_interval
+
+    rates = [g["success_rate"] for g in groups]
+    mean, lo, hi = mean_ci(rates)
+    k, n = sum(g["successes"] for g in groups), sum(g["episodes"] for g in groups)
+    wl, wh = wilson_interval(k, n)
+    return {
+        "mean": round(mean, 4),
+        "ci95": [round(lo, 4), round(hi, 4)],  # over seeds (t); one seed: the pooled Wilson interval below
+        "per_seed": rates,
+        "successes": k,
+        "episodes": n,
+        "pooled_wilson95": [round(wl, 4), round(wh, 4)],
+    }
+
+
+def aggregate(cfg: BenchConfig, seeds: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    methods: dict[str, Any] = {}
+    for name in METHODS:
+        per = [s["methods"][name] for s in seeds]
+        m: dict[str, Any] = {
+            "expert": _over_seeds([p["expert"] for p in per]),
+            "rl": {t: _over_seeds([p["rl"][t] for p in per]) for t in cfg.rl_tasks},
+            "unseen": _over_seeds([p["unseen"] for p in per]) if cfg.unseen_tasks else None,
+            "environment_episodes": {
+                "train_per_seed": [p["environment_episodes"]["train"] for p in per],
+                "rl": per[0]["environment_episodes"]["rl"],
+            },
+        }
+        if "curves" in per[0]:
+            m["curves"] = {}
+            for t in cfg.rl_tasks:
+                points = []
+                for i, first in enumerate(per[0]["curves"][t]):
+                    values = [p["curves"][t][i]["success"] for p in per]
+                    mean, lo, hi = mean_ci(values)
+                    points.append({"rl_episodes": first["rl_episodes"], "mean": round(mean, 4),
+                                   "ci95": [round(lo, 4), round(hi, 4)], "per_seed": values})  # fmt: skip
+                m["curves"][t] = points
+            m["episodes_to_level"] = {t: [p["episodes_to_level"][t] for p in per] for t in cfg.rl_tasks}
+        if "gate" in per[0]:
+            verdicts = [v for p in per for v in p["gate"]]
+            m["gate"] = {"candidates": len(verdicts), "refused": sum(not v["promoted"] for v in verdicts)}
+        methods[name] = m
+    steps = sum(s["timing"]["environment_steps"] for s in seeds)
+    rollout = sum(s["timing"]["rollout_seconds"] for s in seeds)
+    phases: dict[str, float] = {}
+    for s in seeds:
+        for k, v in s["timing"]["phases"].items():
+            phases[k] = round(phases.get(k, 0.0) + v, 1)
+    return {
+        "methods": methods,
+        "timing": {
+            "phases": phases,
+            "environment_steps": steps,
+            "steps_per_second": round(steps / rollout, 2) if rollout else 0.0,
+            "seconds_per_seed": [s["seconds"] for s in seeds],
+        },
+    }
+
+
+def _cell(group: dict[str, Any], seeds: int) -> str:
+    if seeds > 1:
+        lo, hi = group["ci95"]
+        return f"{group['mean']:.2f} [{lo:.2f}, {hi:.2f}]"
+    return f"{group['mean']:.2f} ({group['successes']}/{group['episodes']})"
+
+
+def _level(values: Sequence[int | None]) -> str:
+    reached = sorted(v for v in values if v is not None)
+    if not reached:
+        return "not reached"
+    median = (
+        reached[len(reached) // 2]
+        if len(reached) % 2
+        else (reached[len(reached) // 2 - 1] + reached[len(reached) // 2]) / 2
+    )
+    return f"{median:g} ({len(reached)}/{len(values)} seeds)"
+
+
+def markdown(cfg: BenchConfig, doc: dict[str, Any]) -> str:
+    methods, per_seed = doc["methods"], doc["seeds"]
+    n = len(per_seed)
+    head = ["Method", f"Expert ({len(cfg.expert_tasks)} tasks)", *cfg.rl_tasks,
+            f"Unseen ({len(cfg.unseen_tasks)} tasks)" if cfg.unseen_tasks else "Unseen (none)",
+            *(f"Episodes to SFT+{cfg.level_delta:g}: {t}" for t in cfg.rl_tasks), "RL episodes",
+            "Candidates refused"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in methods.items():
-        cells = [name, _cell(m["expert"]), *(_cell(m["rl"][t]) for t in cfg.rl_tasks)]
-        cells.append(_cell(m["unseen"]) if cfg.unseen_tasks else "-")
-        e = m["environment_episodes"]
-        cells.append(f"{e['train']} ({e['demos']} + {e['rl']})")
-        solved = rl_training_successes(stages, name, cfg.rl_tasks)
-        cells.append("-" if solved is None else f"{solved}/{e['rl']}")
+        cells = [name, _cell(m["expert"], n), *(_cell(m["rl"][t], n) for t in cfg.rl_tasks)]
+        cells.append(_cell(m["unseen"], n) if cfg.unseen_tasks else "-")
+        cells += [
+            _level(m["episodes_to_level"][t]) if "episodes_to_level" in m else "-" for t in cfg.rl_tasks
+        ]
+        cells.append(str(m["environment_episodes"]["rl"]))
+        cells.append(f"{m['gate']['refused']}/{m['gate']['candidates']}" if "gate" in m else "-")
         lines.append("| " + " | ".join(cells) + " |")
-    lines.append("")
-    lines.append(
-        f"Success rate (successes/episodes), deterministic policy, {cfg.eval_episodes_per_task} evaluation "
-        f"episodes per task on scenes never trained on; seed {cfg.seed}; {cfg.demos_per_task} demos per expert "
-        f"task; {cfg.rl_episodes_per_task} RL episodes per RL task; max {cfg.max_steps or 'graph'} steps."
-    )
+    seeds = ", ".join(str(s["seed"]) for s in per_seed)
+    lines += [
+        "",
+        f"Success rate, deterministic policy, {cfg.eval_episodes_per_task} evaluation episodes per task per seed on "
+        f"scenes never trained on; "
+        + (f"mean [95% t-interval] over seeds {seeds}" if n > 1 else f"seed {seeds} (successes/episodes)")
+        + "; "
+        f"{cfg.demos_per_task} demos per expert task; {cfg.rl_episodes_per_task} RL episodes per RL task "
+        f"({cfg.iterations_per_task} iRe-VLA iteration(s) of {cfg.episodes_per_iteration}, Stage 1 "
+        f"{cfg.stage1_algorithm}); max {cfg.max_steps or 'graph'} steps. Episodes to SFT+{cfg.level_delta:g}: the "
+        "RL episodes after which the method's evaluation on the task first reached the SFT policy's success plus "
+        f"{cfg.level_delta:g} (median over the seeds that reached it). Candidates refused: iRe-VLA Stage 2 "
+        f"versions the gate kept out ({cfg.gate_episodes_per_task} episodes per known task, margin "
+        f"{cfg.gate_margin:g}).",
+    ]
+    if n > 1:
+        lines += ["", "Per seed (expert / " + " / ".join(cfg.rl_tasks) + " / unseen):", ""]
+        lines += ["| Method | " + " | ".join(f"seed {s['seed']}" for s in per_seed) + " |",
+                  "|" + "---|" * (n + 1)]  # fmt: skip
+        for name in METHODS:
+            cells = []
+            for s in per_seed:
+                m = s["methods"][name]
+                parts = [m["expert"], *(m["rl"][t] for t in cfg.rl_tasks)]
+                parts += [m["unseen"]] if cfg.unseen_tasks else []
+                cells.append(" / ".join(f"{g['success_rate']:.2f}" for g in parts))
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    timing = doc["timing"]
+    lines += ["", f"Wall time per seed {', '.join(f'{s:.0f}' for s in timing['seconds_per_seed'])} s; "
+              f"{timing['steps_per_second']} environment steps/s in rollouts; phases (s, all seeds): "
+              + ", ".join(f"{k} {v:.0f}" for k, v in timing["phases"].items()) + "."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
 def write_report(result: Path) -> Path:
-    """The Markdown table (`.md`) and the bar chart (`.png`) of a result file, derived from it alone (so a table
-    can be rebuilt from a committed result: `irevla bench-sim --report bench/results/ire_vla_sim.json`)."""
+    """The Markdown table (`.md`) and the plots (`.png`, `_curves.png`) of a result file, derived from it alone
+    (so a table can be rebuilt from a committed result: `irevla bench-sim --report bench/results/ire_vla_sim.json`)."""
     doc = json_load(result)
     cfg = BenchConfig.from_dict(doc["parameters"])
     md = result.with_suffix(".md")
     durable.write_text(
-        md,
-        f"# iRe-VLA simulation benchmark ({doc.get('scale', 'custom')} scale)\n\n"
-        + markdown(cfg, doc["methods"], doc["stages"]),
+        md, f"# iRe-VLA simulation benchmark ({doc.get('scale', 'custom')} scale)\n\n" + markdown(cfg, doc)
     )
     plot_ire_vla_sim(result)
+    plot_ire_vla_sim_curves(result)
     return md
 
 
@@ -600,76 +1038,25 @@ def json_load(path: Path) -> dict[str, Any]:
     data = json.loads(path.read_text())
     if not isinstance(data, dict) or data.get("benchmark") != "ire_vla_sim":
         raise BenchConfigError(f"{path} is not an ire_vla_sim result")
+    if data.get("format") != FORMAT:
+        raise BenchConfigError(
+            f"{path} is an ire_vla_sim result of format {data.get('format', 1)}; this version reads format {FORMAT}"
+        )
     return data
 
 
-def run(cfg: BenchConfig, out_dir: Path, work: Path, scale: str = "custom") -> dict[str, Any]:
+def run(cfg: BenchConfig, out_dir: Path, work: Path, scale: str = "custom", jobs: int = 1) -> dict[str, Any]:
     started = time.monotonic()
-    torch.set_num_threads(cfg.threads)
-    settings = RolloutSettings.from_graph(cameras=tuple(cfg.cameras))
     work.mkdir(parents=True, exist_ok=True)
-    log(
-        f"iRe-VLA sim benchmark ({scale}): expert {cfg.expert_tasks}, RL {cfg.rl_tasks}, unseen {cfg.unseen_tasks}"
-    )
-
-    t0 = time.monotonic()
-    demos, demo_episodes = collect_demos(cfg, settings)
-    d_e = to_transitions(demos)
-    model = build_model(cfg)
-    stage0 = supervised(model, cfg, d_e, None, cfg.stage0_steps, "stage 0")
-    stage0["seconds_total"] = time.monotonic() - t0
-    sft_state = copy.deepcopy(model.state_dict())
-
-    timings: dict[str, float] = {}
-    results: dict[str, dict[str, Any]] = {}
-    logs: dict[str, Any] = {"stage0": stage0}
-    rl_episodes: dict[str, int] = {"SFT": 0}
-
-    t0 = time.monotonic()
-    results["SFT"] = {"eval": evaluate_method(model, "SFT", cfg, settings)}
-    timings["SFT"] = time.monotonic() - t0
-
-    t0 = time.monotonic()
-    model.load_state_dict(sft_state)
-    logs["PPO-Replay"], rl_episodes["PPO-Replay"] = run_ppo_replay(model, cfg, settings, d_e)
-    results["PPO-Replay"] = {"eval": evaluate_method(model, "PPO-Replay", cfg, settings)}
-    timings["PPO-Replay"] = time.monotonic() - t0
-
-    t0 = time.monotonic()
-    model.load_state_dict(sft_state)
-    logs["iRe-VLA"], rl_episodes["iRe-VLA"] = run_ire_vla(model, cfg, settings, d_e, work)
-    results["iRe-VLA"] = {"eval": evaluate_method(model, "iRe-VLA", cfg, settings)}
-    timings["iRe-VLA"] = time.monotonic() - t0
-
-    methods: dict[str, dict[str, Any]] = {}
-    for name in METHODS:
-        report = results[name]["eval"]
-        methods[name] = {
-            "expert": report.group(cfg.expert_tasks),
-            "rl": {t: report.group([t]) for t in cfg.rl_tasks},
-            "unseen": report.group(cfg.unseen_tasks) if cfg.unseen_tasks else None,
-            "per_task": {t: e.to_dict() for t, e in report.tasks.items()},
-            "environment_episodes": {
-                "demos": demo_episodes,
-                "rl": rl_episodes[name],
-                "train": demo_episodes + rl_episodes[name],
-                "eval": report.episodes,
-            },
-            "seconds": round(timings[name], 1),
-        }
-    table = markdown(cfg, methods, logs)
-    body = {
-        "scale": scale,
-        "methods": methods,
-        "demonstrations": {"kept": len(demos), "episodes_run": demo_episodes, "steps": len(d_e)},
-        "stages": logs,
-        "seconds": round(time.monotonic() - started, 1),
-        "table_markdown": table,
-    }
+    log(f"iRe-VLA sim benchmark ({scale}): seeds {cfg.seed_list}, {jobs} at a time; work folder {work}")
+    seeds = run_seeds(cfg, work, jobs)
+    body = {"format": FORMAT, "scale": scale, **aggregate(cfg, seeds), "seeds": seeds,
+            "seconds": round(time.monotonic() - started, 1)}  # fmt: skip
+    body["table_markdown"] = markdown(cfg, body)
     out_dir.mkdir(parents=True, exist_ok=True)
     result = write_result(out_dir / "ire_vla_sim.json", "ire_vla_sim", dataclasses.asdict(cfg), body)
     md = write_report(result)
-    log(f"wrote {md}\n{table}")
+    log(f"wrote {md}\n{body['table_markdown']}")
     return body
 
 
@@ -694,23 +1081,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--out", type=Path, default=None, help="results folder (default: bench/results; tiny: scratch)"
     )
     parser.add_argument(
-        "--work", type=Path, default=None, help="scratch folder (default: runs/bench-sim-<time>)"
+        "--work",
+        type=Path,
+        default=None,
+        help="scratch folder (default: runs/bench-sim-<time>); a rerun with "
+        "the same --work keeps the seeds that finished",
     )
     split = lambda s: [t for t in s.split(",") if t]  # noqa: E731
+    ints = lambda s: [int(t) for t in s.split(",") if t]  # noqa: E731
     parser.add_argument("--expert-tasks", type=split, default=None, help="comma-separated")
     parser.add_argument("--rl-tasks", type=split, default=None, help="comma-separated")
     parser.add_argument("--unseen-tasks", type=split, default=None, help="comma-separated ('' for none)")
     parser.add_argument("--demos-per-task", type=int, default=None)
     parser.add_argument("--rl-episodes-per-task", type=int, default=None)
+    parser.add_argument("--iterations-per-task", type=int, default=None)
+    parser.add_argument("--stage1-algorithm", default=None, choices=STAGE1_ALGORITHMS)
     parser.add_argument("--eval-episodes-per-task", type=int, default=None)
     parser.add_argument("--stage0-steps", type=int, default=None)
     parser.add_argument("--stage2-steps", type=int, default=None)
     parser.add_argument("--max-steps", type=int, default=None)
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument(
+        "--seeds", type=ints, default=None, help="comma-separated, e.g. 0,1,2: every method per seed"
+    )
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="seeds run at a time in worker processes (default 1)"
+    )
     parser.add_argument("--device", default=None, help="cpu, cuda or auto")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: 1)")
     parser.add_argument(
-        "--report", type=Path, default=None, metavar="RESULT_JSON", help="only rebuild RESULT's .md and .png"
+        "--report", type=Path, default=None, metavar="RESULT_JSON", help="only rebuild RESULT's .md and plots"
     )
     args = parser.parse_args(argv)
     if args.report is not None:
@@ -724,9 +1124,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         k: getattr(args, k)
         for k in (
             "expert_tasks", "rl_tasks", "unseen_tasks", "demos_per_task", "rl_episodes_per_task",
-            "eval_episodes_per_task", "stage0_steps", "stage2_steps", "max_steps", "seed", "device", "threads",
+            "iterations_per_task", "stage1_algorithm", "eval_episodes_per_task", "stage0_steps", "stage2_steps",
+            "max_steps", "seed", "seeds", "device", "threads",
         )
     }  # fmt: skip
+    if args.jobs < 1:
+        print(f"irevla bench-sim: --jobs must be >= 1, got {args.jobs}", file=sys.stderr)
+        return 2
     try:
         cfg = load_config(args.scale, args.config, overrides)
     except (BenchConfigError, TypeError) as exc:
@@ -735,7 +1139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = args.work or Path("runs") / time.strftime("bench-sim-%Y%m%d-%H%M%S")
     # A tiny run checks code paths: its numbers never overwrite the committed results unless asked to.
     out = args.out or (work / "results" if args.scale == "tiny" else RESULTS_DIR)
-    run(cfg, out, work, args.scale)
+    run(cfg, out, work, args.scale, args.jobs)
     return 0
 
 

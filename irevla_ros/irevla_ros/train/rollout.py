@@ -155,23 +155,34 @@ def make_cell(settings: RolloutSettings, tasks: Sequence[str], seed: int | None 
 
 
 def observe(
-    cell: MetaWorldCell, arm: SimArm, settings: RolloutSettings, instruction: str, now: float
+    cell: MetaWorldCell,
+    arm: SimArm,
+    settings: RolloutSettings,
+    instruction: str,
+    now: float,
+    *,
+    render: bool = True,
 ) -> Observation:
     """The observation the policy node assembles at a tick (`observation.assemble`, the node's own function),
     from the cell's frames and arm state of this moment. A cell state no observation can be built from (a
-    non-finite hand position) raises HoldTick: a bug of the simulation, not a tick to hold."""
+    non-finite hand position) raises HoldTick: a bug of the simulation, not a tick to hold.
+
+    `render=False`: no camera images (empty `images`), for policies that act on state alone (the scripted
+    expert); rendering is most of a tick's time on a CPU. A policy that needs images then holds."""
+    rules = settings.observation_rules
+    if not render:
+        rules = ObservationRules((), settings.image_width, settings.image_height)
     with cell.lock:
         # Each camera node publishes the cell's render at its own size (INTER_AREA).
         frames = {
             cam.name: Frame(resize_area(cell.render(cam.sim_camera), cam.width, cam.height), now)
             for cam in settings.cameras
+            if render
         }
         state = arm.read_state()
         expert = cell.expert_action()
     arm_state = ArmState(state.ee_position, state.gripper, now)
-    return assemble(
-        settings.observation_rules, frames, arm_state, instruction, now, {EXPERT_ACTION_KEY: expert}
-    )
+    return assemble(rules, frames, arm_state, instruction, now, {EXPERT_ACTION_KEY: expert})
 
 
 # ---- episode records ------------------------------------------------------------------------------------------
@@ -234,13 +245,18 @@ def run_episode(
     max_steps: int | None = None,
     safety: SafetyLayer | None = None,
     on_step: Callable[[int, Observation], None] | None = None,
+    render: bool = True,
 ) -> EpisodeResult:
     """Reset `cell` to `task` (None: the next configured one) with layout `seed`, run `policy` until success
-    or timeout, and return the episode. `max_steps` overrides the graph's timeout rule (shorter benchmarks)."""
+    or timeout, and return the episode. `max_steps` overrides the graph's timeout rule (shorter benchmarks).
+    `render=False` (with `keep_images=False`) skips the cameras: the same loop for state-only policies such as
+    the scripted expert (`observe`); the physics, and so the trajectory, are unchanged."""
     started_wall = time.monotonic()
     limit = settings.max_steps if max_steps is None else int(max_steps)
     if limit < 1:
         raise ValueError(f"max_steps must be >= 1, got {limit}")
+    if keep_images and not render:
+        raise ValueError("keep_images=True needs render=True: an episode run without cameras has no images")
     layer = safety or SafetyLayer(settings.limits)
     arm = SimArm(cell)
     arm.connect()
@@ -259,7 +275,7 @@ def run_episode(
     success = False
     now = 0.0  # ROS time of the tick; only differences matter to the safety layer
     for step in range(limit):
-        obs = observe(cell, arm, settings, instruction, now)
+        obs = observe(cell, arm, settings, instruction, now, render=render)
         if on_step is not None:
             on_step(step, obs)
         decision = decide(policy, obs)  # the policy node decides with the same function

@@ -7,7 +7,14 @@ import threading
 import numpy as np
 import pytest
 
-from irevla_ros.sim.cell import DEFAULT_TASKS, InvalidActionError, InvalidSeedError, MetaWorldCell, scene_seed
+from irevla_ros.sim.cell import (
+    DEFAULT_TASKS,
+    InvalidActionError,
+    InvalidSeedError,
+    MetaWorldCell,
+    finish_control_period,
+    scene_seed,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:Constant\\(s\\) may be too high:UserWarning")
 
@@ -242,3 +249,40 @@ def test_stepping_and_rendering_from_two_threads(cell):
     assert not errors
     assert images and all(img.shape == (64, 96, 3) for img in images)
     assert cell.episode_steps == 60
+
+
+def test_fingers_keep_metaworlds_pace_per_control_period():
+    # Meta-World's experts assume one action per env step: the hand moves at most action_scale per step while the
+    # fingers close at their own speed. A cell stepped once per 0.1 s control period still moves the hand one
+    # step's worth per period, so its fingers must move per period as Meta-World's move per env step; unslowed,
+    # they closed 8 steps' worth per period and push-v3's expert shut its gripper before reaching the puck
+    # (0 of 15 in 150 steps against Meta-World's 15 of 15).
+    task = "push-v3"
+    metaworld = MetaWorldCell(tasks=(task,), width=32, height=32)
+    timed = MetaWorldCell(tasks=(task,), width=32, height=32, control_period=0.1)
+    unslowed = MetaWorldCell(tasks=(task,), width=32, height=32)  # Meta-World's fingers, driven at 0.1 s
+    try:
+        assert metaworld.finger_time_scale == 1.0 and metaworld.control_period is None
+        assert timed.finger_time_scale == pytest.approx(0.1 / timed.control_dt) == pytest.approx(8.0)
+        per_step, per_period, unslowed_per_period = [], [], []
+        close = np.array([0.0, 0.0, 0.0, 0.6])  # push-v3's grab effort
+        for c in (metaworld, timed, unslowed):
+            c.reset(task, seed=0)
+        for _ in range(40):
+            metaworld.apply_action(close)
+            per_step.append(metaworld.gripper_opening())
+            for c, out in ((timed, per_period), (unslowed, unslowed_per_period)):
+                start = c.sim_time
+                c.apply_action(close)
+                finish_control_period(c, start, 0.1)
+                out.append(c.gripper_opening())
+        np.testing.assert_allclose(per_period, per_step, atol=0.03)
+        assert per_step[3] > 0.9 and unslowed_per_period[3] < 0.5  # the departure the scaling removes
+        assert per_period[-1] == pytest.approx(per_step[-1], abs=0.005)  # the same grip once closed
+        with pytest.raises(ValueError, match="control_period"):
+            MetaWorldCell(tasks=(task,), control_period=0.0)
+        with pytest.raises(ValueError, match="control_period"):
+            MetaWorldCell(tasks=(task,), control_period=float("nan"))
+    finally:
+        for c in (metaworld, timed, unslowed):
+            c.close()

@@ -63,6 +63,7 @@ class SimCellNode(Node):
             height=int(p["image_height"]),  # type: ignore[arg-type]
             cameras=list(p["cameras"]),  # type: ignore[arg-type]
             seed=int(p["seed"]),  # type: ignore[arg-type]
+            control_period=float(p["control_period"]),  # type: ignore[arg-type]  # fingers timed for it
         )
         self.period = float(p["control_period"])  # type: ignore[arg-type]
         # /clock advances on an exact grid of control periods (integer nanoseconds), so every node's timers

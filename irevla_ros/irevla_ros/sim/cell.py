@@ -5,10 +5,20 @@ threads; every access to physics or rendering state holds one re-entrant lock (`
 
 Episode semantics differ from Meta-World's benchmark loop on purpose: the cell never truncates an episode
 (the session decides when an episode ends) and `success()` stays true once reached within the episode.
+
+Time: Meta-World's experts (and its task design) assume one action per env step (`control_dt`, 12.5 ms): the hand
+moves at most `action_scale` per step while the fingers close at their own speed. A cell driven at a longer
+`control_period` (the graph's 0.1 s: one command, then `finish_control_period` holds the target) still moves the
+hand at most one step's worth per period, so unchanged fingers would close `control_period / control_dt` times
+further per hand move than Meta-World's: an expert closing its gripper while it descends on an object (push,
+assembly, ...) closes it before it gets there. A cell told its `control_period` therefore slows the fingers by that
+factor (time scaling of their damped slide joints: damping x k, armature x k^2), keeping Meta-World's hand-to-finger
+speed ratio; the squeeze force of a closed gripper is unchanged.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import zlib
 from collections.abc import Sequence
@@ -108,7 +118,15 @@ def _finite_vector(name: str, value: object, size: int) -> np.ndarray:
 class _TaskSlot:
     """One lazily built Meta-World env with what the cell needs alongside it."""
 
-    def __init__(self, task: str, width: int, height: int, cameras: Sequence[str], seed: int) -> None:
+    def __init__(
+        self,
+        task: str,
+        width: int,
+        height: int,
+        cameras: Sequence[str],
+        seed: int,
+        control_period: float | None,
+    ) -> None:
         env = ALL_V3_ENVIRONMENTS[task](width=width, height=height)
         # What Meta-World's benchmark wrappers do, minus the fixed list of 50 goals: a fresh random object
         # placement per reset drawn from the env's own seeded generator.
@@ -137,6 +155,13 @@ class _TaskSlot:
         self.hand_body = model.body("hand").id
         self.left_claw = model.body("leftclaw").id
         self.right_claw = model.body("rightclaw").id
+        control_dt = float(env.frame_skip * model.opt.timestep)
+        self.finger_time_scale = 1.0 if control_period is None else max(1.0, control_period / control_dt)
+        # The finger slides are damping-dominated (their servo force / damping is their speed): scaling damping by
+        # k and armature by k^2 plays their motion k times slower, end points and squeeze force unchanged.
+        fingers = self.qvel_index[len(ARM_JOINTS) :]
+        model.dof_damping[fingers] *= self.finger_time_scale
+        model.dof_armature[fingers] *= self.finger_time_scale**2
         self.width, self.height = width, height
         self._renderer: mujoco.Renderer | None = None
         self._rotate: dict[str, bool] = {}
@@ -177,7 +202,11 @@ class MetaWorldCell:
         height: int = 128,
         cameras: Sequence[str] = ("corner",),
         seed: int = 0,
+        control_period: float | None = None,
     ) -> None:
+        """`control_period`: the period (s) of the controller that will drive the cell, one command per period
+        (see the module docstring: the fingers are slowed to keep Meta-World's hand-to-finger speed ratio);
+        None: one command per Meta-World env step, Meta-World's own fingers."""
         tasks = tuple(tasks)
         if not tasks:
             raise UnknownTaskError("tasks must name at least one Meta-World v3 task")
@@ -188,6 +217,11 @@ class MetaWorldCell:
             raise UnknownTaskError(f"tasks must not repeat, got {list(tasks)}")
         if not (isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0):
             raise ValueError(f"width and height must be positive integers, got {width!r} x {height!r}")
+        if control_period is not None and not (math.isfinite(control_period) and control_period > 0):
+            raise ValueError(
+                f"control_period must be a positive number of seconds or None, got {control_period!r}"
+            )
+        self._control_period = None if control_period is None else float(control_period)
         self._tasks = tasks
         self._width, self._height = width, height
         self._cameras = tuple(cameras)
@@ -249,6 +283,16 @@ class MetaWorldCell:
     def control_dt(self) -> float:
         env = self._current.env
         return float(env.frame_skip * env.model.opt.timestep)
+
+    @property
+    def control_period(self) -> float | None:
+        """The controller period the fingers are timed for (None: one Meta-World env step)."""
+        return self._control_period
+
+    @property
+    def finger_time_scale(self) -> float:
+        """How many times slower than Meta-World's the fingers move (control_period / control_dt, at least 1)."""
+        return self._current.finger_time_scale
 
     @property
     def sim_time(self) -> float:
@@ -428,7 +472,9 @@ class MetaWorldCell:
 
     def _slot(self, task: str) -> _TaskSlot:
         if task not in self._slots:
-            self._slots[task] = _TaskSlot(task, self._width, self._height, self._cameras, self._seed)
+            self._slots[task] = _TaskSlot(
+                task, self._width, self._height, self._cameras, self._seed, self._control_period
+            )
         return self._slots[task]
 
     def _camera_id(self, camera: str) -> int:

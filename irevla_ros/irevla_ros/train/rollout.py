@@ -141,13 +141,14 @@ class RolloutSettings:
 
 
 def make_cell(settings: RolloutSettings, tasks: Sequence[str], seed: int | None = None) -> MetaWorldCell:
-    """A cell configured as the sim cell node configures its own (size, cameras, seed)."""
+    """A cell configured as the sim cell node configures its own (size, cameras, seed, control period)."""
     return MetaWorldCell(
         tasks=tuple(tasks),
         width=settings.cell_width,
         height=settings.cell_height,
         cameras=settings.cell_cameras,
         seed=settings.cell_seed if seed is None else int(seed),
+        control_period=settings.control_period,
     )
 
 

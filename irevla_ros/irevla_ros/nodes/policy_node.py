@@ -240,7 +240,8 @@ class PolicyNode(Node):
             f"version {msg.version_id} announced ({msg.stage}, {kind}): loading in the background"
         )
         # The announcement's heads_only must agree with the store; the loader refuses the version otherwise.
-        self.slot.request(msg.version_id, heads_only=bool(msg.heads_only))
+        # Validated at idle priority while an episode runs (the ticks come first), at normal priority between them.
+        self.slot.request(msg.version_id, heads_only=bool(msg.heads_only), idle=self.episode is not None)
 
     def _takes_versions(self) -> bool:
         return self.params["policy"] == "vla"

@@ -64,9 +64,9 @@ class VLAPolicy:
         return PolicyOutput(action, log_prob=None if self.deterministic else log_prob, value=float(value))
 
 
-# Run first in the validator child: SCHED_IDLE (the CPU only when the control loop does not want it), set by the
-# child itself so the parent can spawn it without a preexec_fn (which forces a full fork of this large process);
-# likewise the parent-death signal, so a node that is killed or crashes takes its validator with it.
+# Run first in the validator child: SCHED_IDLE (the CPU only when the control loop does not want it) when asked,
+# set by the child itself so the parent can spawn it without a preexec_fn (which forces a full fork of this large
+# process); likewise the parent-death signal, so a node that is killed or crashes takes its validator with it.
 _VALIDATE = """
 import ctypes, os, signal, sys
 try:
@@ -75,10 +75,11 @@ except (AttributeError, OSError):
     pass
 if os.getppid() != int(sys.argv[3]):
     sys.exit("the policy node is gone")
-try:
-    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-except (AttributeError, OSError):
-    os.nice(19)
+if sys.argv[4] == "idle":
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        os.nice(19)
 from irevla_ros.vla.model_store import ModelStore
 from irevla_ros.vla.validation import validate
 validate(ModelStore(sys.argv[1]), sys.argv[2])
@@ -99,15 +100,25 @@ class _Validators:
         self._running: set[subprocess.Popen[str]] = set()
         self.closed = False
 
-    def run(self, store_root: Path, version_id: str, timeout: float = 600.0) -> None:
-        """Checksums, weights, shapes, finite probe outputs and ONNX-vs-torch, in a niced child process:
-        validation runs torch on every core and holds the GIL for long stretches, which would delay the control
-        loop's ticks."""
+    def run(self, store_root: Path, version_id: str, timeout: float = 600.0, idle: bool = True) -> None:
+        """Checksums, weights, shapes, finite probe outputs and ONNX-vs-torch, in a child process: validation runs
+        torch and holds the GIL for long stretches, which would delay the control loop's ticks. `idle`: the child
+        runs SCHED_IDLE, the CPU only when nothing else wants it (while the control loop runs episodes); not at
+        start-up, where a SCHED_IDLE child behind any busy process of the machine (a trainer, a benchmark) waited
+        for minutes and the node never came up."""
         with self._lock:
             if self.closed:
                 raise LoaderClosedError(f"not validating {version_id}: the loader is closed")
             proc = subprocess.Popen(
-                [sys.executable, "-c", _VALIDATE, str(store_root), version_id, str(os.getpid())],
+                [
+                    sys.executable,
+                    "-c",
+                    _VALIDATE,
+                    str(store_root),
+                    version_id,
+                    str(os.getpid()),
+                    "idle" if idle else "normal",
+                ],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
                 text=True,
@@ -149,12 +160,12 @@ class VLALoader:
     """What `vla_loader` returns: `loader(version_id, heads_only=None)` loads a version; `close()` stops a
     validation in progress and refuses further loads (PolicySlot.close calls it)."""
 
-    def __init__(self, load: Callable[[str, bool | None], VLAPolicy], validators: _Validators) -> None:
+    def __init__(self, load: Callable[[str, bool | None, bool], VLAPolicy], validators: _Validators) -> None:
         self._load = load
         self._validators = validators
 
-    def __call__(self, version_id: str, heads_only: bool | None = None) -> VLAPolicy:
-        return self._load(version_id, heads_only)
+    def __call__(self, version_id: str, heads_only: bool | None = None, idle: bool = True) -> VLAPolicy:
+        return self._load(version_id, heads_only, idle)
 
     def close(self) -> None:
         self._validators.close()
@@ -172,7 +183,7 @@ def vla_loader(store_root: str, *, deterministic: bool = False, seed: int = 0) -
     lock = threading.Lock()
     validators = _Validators()
 
-    def load(version_id: str, heads_only: bool | None = None) -> VLAPolicy:
+    def load(version_id: str, heads_only: bool | None = None, idle: bool = True) -> VLAPolicy:
         if validators.closed:
             raise LoaderClosedError(f"not loading {version_id or 'the newest version'}: the loader is closed")
         store = ModelStore(store_root)
@@ -202,7 +213,7 @@ def vla_loader(store_root: str, *, deterministic: bool = False, seed: int = 0) -
             validate_heads(store, version_id, latents=latent)
             how = "shared, heads validated in-process"
         else:
-            validators.run(store.root, version_id)
+            validators.run(store.root, version_id, idle=idle)
             shared, how = None, "loaded"
         runtime = make_runtime(info.path, reuse=shared)  # type: ignore[arg-type]
         probe = probe_observation(runtime.config)
@@ -233,4 +244,6 @@ def vla_slot(params: Mapping[str, object]) -> tuple[VLAPolicy, VLALoader]:
         deterministic=bool(params["deterministic"]),
         seed=int(params["seed"]),  # type: ignore[call-overload]
     )
-    return loader(str(params["version"])), loader
+    return loader(
+        str(params["version"]), idle=False
+    ), loader  # the node starts: no control loop to protect yet

@@ -322,6 +322,53 @@ def test_sacfd_from_demos_learns_a_task_it_fails_at_first(model):
     assert before < 0.3 and after > 0.8, (before, after)
 
 
+def test_exploration_std_is_calibrated_to_the_error_on_the_demonstrations(model, tmp_path):
+    demos = Reach(seed=3).demos(10)
+    config = Stage1Config(
+        algorithm="sacfd", seed=0, threads=1, exploration_min_std=0.05, exploration_max_std=0.37
+    )
+    rl = OnlineRL(model, config, tmp_path / "ckpt")
+    with torch.no_grad():
+        mean = model.action_mean(torch.from_numpy(demos.latents))
+        rms = (mean - torch.from_numpy(demos.actions)).pow(2).mean(dim=0).sqrt()
+    std = rl.calibrate_exploration(demos)
+    expected = rms.clamp(0.05, 0.37)
+    assert std == pytest.approx(expected.tolist(), abs=1e-4)
+    assert torch.allclose(model.log_std.detach().exp(), expected, atol=1e-5)
+    assert float(expected.min()) < 0.37  # the untrained head is nearer some demo actions than the default std
+    rl.add_demos(demos)
+    rl.checkpoint()
+    resumed = OnlineRL(model, config, tmp_path / "ckpt")  # a resume keeps what the checkpoint has
+    before = model.log_std.detach().clone()
+    assert resumed.calibrate_exploration(demos) is None and torch.equal(model.log_std.detach(), before)
+    off = OnlineRL(model, dataclasses.replace(config, calibrate_exploration=False))
+    assert off.calibrate_exploration(demos) is None
+
+
+def test_sacfd_bc_weight_keeps_the_actor_near_the_demonstrations(model):
+    # Online episodes that never succeed, demos that do: the Q-gradient alone moves the one action head away from
+    # what the demos showed; the behaviour-cloning term holds it there (the shared head of every task).
+    task = Reach(seed=4)
+    demos = task.demos(10)
+    failures, _ = task.rollout(model, 16, deterministic=False, prefix="fail")
+    failures = dataclasses.replace(failures, rewards=np.zeros_like(failures.rewards),
+                                   terminals=np.zeros_like(failures.terminals),
+                                   outcomes=["failure"] * failures.episodes)  # fmt: skip
+    start = copy.deepcopy(model.state_dict())
+    errors = {}
+    for weight in (0.0, 2.0):
+        model.load_state_dict(start)
+        learner = SACfDLearner(model, SACfDConfig(batch_size=64, actor_lr=3e-3, bc_weight=weight), seed=0)
+        learner.add_episodes(demos, demo=True)
+        learner.add_episodes(failures, demo=False)
+        stats = learner.update(200)
+        assert ("bc_loss" in stats) == bool(weight)
+        with torch.no_grad():
+            mean = model.action_mean(torch.from_numpy(demos.latents))
+            errors[weight] = float((mean - torch.from_numpy(demos.actions)).pow(2).mean())
+    assert errors[2.0] < 0.5 * errors[0.0], errors
+
+
 def test_stage1_config_errors_name_the_problem(model):
     with pytest.raises(Stage1Error, match="algorithm"):
         Stage1Config(algorithm="dqn")

@@ -119,6 +119,8 @@ class BenchConfig:
     sacfd_batch_size: int = 128
     sacfd_min_transitions: int = 64
     sacfd_utd_ratio: int = 4
+    sacfd_bc_weight: float = 0.0
+    calibrate_exploration: bool = True  # Stage 1 explores with the running version's error on D_e as its std
     stage2_from: str = "stage1"
     stage2_rl_fraction: float = 0.5  # D_RL's share of a Stage 2 batch; 0: task-balanced
     gate_episodes_per_task: int = 5  # per known task, candidate and running version alike (0: no gate)
@@ -508,7 +510,9 @@ def stage1_config(cfg: BenchConfig, seed: int) -> Any:
             batch_size=cfg.sacfd_batch_size,
             min_transitions=cfg.sacfd_min_transitions,
             utd_ratio=cfg.sacfd_utd_ratio,
+            bc_weight=cfg.sacfd_bc_weight,
         ),
+        calibrate_exploration=cfg.calibrate_exploration,
     )
 
 
@@ -538,13 +542,14 @@ def run_ire_vla(
             for k in range(cfg.iterations_per_task):
                 it = t * cfg.iterations_per_task + k
                 rl = OnlineRL(model, stage1_config(cfg, seed + it), None)  # fresh critic, heads trainable
-                if cfg.stage1_algorithm == "sacfd":
-                    # The demo buffer: D_e and every RL success so far (the paper: the initial VLA's successes).
-                    with timer.phase("stage1_updates"):
-                        demos = to_transitions(d_rl) if d_rl else None
-                        rl.add_demos(from_transitions(model, d_e))
-                        if demos is not None:
-                            rl.add_demos(from_transitions(model, demos))
+                with timer.phase("stage1_updates"):
+                    d_e_latents = from_transitions(model, d_e)
+                    std = rl.calibrate_exploration(d_e_latents)
+                    if cfg.stage1_algorithm == "sacfd":
+                        # The demo buffer: D_e and every RL success so far (the paper: the initial VLA's successes).
+                        rl.add_demos(d_e_latents)
+                        if d_rl:
+                            rl.add_demos(from_transitions(model, to_transitions(d_rl)))
                 policy = acting_policy(model, f"ire-vla-it{it}", deterministic=False, seed=seed + it)
                 updates, successes = 0, 0
                 for i in range(per):
@@ -564,11 +569,17 @@ def run_ire_vla(
                         updates += 1
                         _refresh(policy)
                 log(
-                    f"iRe-VLA {task} iteration {k + 1}: stage 1 {successes}/{per} successes, {updates} updates"
+                    f"iRe-VLA {task} iteration {k + 1}: stage 1 {successes}/{per} successes, {updates} updates, "
+                    f"exploration std {std}"
                 )
                 model.eval()
                 record: dict[str, Any] = {
-                    "stage1": {"episodes": per, "successes": successes, "updates": updates}
+                    "stage1": {
+                        "episodes": per,
+                        "successes": successes,
+                        "updates": updates,
+                        "exploration_std": std,
+                    }
                 }
                 if cfg.stage2_from == "running":
                     model.load_state_dict(running_state)

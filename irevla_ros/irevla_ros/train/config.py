@@ -94,6 +94,12 @@ class SACfDConfig:
     critic_warm_start_updates: int = setting(
         0, "SACfD: critic-only updates on the demo buffer before the first online update (0: none)", min=0
     )
+    bc_weight: float = setting(
+        0.0,
+        "SACfD: weight of a behaviour-cloning term on the actor (MSE of its mean to the demo actions of the batch's "
+        "demo part; 0: off): keeps the one action head, shared by every task, close to what it was shown",
+        min=0.0,
+    )
     # The reward is 0/1: a large start temperature would drown it.
     init_temperature: float = setting(0.01, "SACfD: initial entropy temperature", min=0.0, min_exclusive=True)
     target_entropy: float | None = internal(None, "SACfD: target entropy; None: -action_dim / 2 (RLPD)")
@@ -138,6 +144,17 @@ class Stage1Config:
     threads: int = setting(1, "Stage 1 torch intra-op threads (0: leave torch's setting)", min=0)
     fresh_critic: bool = setting(
         True, "a fresh Stage 1 start replaces the critic head (the paper); a resume never does"
+    )
+    calibrate_exploration: bool = setting(
+        True,
+        "a fresh Stage 1 start sets the exploration std (log_std) per action dimension to the running version's "
+        "RMS error on the demonstrations (clipped to exploration_min_std..max_std): it explores where it is unsure",
+    )
+    exploration_min_std: float = setting(
+        0.05, "calibrated exploration std: lower bound", min=0.0, min_exclusive=True
+    )
+    exploration_max_std: float = setting(
+        0.37, "calibrated exploration std: upper bound", min=0.0, min_exclusive=True
     )
     ppo: PPOConfig = group(PPOConfig, "PPO settings (update_epochs = PPO's updates per batch)")
     sacfd: SACfDConfig = group(SACfDConfig, "SACfD settings (utd_ratio = SACfD's updates per transition)")

@@ -262,11 +262,16 @@ class IterationRunner:
         # a restart finds the checkpoint here and resumes: heads, optimiser, RNG, counters (never re-initialised)
         self._online = OnlineRL(model, cfg.stage1, self._iteration_dir() / "stage1")
         self._latents = LatentCache(self._latent_cache(), encoder_key(model))
+        demos = self.store.trainable(source="expert", outcome="success")
+        demos += self.store.trainable(source="intervention", outcome="success")
+        demo_latents = self._latent_episodes(demos) if demos else None
+        if demo_latents is not None:
+            std = self._online.calibrate_exploration(demo_latents)  # a fresh start only
+            if std is not None:
+                self._log(f"stage 1: exploration std {std} (the running version's error on D_e)")
         if cfg.stage1.algorithm == "sacfd":
-            demos = self.store.trainable(source="expert", outcome="success")
-            demos += self.store.trainable(source="intervention", outcome="success")
-            if demos:
-                self._online.add_demos(self._latent_episodes(demos))
+            if demo_latents is not None:
+                self._online.add_demos(demo_latents)
             # The operator's takeovers in earlier sessions' policy episodes are demonstrations too (HIL-SERL
             # keeps every intervention in its demo buffer); this session's go in as they are stored.
             taken_over = [

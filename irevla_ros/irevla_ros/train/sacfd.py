@@ -255,7 +255,9 @@ class SACfDLearner:
             parts.append(self.demo.sample(n_demo, self.generator, cfg.n_step, cfg.gamma))
         if cfg.batch_size - n_demo:
             parts.append(self.online.sample(cfg.batch_size - n_demo, self.generator, cfg.n_step, cfg.gamma))
-        return {k: torch.from_numpy(np.concatenate([p[k] for p in parts])).to(self.device) for k in parts[0]}
+        batch = {k: torch.from_numpy(np.concatenate([p[k] for p in parts])).to(self.device) for k in parts[0]}
+        batch["is_demo"] = (torch.arange(cfg.batch_size, device=self.device) < n_demo).float()
+        return batch
 
     def update(self, num_updates: int) -> dict[str, float]:
         """`num_updates` critic updates (and an actor + temperature update every `actor_delay` of them)."""
@@ -325,6 +327,11 @@ class SACfDLearner:
                 log_prob = dist.log_prob(action)
                 q_pi = self.critic(b["latent"], action).min(dim=0).values
                 actor_loss = (alpha * log_prob - q_pi).mean()
+                if cfg.bc_weight and float(b["is_demo"].sum()):
+                    error = (model.action_mean(b["latent"]) - b["action"]).pow(2).mean(dim=1)
+                    bc = (error * b["is_demo"]).sum() / b["is_demo"].sum()
+                    actor_loss = actor_loss + cfg.bc_weight * bc
+                    record(bc_loss=bc.detach())
                 self.actor_optimiser.zero_grad(set_to_none=True)
                 actor_loss.backward()
                 nn.utils.clip_grad_norm_(self.actor_params, cfg.max_grad_norm)

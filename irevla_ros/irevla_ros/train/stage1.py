@@ -167,6 +167,23 @@ class OnlineRL:
         self._seen.update(new.episode_ids)
         return new.episodes
 
+    def calibrate_exploration(self, demos: LatentEpisodes) -> list[float] | None:
+        """On a fresh start (not a resume), set the exploration std per action dimension to the running policy's
+        RMS error on `demos` (the demonstrations, latents of this encoder), within the configured bounds, and
+        return it; None when off or resumed. The version's own log_std is a constant of its config (Stage 0 and
+        2 do not train it), usually far wider than the policy's error where it is competent, so sampled actions
+        failed where the deterministic ones succeeded."""
+        cfg = self.config
+        if not cfg.calibrate_exploration or self.resumed_from is not None or not len(demos):
+            return None
+        with torch.no_grad():
+            latents = torch.from_numpy(demos.latents).to(self.model.log_std.device)
+            actions = torch.from_numpy(demos.actions).to(self.model.log_std.device)
+            rms = (self.model.action_mean(latents) - actions).pow(2).mean(dim=0).sqrt()
+            std = rms.clamp(cfg.exploration_min_std, cfg.exploration_max_std)
+            self.model.log_std.copy_(std.log())
+        return [round(float(v), 4) for v in std]
+
     # ---- learning ----
     def step(self) -> dict[str, float] | None:
         """Run an update if enough new data is there; checkpoint on schedule; None when nothing was done."""

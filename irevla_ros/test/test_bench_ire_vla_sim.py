@@ -42,7 +42,10 @@ def test_tiny_benchmark_two_seeds_in_workers_writes_json_table_curves_and_gate(t
         )
         assert math.isfinite(seed["stage0"]["final_loss"])
         timing = seed["timing"]
-        assert timing["environment_steps"] > 0 and timing["steps_per_second"] > 0
+        assert timing["environment_steps"] == sum(timing["steps"].values()) > 0
+        assert timing["vla_steps_per_second"] > 0 and timing["render_floor_steps_per_second"] > 0
+        assert set(timing["steps"]) == {"demonstrations", "final_eval", "gate", "curve_eval",
+                                        "rl_episodes:iRe-VLA", "rl_episodes:PPO-Replay"}  # fmt: skip
         assert {"demonstrations", "stage0", "final_eval", "stage2", "gate", "curve_eval"} <= set(
             timing["phases"]
         )

@@ -310,12 +310,14 @@ def _device(name: str) -> torch.device:
 
 
 class Timer:
-    """Wall seconds per phase, environment steps and the seconds spent stepping them (rollouts only)."""
+    """Wall seconds per phase, and the environment steps of each rollout phase with the seconds they took: the
+    demonstrations (the scripted expert: the cell and its rendering alone, the floor a VLA rollout can approach)
+    against the VLA's rollouts (training episodes and evaluations)."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
-        self.env_steps = 0
-        self.rollout_seconds = 0.0
+        self.steps: dict[str, int] = {}
+        self.step_seconds: dict[str, float] = {}
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -325,23 +327,33 @@ class Timer:
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.monotonic() - started
 
+    def count(self, phase: str, steps: int, seconds: float) -> None:
+        self.steps[phase] = self.steps.get(phase, 0) + steps
+        self.step_seconds[phase] = self.step_seconds.get(phase, 0.0) + seconds
+
     def episode(self, cell: Any, policy: Any, settings: RolloutSettings, task: str, seed: int, max_steps: Any,
                 phase: str) -> EpisodeResult:  # fmt: skip
         started = time.monotonic()
         with self.phase(phase):
             ep = run_episode(cell, policy, settings, task, seed, max_steps=max_steps)
-        self.rollout_seconds += time.monotonic() - started
-        self.env_steps += len(ep.actions)
+        self.count(phase, len(ep.actions), time.monotonic() - started)
         return ep
 
     def to_dict(self) -> dict[str, Any]:
+        vla = [k for k in self.steps if k != "demonstrations"]
+        steps = sum(self.steps[k] for k in vla)
+        seconds = sum(self.step_seconds[k] for k in vla)
+        floor_steps, floor_seconds = (
+            self.steps.get("demonstrations", 0),
+            self.step_seconds.get("demonstrations", 0.0),
+        )
         return {
             "phases": {k: round(v, 1) for k, v in sorted(self.seconds.items())},
-            "environment_steps": self.env_steps,
-            "rollout_seconds": round(self.rollout_seconds, 1),
-            "steps_per_second": round(self.env_steps / self.rollout_seconds, 2)
-            if self.rollout_seconds
-            else 0.0,
+            "steps": dict(sorted(self.steps.items())),
+            "step_seconds": {k: round(v, 1) for k, v in sorted(self.step_seconds.items())},
+            "environment_steps": steps + floor_steps,
+            "vla_steps_per_second": round(steps / seconds, 2) if seconds else 0.0,
+            "render_floor_steps_per_second": round(floor_steps / floor_seconds, 2) if floor_seconds else 0.0,
         }
 
 
@@ -475,8 +487,7 @@ def evaluate_model(
         report = evaluate(
             policy, list(tasks), episodes, seed=eval_seed, settings=settings, max_steps=cfg.max_steps
         )
-    timer.env_steps += report.environment_steps
-    timer.rollout_seconds += report.seconds
+    timer.count(phase, report.environment_steps, report.seconds)
     return report
 
 
@@ -847,7 +858,11 @@ def run_seed(cfg: BenchConfig, seed: int, work: Path) -> dict[str, Any]:
     durable.write_json(
         work / f"seed-{seed}.json", {"parameters": dataclasses.asdict(cfg), **result}, indent=1
     )
-    log(f"done in {result['seconds']:.0f} s ({timer.to_dict()['steps_per_second']} environment steps/s)")
+    speed = timer.to_dict()
+    log(
+        f"done in {result['seconds']:.0f} s: VLA rollouts {speed['vla_steps_per_second']} environment steps/s, "
+        f"the scripted expert's (the cell and its rendering alone) {speed['render_floor_steps_per_second']}"
+    )
     return result
 
 
@@ -948,18 +963,29 @@ def aggregate(cfg: BenchConfig, seeds: Sequence[dict[str, Any]]) -> dict[str, An
             verdicts = [v for p in per for v in p["gate"]]
             m["gate"] = {"candidates": len(verdicts), "refused": sum(not v["promoted"] for v in verdicts)}
         methods[name] = m
-    steps = sum(s["timing"]["environment_steps"] for s in seeds)
-    rollout = sum(s["timing"]["rollout_seconds"] for s in seeds)
     phases: dict[str, float] = {}
+    steps: dict[str, int] = {}
+    step_seconds: dict[str, float] = {}
     for s in seeds:
         for k, v in s["timing"]["phases"].items():
             phases[k] = round(phases.get(k, 0.0) + v, 1)
+        for k, v in s["timing"]["steps"].items():
+            steps[k] = steps.get(k, 0) + v
+            step_seconds[k] = step_seconds.get(k, 0.0) + s["timing"]["step_seconds"][k]
+    vla = [k for k in steps if k != "demonstrations"]
+    vla_steps, vla_seconds = sum(steps[k] for k in vla), sum(step_seconds[k] for k in vla)
+    floor = (
+        steps.get("demonstrations", 0) / step_seconds["demonstrations"]
+        if step_seconds.get("demonstrations")
+        else 0.0
+    )
     return {
         "methods": methods,
         "timing": {
             "phases": phases,
-            "environment_steps": steps,
-            "steps_per_second": round(steps / rollout, 2) if rollout else 0.0,
+            "environment_steps": sum(steps.values()),
+            "vla_steps_per_second": round(vla_steps / vla_seconds, 2) if vla_seconds else 0.0,
+            "render_floor_steps_per_second": round(floor, 2),
             "seconds_per_seed": [s["seconds"] for s in seeds],
         },
     }
@@ -1030,7 +1056,8 @@ def markdown(cfg: BenchConfig, doc: dict[str, Any]) -> str:
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     timing = doc["timing"]
     lines += ["", f"Wall time per seed {', '.join(f'{s:.0f}' for s in timing['seconds_per_seed'])} s; "
-              f"{timing['steps_per_second']} environment steps/s in rollouts; phases (s, all seeds): "
+              f"VLA rollouts {timing['vla_steps_per_second']} environment steps/s, the scripted expert's (the "
+              f"cell and its rendering alone) {timing['render_floor_steps_per_second']}; phases (s, all seeds): "
               + ", ".join(f"{k} {v:.0f}" for k, v in timing["phases"].items()) + "."]  # fmt: skip
     return "\n".join(lines) + "\n"
 

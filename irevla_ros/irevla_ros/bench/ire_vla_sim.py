@@ -119,7 +119,7 @@ class BenchConfig:
     sacfd_batch_size: int = 128
     sacfd_min_transitions: int = 64
     sacfd_utd_ratio: int = 4
-    sacfd_bc_weight: float = 0.0
+    sacfd_bc_weight: float = 1.0
     calibrate_exploration: bool = True  # Stage 1 explores with the running version's error on D_e as its std
     stage2_from: str = "stage1"
     stage2_rl_fraction: float = 0.5  # D_RL's share of a Stage 2 batch; 0: task-balanced

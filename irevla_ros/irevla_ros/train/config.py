@@ -95,9 +95,9 @@ class SACfDConfig:
         0, "SACfD: critic-only updates on the demo buffer before the first online update (0: none)", min=0
     )
     bc_weight: float = setting(
-        0.0,
+        1.0,
         "SACfD: weight of a behaviour-cloning term on the actor (MSE of its mean to the demo actions of the batch's "
-        "demo part; 0: off): keeps the one action head, shared by every task, close to what it was shown",
+        "demo part; 0: off, as RLPD): keeps the one action head, shared by every task, close to what it was shown",
         min=0.0,
     )
     # The reward is 0/1: a large start temperature would drown it.

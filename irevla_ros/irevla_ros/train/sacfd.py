@@ -22,6 +22,12 @@ episodes (seeds 0-2); LayerNorm critics 0.47 after 16 and 0.90 after 32; + n-ste
 0.83 (0.49 after 8, against 0.13); + a 500-update critic warm-start on D_e: no consistent gain. Defaults: LayerNorm,
 utd 4, n_step 1, no warm-start; the others stay settings.
 
+A behaviour-cloning term (`bc_weight`, default 1): the actor's mean is also pulled, by MSE, to the actions of the
+batch's demo part. The VLA has one action head for every task, and on a new task whose online episodes mostly
+fail the Q-gradient alone moved it off the tasks it knew: after 30 SACfD episodes on button-press-wall (3 expert
+tasks, 5 demos each, 2026-12-07) the expert tasks fell from 0.87 to 0.23 with bc_weight 0 and stayed at 0.87 with
+1, and after Stage 2 they were 0.63 and 1.00. The Reach task still learns with it (test_stage1_learning).
+
 Checkpoints: `state_dict()` holds the critics, targets, temperature, optimisers, sampling RNG, warm-start count and both buffers
 in full (latents are small: 256 float32 per step), so a restart needs nothing but the checkpoint.
 """

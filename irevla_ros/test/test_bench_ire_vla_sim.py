@@ -154,5 +154,5 @@ def test_settings_are_validated_with_the_key_named(tmp_path: Path):
     assert (cfg.demos_per_task, cfg.rl_tasks, cfg.seed, cfg.max_steps) == (3, ["drawer-close-v3"], 5, 40)
     for scale, values in SCALES.items():
         BenchConfig.from_dict(values)  # every preset is valid
-        assert scale in ("tiny", "small", "default", "paper")
+        assert scale in ("tiny", "small", "small_b", "default", "paper")
     assert main(["--scale", "tiny", "--demos-per-task", "0"]) == 2

@@ -369,6 +369,26 @@ def test_sacfd_bc_weight_keeps_the_actor_near_the_demonstrations(model):
     assert errors[2.0] < 0.5 * errors[0.0], errors
 
 
+def test_sacfd_learning_starts_after_the_configured_online_episodes(model):
+    task = Reach(seed=5)
+    config = Stage1Config(algorithm="sacfd", seed=0, threads=1, learning_starts=2,
+                          sacfd=SACfDConfig(batch_size=16, min_transitions=4))  # fmt: skip
+    rl = OnlineRL(model, config)
+    rl.add_demos(task.demos(4))
+    before = copy.deepcopy(model.action_head.state_dict())
+    for i in range(2):  # the first two online episodes earn no updates, though the buffers are ready
+        batch, _ = task.rollout(model, 1, deterministic=False, prefix=f"warm{i}")
+        rl.add_episodes(batch)
+        assert rl.step() is None and rl.owed_updates == 0
+    assert all(torch.equal(v, model.action_head.state_dict()[k]) for k, v in before.items())
+    batch, _ = task.rollout(model, 1, deterministic=False, prefix="third")
+    seen = rl.transitions_seen
+    rl.add_episodes(batch)
+    added = rl.transitions_seen - seen
+    assert added > 0 and rl.owed_updates == added * config.sacfd.utd_ratio  # the third one's transitions do
+    assert rl.step() is not None
+
+
 def test_stage1_config_errors_name_the_problem(model):
     with pytest.raises(Stage1Error, match="algorithm"):
         Stage1Config(algorithm="dqn")

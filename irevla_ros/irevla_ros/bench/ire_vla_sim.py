@@ -120,6 +120,8 @@ class BenchConfig:
     sacfd_min_transitions: int = 64
     sacfd_utd_ratio: int = 4
     sacfd_bc_weight: float = 1.0
+    sacfd_learning_starts: int = 0  # online episodes of an iteration before SACfD's first update
+    exploration_max_std: float = 0.37
     calibrate_exploration: bool = True  # Stage 1 explores with the running version's error on D_e as its std
     stage2_from: str = "stage1"
     stage2_rl_fraction: float = 0.5  # D_RL's share of a Stage 2 batch; 0: task-balanced
@@ -243,6 +245,24 @@ SCALES: dict[str, dict[str, Any]] = {
         "stage2_steps": 150,
         "rl_episodes_per_task": 40,
         "eval_episodes_per_task": 10,
+    },
+    "small_b": {
+        # A second split: 5 expert tasks (the scripted expert demonstrates each, bench/results/expert_probe.md) and
+        # the one new task the SFT policy of this split solves sometimes: button-press-topdown-wall, 5 of 10 (a
+        # survey of 8 candidates, seed 0, 2026-12-07: button-press-wall 0.9, and 0.0 on handle-press-side,
+        # faucet-close, drawer-open, coffee-button, door-lock and window-close).
+        "expert_tasks": ["button-press-topdown-v3", "button-press-v3", "drawer-close-v3", "handle-press-v3",
+                         "faucet-open-v3"],
+        "rl_tasks": ["button-press-topdown-wall-v3"],
+        "unseen_tasks": ["coffee-button-v3", "window-close-v3"],
+        "demos_per_task": 5,
+        "max_steps": 100,
+        "stage0_steps": 300,
+        "stage2_steps": 150,
+        "rl_episodes_per_task": 40,
+        "iterations_per_task": 2,
+        "eval_episodes_per_task": 10,
+        "stage2_rl_fraction": 0.0,
     },
     "default": {
         # Not door-open: the scripted expert (noise 0.1) solved 0 of 4 in 150 steps.
@@ -528,6 +548,8 @@ def stage1_config(cfg: BenchConfig, seed: int) -> Any:
             bc_weight=cfg.sacfd_bc_weight,
         ),
         calibrate_exploration=cfg.calibrate_exploration,
+        exploration_max_std=cfg.exploration_max_std,
+        learning_starts=cfg.sacfd_learning_starts,
     )
 
 

@@ -130,6 +130,12 @@ class Stage1Config:
     max_updates_per_step: int = setting(
         2000, "SACfD: gradient updates one step runs at most (the rest is owed)", min=1
     )
+    learning_starts: int = setting(
+        0,
+        "SACfD: online episodes collected before the first update (their transitions earn no updates): the first "
+        "actor updates then follow a critic that has seen the new task",
+        min=0,
+    )
     push_every_episodes: int = setting(
         2, "push Stage 1 head updates to the policy every N episodes (0: not by count)", min=0
     )

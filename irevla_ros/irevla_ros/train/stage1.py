@@ -149,7 +149,8 @@ class OnlineRL:
                 if part is not None:
                     added += self.learner.add_episodes(part, demo=demo)  # type: ignore[call-arg]
             self.transitions_seen += added
-            self.owed_updates += added * self.config.sacfd.utd_ratio
+            if self.episodes_seen + new.episodes > self.config.learning_starts:
+                self.owed_updates += added * self.config.sacfd.utd_ratio
         self.episodes_seen += new.episodes
         self.episodes_since_push += new.episodes
         self._seen.update(new.episode_ids)

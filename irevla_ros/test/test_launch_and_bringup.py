@@ -175,34 +175,11 @@ def _child_running(pid: int, executable: str) -> int | None:
 
 
 def test_pip_bringup_respawns_a_camera_and_stops_on_a_dead_arm_controller(ros_domain, child, tmp_path):
-    import cv2
-
     sys.path.insert(0, str(Path(__file__).parent))
+    from robot_cell import write_cell_file, write_video
     from servo_peer import ServoPeer
 
-    video = tmp_path / "camera.avi"
-    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 30.0, (64, 48))
-    for i in range(30):
-        writer.write(np.full((48, 64, 3), i * 8, dtype=np.uint8))
-    writer.release()
-    cell = tmp_path / "my_cell.yaml"
-    cell.write_text(
-        f"""
-/camera/camera:
-  ros__parameters:
-    backend: opencv
-    source: {video}
-/policy:
-  ros__parameters:
-    policy: scripted_expert
-    model_store: {tmp_path / "models"}
-/trainer:
-  ros__parameters:
-    store_path: {tmp_path / "store"}
-    run_dir: {tmp_path / "trainer"}
-    model_store: {tmp_path / "models"}
-"""
-    )
+    cell = write_cell_file(tmp_path, write_video(tmp_path / "camera.avi"))
     with ServoPeer(ros_domain) as peer:
         with peer._lock:
             peer.state.position = np.array([0.0, 0.45, 0.3])  # the profile's home, inside its box

@@ -165,8 +165,8 @@ def irevla(*argv: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str
 def test_teleop_demonstrations_stage0_and_an_iteration_with_takeovers_on_the_robot_profile(
     ros_context, tmp_path
 ):
-    import cv2
     from franky_sim_peer import FrankySim
+    from robot_cell import write_cell_file, write_video
 
     from irevla_interfaces.msg import EpisodeEvent
     from irevla_ros.bringup.graph import collect_graph
@@ -175,12 +175,8 @@ def test_teleop_demonstrations_stage0_and_an_iteration_with_takeovers_on_the_rob
     from irevla_ros.store.episode_store import EpisodeStore
     from irevla_ros.vla.model_store import ModelStore
 
-    video = tmp_path / "camera.avi"
-    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 30.0, (64, 48))
-    for i in range(60):
-        writer.write(np.full((48, 64, 3), (i * 4) % 255, dtype=np.uint8))
-    writer.release()
-    store_path, models, trainer_dir = tmp_path / "store", tmp_path / "models", tmp_path / "trainer"
+    video = write_video(tmp_path / "camera.avi", frames=60, step=4)
+    store_path, models = tmp_path / "store", tmp_path / "models"  # where write_cell_file puts them
 
     with FrankySim(tmp_path / "franky-sim.log") as sim:
         probe = make_arm("franky", host=sim.host, dynamics_factor=0.1, max_speed=MAX_SPEED)
@@ -188,17 +184,13 @@ def test_teleop_demonstrations_stage0_and_an_iteration_with_takeovers_on_the_rob
         start = probe.read_state().ee_position.copy()
         probe.close()
         low, high = start - np.array([0.06, 0.1, 0.1]), start + np.array([0.06, 0.1, 0.05])
-        cell_file = tmp_path / "my_cell.yaml"  # the user's cell: arm address, box, home, camera, folders
-        cell_file.write_text(
-            f"""
-/camera/camera:
-  ros__parameters:
-    backend: opencv
-    source: {video}
-    width: 128 # what the policy takes; a 640x480 stream at 30 Hz costs two cores more than they have here
-    height: 128
-    fps: 10.0
-/arm_controller:
+        # the user's cell: arm address, box, home, camera, tasks, folders
+        cell_file = write_cell_file(
+            tmp_path,
+            video,
+            camera="    width: 128 # the policy's size; 640x480 at 30 Hz costs two cores more than they have here\n"
+            "    height: 128\n    fps: 10.0",
+            extra=f"""/arm_controller:
   ros__parameters:
     franky_host: {sim.host}
     workspace_low: {low.round(4).tolist()}
@@ -208,16 +200,7 @@ def test_teleop_demonstrations_stage0_and_an_iteration_with_takeovers_on_the_rob
   ros__parameters:
     tasks: [push-the-block-forward]
     episode_timeout: 3.0
-    num_episodes: 2
-/policy:
-  ros__parameters:
-    model_store: {models}
-/trainer:
-  ros__parameters:
-    store_path: {store_path}
-    run_dir: {trainer_dir}
-    model_store: {models}
-"""
+    num_episodes: 2""",
         )
         cell = Cell(ros_context)
         logs_dirs: list[Path] = []

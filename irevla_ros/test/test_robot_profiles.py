@@ -22,6 +22,8 @@ import pytest
 
 pytest.importorskip("tf2_msgs.msg")
 
+from robot_cell import write_cell_file, write_video
+
 
 def _box_around(position: np.ndarray) -> dict[str, list[float]]:
     # What a user writes in their cell file: a box around where the arm is, home where it is.
@@ -85,7 +87,6 @@ def _yaml_value(value: object) -> str:
 
 @pytest.mark.parametrize("profile", sorted(PROFILES))
 def test_each_robot_profile_runs_against_its_peer_and_stops_cleanly(profile, ros_context, spin, tmp_path):
-    import cv2
     from geometry_msgs.msg import PoseStamped
     from rclpy.executors import SingleThreadedExecutor
     from rclpy.node import Node
@@ -95,36 +96,14 @@ def test_each_robot_profile_runs_against_its_peer_and_stops_cleanly(profile, ros
     from irevla_ros.bringup.launcher import GraphRunner
 
     frame, cell = PROFILES[profile]
-    video = tmp_path / "camera.avi"
-    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 30.0, (64, 48))
-    for i in range(30):
-        writer.write(np.full((48, 64, 3), i * 8, dtype=np.uint8))
-    writer.release()
+    video = write_video(tmp_path / "camera.avi")
     domain = int(__import__("os").environ["ROS_DOMAIN_ID"])
     peer = cell(tmp_path, domain) if profile == "robot_servo" else cell(tmp_path)
     with peer as (arm_parameters, start):
         arm_lines = "\n".join(f"    {k}: {_yaml_value(v)}" for k, v in arm_parameters.items())
-        cell_file = tmp_path / "my_cell.yaml"  # the user's cell file, read after the package's
-        cell_file.write_text(
-            f"""
-/camera/camera:
-  ros__parameters:
-    backend: opencv
-    source: {video}
-/policy:
-  ros__parameters:
-    policy: scripted_expert
-    model_store: {tmp_path / "models"}
-/trainer:
-  ros__parameters:
-    store_path: {tmp_path / "store"}
-    run_dir: {tmp_path / "trainer"}
-    model_store: {tmp_path / "models"}
-/arm_controller:
-  ros__parameters:
-    base_frame: {frame}
-{arm_lines}
-"""
+        # the user's cell file, read after the package's
+        cell_file = write_cell_file(
+            tmp_path, video, f"/arm_controller:\n  ros__parameters:\n    base_frame: {frame}\n{arm_lines}"
         )
         graph = collect_graph(profile, params_files=(cell_file,))
         runner = GraphRunner(graph, [], log_dir=tmp_path / "logs")

@@ -7,6 +7,7 @@ import array
 import faulthandler
 import functools
 import gc
+import signal
 import sys
 import traceback
 from collections.abc import Callable, Mapping, Sequence
@@ -231,6 +232,28 @@ class RosTimePeriodic:
             self._callback()
 
 
+_stop_signals: list[int] = []  # SIGINT/SIGTERM received by this process (run_nodes' handler)
+
+
+def _stop_without_keyboard_interrupt() -> None:
+    """Make SIGINT and SIGTERM only stop the executor, never raise in Python code.
+
+    rclpy's signal handler (installed by `rclpy.init`) shuts the contexts down, which ends `spin`, and then calls
+    the handler that was there before it. Python's default SIGINT handler raises KeyboardInterrupt at whatever
+    bytecode the main thread is running; when that is inside rclpy's message conversion (Python code called
+    from `take_message`), pybind11 reports it as "RuntimeError: Unable to convert call argument '0' to Python
+    object", and the node exited 1 on a plain Ctrl-C (the trainer node, seen in CI). A handler that only
+    returns leaves the stop to the context shutdown, which every node already handles.
+    """
+
+    def stop_requested(signum: int, frame: object) -> None:
+        del frame  # rclpy's own handler, which calls this one, has already shut the contexts down
+        _stop_signals.append(signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop_requested)
+
+
 def run_nodes(
     make_nodes: Callable[[Context], Sequence[Node]],
     args: list[str] | None = None,
@@ -244,12 +267,16 @@ def run_nodes(
     its sessions are released). Everything native is let go of here, in order, before rclpy shuts down and long
     before interpreter teardown. A close() that raises makes the exit code 1 (the others still run); a crash in
     native code still kills the process by its signal, after faulthandler has written every thread's Python
-    stack to stderr (the node's log).
+    stack to stderr (the node's log). SIGINT never raises KeyboardInterrupt here (see
+    `_stop_without_keyboard_interrupt`).
     """
     faulthandler.enable()
     use_default_profile()  # before this process's first DDS participant
+    _stop_without_keyboard_interrupt()
     rclpy.init(args=args if args is not None else sys.argv)
     context = rclpy.get_default_context()
+    if _stop_signals:  # before rclpy's handler was installed: nothing shut the context down yet
+        rclpy.try_shutdown()
     nodes: list[Node] = []
     # One thread: rclpy's MultiThreadedExecutor busy-loops (holding the GIL) while a ready entity's callback group
     # is busy, which starved the policy's own tick on 2 cores. Long work runs on the nodes' own threads instead.

@@ -234,8 +234,8 @@ SCALES: dict[str, dict[str, Any]] = {
         # The scripted expert (noise 0.1) solves the expert tasks in ~58 (button-press), ~53 (faucet-open) and ~17
         # (handle-press) steps: demonstrations fit 100 steps. RL tasks are new variants the SFT policy solves
         # sometimes: sparse-reward RL learns nothing from a task it never solves (the first reading, with
-        # button-press-topdown and faucet-close as RL tasks: 0 successes in 80 RL episodes for either method,
-        # bench/results/ire_vla_sim_rl_tasks_unsolved.md).
+        # button-press-topdown and faucet-close as RL tasks, 2026-12-01: 0 successes in 80 RL episodes for either
+        # method).
         "expert_tasks": ["button-press-v3", "faucet-open-v3", "handle-press-v3"],
         "rl_tasks": ["button-press-wall-v3", "handle-press-side-v3"],
         "unseen_tasks": ["coffee-button-v3", "button-press-topdown-v3", "faucet-close-v3"],

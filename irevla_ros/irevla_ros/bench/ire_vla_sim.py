@@ -56,7 +56,7 @@ import math
 import multiprocessing
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -360,21 +360,25 @@ class Timer:
         return ep
 
     def to_dict(self) -> dict[str, Any]:
-        vla = [k for k in self.steps if k != "demonstrations"]
-        steps = sum(self.steps[k] for k in vla)
-        seconds = sum(self.step_seconds[k] for k in vla)
-        floor_steps, floor_seconds = (
-            self.steps.get("demonstrations", 0),
-            self.step_seconds.get("demonstrations", 0.0),
-        )
         return {
             "phases": {k: round(v, 1) for k, v in sorted(self.seconds.items())},
             "steps": dict(sorted(self.steps.items())),
             "step_seconds": {k: round(v, 1) for k, v in sorted(self.step_seconds.items())},
-            "environment_steps": steps + floor_steps,
-            "vla_steps_per_second": round(steps / seconds, 2) if seconds else 0.0,
-            "render_floor_steps_per_second": round(floor_steps / floor_seconds, 2) if floor_seconds else 0.0,
+            **rollout_speed(self.steps, self.step_seconds),
         }
+
+
+def rollout_speed(steps: Mapping[str, int], seconds: Mapping[str, float]) -> dict[str, Any]:
+    """Environment steps per phase and the seconds they took -> all steps, the VLA rollouts' steps/s and the
+    scripted expert's (the "demonstrations" phase: the render floor)."""
+    vla = [k for k in steps if k != "demonstrations"]
+    vla_steps, vla_seconds = sum(steps[k] for k in vla), sum(seconds[k] for k in vla)
+    floor_steps, floor_seconds = steps.get("demonstrations", 0), seconds.get("demonstrations", 0.0)
+    return {
+        "environment_steps": vla_steps + floor_steps,
+        "vla_steps_per_second": round(vla_steps / vla_seconds, 2) if vla_seconds else 0.0,
+        "render_floor_steps_per_second": round(floor_steps / floor_seconds, 2) if floor_seconds else 0.0,
+    }
 
 
 # ---- Stage 0 ---------------------------------------------------------------------------------------------------
@@ -994,20 +998,11 @@ def aggregate(cfg: BenchConfig, seeds: Sequence[dict[str, Any]]) -> dict[str, An
         for k, v in s["timing"]["steps"].items():
             steps[k] = steps.get(k, 0) + v
             step_seconds[k] = step_seconds.get(k, 0.0) + s["timing"]["step_seconds"][k]
-    vla = [k for k in steps if k != "demonstrations"]
-    vla_steps, vla_seconds = sum(steps[k] for k in vla), sum(step_seconds[k] for k in vla)
-    floor = (
-        steps.get("demonstrations", 0) / step_seconds["demonstrations"]
-        if step_seconds.get("demonstrations")
-        else 0.0
-    )
     return {
         "methods": methods,
         "timing": {
             "phases": phases,
-            "environment_steps": sum(steps.values()),
-            "vla_steps_per_second": round(vla_steps / vla_seconds, 2) if vla_seconds else 0.0,
-            "render_floor_steps_per_second": round(floor, 2),
+            **rollout_speed(steps, step_seconds),
             "seconds_per_seed": [s["seconds"] for s in seeds],
         },
     }

@@ -380,6 +380,8 @@ class ArmSnapshot:
     holding: str  # why the arm holds now ("" while it follows commands)
     homing: bool
     counters: Mapping[str, object] = field(default_factory=dict)
+    aborted: int = 0  # motions the arm aborted without a fault (ArmMotionAborted) within the window
+    last_abort: str = ""  # the newest one's message
 
 
 def arm_status(node: str, hardware_id: str, s: ArmSnapshot) -> Status:
@@ -397,6 +399,11 @@ def arm_status(node: str, hardware_id: str, s: ArmSnapshot) -> Status:
             Level.WARN,
             f"{s.rejected} command(s) refused by the safety layer in the last {EVENT_WINDOW:g} s: "
             f"{s.last_rejection}",
+        )
+    if s.aborted:
+        b.problem(
+            Level.WARN,
+            f"{s.aborted} motion(s) aborted by the arm in the last {EVENT_WINDOW:g} s: {s.last_abort}",
         )
     b.update(s.counters)
     b.update(

@@ -18,7 +18,7 @@ pytest.importorskip("franky_sim")
 
 from franky_sim_peer import FrankySim, free_loopback_address
 
-from irevla_ros.hardware.arm import ArmConnectionError, make_arm
+from irevla_ros.hardware.arm import ArmConnectionError, ArmMotionAborted, make_arm
 from irevla_ros.hardware.arm.franky_arm import FrankyArm
 from irevla_ros.safety import CommandStatus, SafetyLayer, SafetyLimits
 
@@ -209,6 +209,100 @@ def test_a_dropped_connection_raises_and_clears_is_connected(arm, sim):
     with pytest.raises(ArmConnectionError):
         arm.read_state()
     arm.close()  # still safe
+
+
+def _make_the_planner_fail(arm: FrankyArm) -> None:
+    """franky's own trajectory planner (Ruckig) fails on a NaN target ("Motion planner failed with error code
+    -100"). The backend refuses NaN itself, so the target goes to franky directly: the only way to meet, on
+    purpose, the planner failure CI once met under load (-111) on a stop."""
+    import franky
+
+    robot = arm._robot
+    quaternion = robot.state.O_T_EE.quaternion
+    robot.move(
+        franky.CartesianMotion(
+            franky.Affine([float("nan"), 0.0, 0.5], quaternion), franky.ReferenceType.Absolute
+        ),
+        asynchronous=True,
+    )
+    time.sleep(0.5)  # the motion fails in franky's control loop, asynchronously
+
+
+def test_a_motion_the_planner_aborts_raises_motion_aborted_and_the_next_command_moves(arm):
+    start = arm.read_state().ee_position
+    _make_the_planner_fail(arm)
+    with pytest.raises(
+        ArmMotionAborted, match=r"aborted its motion: Motion planner failed with error code -1"
+    ):
+        arm.hold()
+    assert arm.is_connected
+    target = start - np.array([0.0, 0.0, 0.02])
+    for _ in range(40):  # no fault to recover from: the next command is a new motion
+        arm.send_target(target, 1.0)
+        time.sleep(TICK)
+        if np.linalg.norm(arm.read_state().ee_position - target) < 2e-3:
+            break
+    assert np.linalg.norm(arm.read_state().ee_position - target) < 2e-3, arm.read_state().ee_position
+
+
+def test_the_arm_controller_counts_an_aborted_motion_latches_nothing_and_keeps_following(
+    sim, ros_context, spin
+):
+    """CI saw the arm controller exit 1: franky's planner failed a stop (-111) and the bare RuntimeError left the
+    timer callback. The node now counts the abort, warns in its diagnostics and follows the next command."""
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.node import Node
+    from rclpy.parameter import Parameter
+
+    from irevla_interfaces.msg import ArmCommand
+    from irevla_ros import topics
+    from irevla_ros.diagnostics import Level
+    from irevla_ros.nodes.arm_controller_node import ArmControllerNode
+
+    probe = make_arm("franky", host=sim.host, dynamics_factor=0.1, max_speed=MAX_SPEED)
+    probe.connect()
+    start = probe.read_state().ee_position
+    probe.close()
+    limits = limits_around(start)
+    node = ArmControllerNode(
+        context=ros_context,
+        parameter_overrides=[
+            Parameter("backend", value="franky"),
+            Parameter("franky_host", value=sim.host),
+            Parameter("max_speed", value=MAX_SPEED),
+            Parameter("workspace_low", value=[float(v) for v in limits.workspace_low]),
+            Parameter("workspace_high", value=[float(v) for v in limits.workspace_high]),
+            Parameter("home", value=[float(v) for v in start]),
+        ],
+    )
+    publisher_node = Node("policy_stand_in", context=ros_context)
+    action = publisher_node.create_publisher(ArmCommand, topics.ACTION, 10)
+    executor = SingleThreadedExecutor(context=ros_context)
+    executor.add_node(node)
+    executor.add_node(publisher_node)
+    try:
+        assert spin(executor, lambda: node.holds > 0, timeout=10)  # never commanded: the watchdog holds
+        with node._lock:
+            _make_the_planner_fail(node.backend)
+        assert spin(executor, lambda: node.motion_aborts > 0, timeout=10)
+        assert not node.safety.estopped
+        (status,) = node._statuses()
+        assert status.level == Level.WARN and "motion(s) aborted by the arm" in status.message, status
+
+        def commanded() -> bool:
+            msg = ArmCommand(ee_delta=[0.0, 0.0, -1.0], gripper=-1.0)
+            msg.header.stamp = node.get_clock().now().to_msg()
+            action.publish(msg)
+            return node.commands_sent >= 5
+
+        assert spin(executor, commanded, timeout=20, period=0.1)
+        assert spin(executor, lambda: node.backend.read_state().ee_position[2] < start[2] - 0.01, timeout=10)
+        assert not node.safety.estopped
+    finally:
+        executor.shutdown()
+        node.close()
+        node.destroy_node()
+        publisher_node.destroy_node()
 
 
 def test_connecting_to_nothing_is_a_clear_error():

@@ -229,6 +229,10 @@ def test_pip_bringup_respawns_a_camera_and_stops_on_a_dead_arm_controller(ros_do
             out,
         ), out
         assert "[bringup] stopped:" in out, out
+        # the stop report names the process that did not exit cleanly, and only it
+        report = out.split("[bringup] not a clean stop:\n", 1)[-1]
+        assert report.startswith("arm_controller_node: killed by SIGKILL (-9)"), out
+        assert "camera_node:" not in report, out
         assert not _children(pid), "a process of the graph outlived the bring-up"
         assert respawned != camera
 

@@ -52,7 +52,7 @@ def test_the_simulated_operator_records_a_demonstration_of_the_commands_sent(
     done = spin(observer.executor, lambda: observer.acks or runner.poll() is not None, timeout=240)
     assert done and observer.acks, _logs(tmp_path)
     codes = runner.stop()
-    assert all(code == 0 for code in codes.values()), f"{codes}\n{_logs(tmp_path)}"
+    assert not runner.unclean_exits(codes), runner.unclean_exits(codes)
     episode_id, steps = _stored_steps(tmp_path, observer)
     assert len(steps) >= 5
     for step in steps:

@@ -182,6 +182,20 @@ class GraphRunner:
         shutil.rmtree(self._tmp, ignore_errors=True)
         return {c.label: int(c.popen.returncode) for c in self.children}
 
+    def unclean_exits(self, codes: Mapping[str, int], log_tail: int = 4000) -> str:
+        """What `stop()`'s codes say went wrong, empty when every process exited 0: one line per other process
+        ('arm_controller_node: exit code 1'), each followed by the end of its log when there is a log dir, so the
+        failing process's own last words come first in a report rather than after every other log."""
+        lines: list[str] = []
+        for label, code in codes.items():
+            if code == 0:
+                continue
+            lines.append(f"{label}: {describe_exit(code)}")
+            log = self.log_dir / f"{label}.log" if self.log_dir is not None else None
+            if log is not None and log.exists():
+                lines.append(f"--- end of {log}\n{log.read_text(errors='replace')[-log_tail:]}")
+        return "\n".join(lines)
+
     def __enter__(self) -> GraphRunner:
         self.start()
         return self
@@ -224,6 +238,9 @@ def run_graph(graph: GraphSpec, overrides: Sequence[str] = (), duration: float =
         )
     codes = runner.stop()
     print(f"[bringup] stopped: {codes}", flush=True)
-    if failed is not None:
-        return 1
-    return 0 if all(code in (0, -signal.SIGINT) for code in codes.values()) else 1
+    # A child that Ctrl-C reached (the terminal signals the whole group) before its handler was installed dies by
+    # SIGINT: that is the stop the user asked for.
+    unclean = runner.unclean_exits({label: code for label, code in codes.items() if code != -signal.SIGINT})
+    if unclean:
+        print(f"[bringup] not a clean stop:\n{unclean}", flush=True)
+    return 1 if failed is not None or unclean else 0

@@ -47,7 +47,7 @@ except ImportError:  # pragma: no cover - only without the setup step: no /tf, t
 from irevla_interfaces.msg import ArmCommand, EpisodeEvent
 from irevla_ros import topics
 from irevla_ros.diagnostics import EVENT_WINDOW, ArmSnapshot, EventWindow, Status, arm_status
-from irevla_ros.hardware.arm import ARMS, ArmBackend, ArmError
+from irevla_ros.hardware.arm import ARMS, ArmBackend, ArmError, ArmMotionAborted
 from irevla_ros.node_parameters import ARM_CONTROLLER
 from irevla_ros.nodes.common import RELIABLE_QOS, RosTimePeriodic, declare_parameters, run_nodes, time_to_ns
 from irevla_ros.nodes.diagnostics_publisher import DiagnosticsPublisher
@@ -124,6 +124,9 @@ class ArmControllerNode(Node):
         self._state_at: float | None = None
         self._recent_rejections = EventWindow(EVENT_WINDOW)
         self._last_rejection = ""
+        self.motion_aborts = 0
+        self._recent_aborts = EventWindow(EVENT_WINDOW)
+        self._last_abort = ""
         control = MutuallyExclusiveCallbackGroup()
         self.create_subscription(ArmCommand, topics.ACTION, self._on_action, 10, callback_group=control)
         self.create_subscription(
@@ -195,9 +198,16 @@ class ArmControllerNode(Node):
     def _backend_faults(self) -> Iterator[None]:
         """An ArmError from the backend (a protective or emergency stop, a lost connection, a refused command)
         latches the e-stop with the backend's own message: every command is a hold (the arm's controller has
-        stopped it already) until ~/clear_estop, which first asks the backend to recover."""
+        stopped it already) until ~/clear_estop, which first asks the backend to recover. A motion the arm
+        aborted without a fault (ArmMotionAborted: the arm stopped, nothing to recover) latches nothing: it is
+        counted, shown in the diagnostics, and the next command moves the arm again."""
         try:
             yield
+        except ArmMotionAborted as exc:
+            self.motion_aborts += 1
+            self._recent_aborts.add(time.monotonic())
+            self._last_abort = str(exc)
+            self.get_logger().warning(f"{exc}; the arm stopped, the next command moves it again")
         except ArmError as exc:
             if not self.safety.estopped:
                 self.get_logger().error(f"E-STOP latched by the arm backend: {exc}")
@@ -320,12 +330,15 @@ class ArmControllerNode(Node):
             since_start=now - self._started,
             rejected=self._recent_rejections.count(now),
             last_rejection=self._last_rejection,
+            aborted=self._recent_aborts.count(now),
+            last_abort=self._last_abort,
             holding=self._last_status,
             homing=self._homing is not None,
             counters={
                 "commands_sent": self.commands_sent,
                 "commands_rejected": self.commands_rejected,
                 "holds": self.holds,
+                "motion_aborts": self.motion_aborts,
             },
         )
         return [arm_status(self.get_name(), self.hardware_id(), snapshot)]

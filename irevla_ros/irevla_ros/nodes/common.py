@@ -19,6 +19,7 @@ from builtin_interfaces.msg import Time as TimeMsg
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
 from rclpy.context import Context
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rclpy.impl.implementation_singleton import rclpy_implementation as _rclpy
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import (
@@ -296,6 +297,15 @@ def run_nodes(
         executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
+    except (_rclpy.RCLError, _rclpy.InvalidHandle) as exc:
+        if context.ok():
+            raise
+        # rclpy's signal handler shuts the context down from its own thread, so a callback that was running at
+        # that moment fails its next publish ("publisher's context is invalid"): that is the stop, not a crash.
+        # Any other exception, or an rclpy error on a live context, still ends the process non-zero.
+        print(
+            f"stopping: a callback was cut off by the shutdown ({str(exc).splitlines()[0]})", file=sys.stderr
+        )
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         code = 2

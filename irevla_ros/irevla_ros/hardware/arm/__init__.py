@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from irevla_ros.hardware.arm.base import ArmBackend, ArmConnectionError, ArmError, ArmState
+from irevla_ros.hardware.arm.base import ArmBackend, ArmConnectionError, ArmError, ArmMotionAborted, ArmState
 from irevla_ros.registry import Registry
 
 
@@ -41,6 +41,7 @@ __all__ = [
     "ArmBackend",
     "ArmConnectionError",
     "ArmError",
+    "ArmMotionAborted",
     "ArmState",
     "UnknownArmError",
     "make_arm",

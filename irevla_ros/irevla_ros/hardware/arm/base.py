@@ -19,6 +19,12 @@ class ArmError(RuntimeError):
     """The arm refused or failed a command (a reflex, a controller error); the arm is holding or stopped."""
 
 
+class ArmMotionAborted(ArmError):
+    """The arm's own controller aborted the running motion without a fault (a trajectory planner failure): the arm
+    stopped where it was and nothing is latched, so the next command starts a new motion. Raised by the call that
+    found out, which did not send its own command."""
+
+
 class ArmConnectionError(ArmError):
     """The connection to the arm is lost or was never made; `is_connected` is False afterwards."""
 

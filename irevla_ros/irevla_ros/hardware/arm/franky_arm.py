@@ -36,7 +36,7 @@ from typing import Any
 import franky
 import numpy as np
 
-from irevla_ros.hardware.arm.base import ArmBackend, ArmConnectionError, ArmError, ArmState
+from irevla_ros.hardware.arm.base import ArmBackend, ArmConnectionError, ArmError, ArmMotionAborted, ArmState
 
 JOINT_NAMES: tuple[str, ...] = tuple(f"fr3_joint{i}" for i in range(1, 8))
 # The Franka hand's fingers as franka_ros2 names them: each at half the gripper width, in metres.
@@ -112,6 +112,7 @@ class FrankyArm(ArmBackend):
         self._grip_sent: float | None = None  # width of the last gripper command, metres
         self._grip_wanted: float | None = None
         self._connected = False
+        self._stopping = False  # the newest motion sent is a stop: holding again needs no new one
 
     # ---- connection ----------------------------------------------------------------------------------------
 
@@ -149,6 +150,7 @@ class FrankyArm(ArmBackend):
             fixed = self._fixed_orientation
             self._orientation = np.asarray(pose.quaternion, dtype=np.float64) if fixed is None else fixed
             self._connected = True
+            self._stopping = False
 
     def close(self) -> None:
         with self._lock:
@@ -180,13 +182,17 @@ class FrankyArm(ArmBackend):
         return self._robot
 
     def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Call franky; what the robot refused or aborted (franky's exceptions, libfranka's bare runtime_errors)
+        comes out as ArmError, a lost link as ArmConnectionError, anything else (a programming error) as is."""
         try:
             return fn(*args, **kwargs)
+        except ArmError:
+            raise
         except Exception as exc:
             if _is_connection_error(exc):
                 self._connected = False
                 raise ArmConnectionError(f"lost the connection to the Franka at {self._host}: {exc}") from exc
-            if isinstance(exc, _FRANKY_ERRORS):
+            if isinstance(exc, (*_FRANKY_ERRORS, RuntimeError)):
                 raise ArmError(f"the Franka at {self._host} refused or aborted: {exc}") from exc
             raise
 
@@ -226,7 +232,17 @@ class FrankyArm(ArmBackend):
 
     def _check_motion(self, robot: Any) -> None:
         # Surfaces an exception from the previous asynchronous motion (reflex, lost connection).
-        self._call(robot.poll_motion)
+        self._call(self._poll_motion, robot)
+
+    def _poll_motion(self, robot: Any) -> None:
+        # franky reports a failure of its own trajectory planner (Ruckig, e.g. -111: no synchronised trajectory
+        # from the state it met) as a bare RuntimeError: that motion ended and the arm stopped, with no fault.
+        try:
+            robot.poll_motion()
+        except RuntimeError as exc:
+            if type(exc) is RuntimeError and str(exc).startswith("Motion planner failed"):
+                raise ArmMotionAborted(f"the Franka at {self._host} aborted its motion: {exc}") from exc
+            raise
 
     def _target_affine(self, ee_position: np.ndarray) -> Any:
         pos = np.asarray(ee_position, dtype=np.float64)
@@ -240,18 +256,23 @@ class FrankyArm(ArmBackend):
             affine = self._target_affine(ee_position)
             self._check_motion(robot)
             motion = franky.CartesianMotion(affine, franky.ReferenceType.Absolute)
+            self._stopping = False
             self._call(robot.move, motion, asynchronous=True)
             self._service_gripper(gripper)
 
     def hold(self) -> None:
         """Decelerate to a stop along the current path (franky's CartesianStopMotion) and stay there.
 
-        Sent unconditionally: `poll_motion()`'s return value does not tell whether a motion is running (it
-        read False throughout running motions against franky-sim), and a stop while idle finishes at once."""
+        Sent once per hold: `poll_motion()`'s return value does not tell whether a motion is running (it read False
+        throughout running motions against franky-sim), so the backend remembers what it sent last. A stop sent
+        again every tick of a long hold only made franky plan a new trajectory from rest at every tick, which is
+        where its planner failed once under load (-111)."""
         with self._lock:
             robot = self._require()
             self._check_motion(robot)
-            self._call(robot.move, franky.CartesianStopMotion(), asynchronous=True)
+            if not self._stopping:
+                self._call(robot.move, franky.CartesianStopMotion(), asynchronous=True)
+                self._stopping = True
 
     def move_home(self, ee_position: np.ndarray, gripper: float, timeout: float = 30.0) -> None:
         """Blocking; at min(home_dynamics_factor, dynamics_factor) of the robot's limits, orientation held."""
@@ -264,9 +285,11 @@ class FrankyArm(ArmBackend):
             motion = franky.CartesianMotion(
                 affine, franky.ReferenceType.Absolute, relative_dynamics_factor=factor
             )
+            self._stopping = False
             self._call(robot.move, motion, asynchronous=True)
             if not self._call(robot.join_motion, timeout):
                 self._call(robot.move, franky.CartesianStopMotion(), asynchronous=True)
+                self._stopping = True
                 raise ArmError(f"home move did not finish within {timeout} s")
             self._service_gripper(gripper)
             future = self._grip_future

@@ -27,8 +27,8 @@ Thresholds (why these numbers):
 - trainer: an iteration error is ERROR; free disk space at the store below the node's disk_warn_free_gb /
   disk_error_free_gb is WARN / ERROR; a failed episode write is ERROR until a later one succeeds; the newest
   episode write slower than WRITE_LATENCY_WARN is WARN.
-- episode manager: a reset running longer than reset_timeout, or the newest reset failed, is ERROR; waiting for
-  the required nodes or for a reset service is WARN.
+- episode manager: a reset running longer than reset_timeout (abandoned at the next tick), or the newest reset
+  failed, is ERROR (with the time to the next try); waiting for the required nodes or for a reset service is WARN.
 - teleop: a device reader's error (unplugged, no permission) is ERROR; a malformed /joy is WARN.
 - simulated cell: its stepping thread dead is ERROR; periods that advanced without an arm command (each waited
   max_wall_wait) within EVENT_WINDOW are WARN.
@@ -437,6 +437,9 @@ class SessionSnapshot:
     reset_service: bool  # a reset service (simulator or arm homing) is available
     wants_reset: bool
     counters: Mapping[str, object] = field(default_factory=dict)
+    reset_retry_in: float | None = (
+        None  # s until the next try after a failed reset (None: no failure pending)
+    )
 
 
 def session_status(node: str, s: SessionSnapshot) -> Status:
@@ -450,7 +453,12 @@ def session_status(node: str, s: SessionSnapshot) -> Status:
             Level.ERROR, f"reset running for {s.reset_running:.0f} s (reset_timeout {s.reset_timeout:g} s)"
         )
     if s.reset_error is not None:
-        b.problem(Level.ERROR, f"reset failed: {s.reset_error}")
+        retry = (
+            f" (trying again in {max(0.0, s.reset_retry_in):.0f} s)"
+            if s.reset_retry_in is not None and s.reset_running is None
+            else ""
+        )
+        b.problem(Level.ERROR, f"reset failed: {s.reset_error}{retry}")
     if s.wants_reset and not s.reset_service and s.reset_running is None:
         b.problem(Level.WARN, "no reset service (/sim/reset_episode, /arm_controller/reset_home) available")
     b.update(s.counters)

@@ -182,7 +182,13 @@ EPISODE_MANAGER = (
     ),
     ParamSpec("success_source", "simulator", "automatic outcome source", choices=("simulator", "none")),
     ParamSpec("label_wait", 0.0, "after an episode ends, wait this long for an operator label (s)", min=0.0),
-    ParamSpec("reset_timeout", 10.0, "a reset taking longer than this (s, wall) aborts the session", min=0.1),
+    ParamSpec(
+        "reset_timeout",
+        10.0,
+        "a reset unanswered this long (s, wall) is abandoned as failed and tried again after a back-off; on a robot"
+        " keep it above the arm controller's own homing deadline (60 s)",
+        min=0.1,
+    ),
     ParamSpec("joy_success_button", 0, "gamepad button: label success", min=-1),
     ParamSpec("joy_failure_button", 1, "gamepad button: label failure", min=-1),
     ParamSpec("joy_reset_button", 2, "gamepad button: reset (the teleop reset button)", min=-1),

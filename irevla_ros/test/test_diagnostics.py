@@ -315,6 +315,16 @@ def session(**changes: object) -> SessionSnapshot:
             Level.ERROR,
             "reset failed",
         ),
+        (
+            {
+                "state": "resetting",
+                "wants_reset": True,
+                "reset_error": "e-stop latched",
+                "reset_retry_in": 3.6,
+            },
+            Level.ERROR,
+            "reset failed: e-stop latched (trying again in 4 s)",
+        ),
         ({"state": "resetting", "wants_reset": True, "reset_service": False}, Level.WARN, "no reset service"),
     ],
 )

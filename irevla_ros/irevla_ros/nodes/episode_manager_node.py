@@ -7,6 +7,8 @@ running success rate). Resets call /sim/reset_episode in simulation (START passe
 with, so the store records the scene), or home the arm on a robot (START's scene_seed -1). Status on
 /diagnostics ("<name>: session"): the session state and counters; waiting for the required nodes or for a reset
 service is WARN, a failed reset or one running longer than `reset_timeout` ERROR (`irevla_ros.diagnostics`).
+A failed reset, or one unanswered for `reset_timeout` (abandoned: its late answer is ignored), is tried again after
+RESET_RETRY_FIRST s, doubling to RESET_RETRY_MAX; the operator's reset request tries at once.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import cv2
 import numpy as np
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.node import Node
+from rclpy.task import Future
 from sensor_msgs.msg import Image, Joy
 from std_msgs.msg import Bool
 from std_srvs.srv import Trigger
@@ -53,6 +56,11 @@ EVENT_CODES = {
     "reset_requested": EpisodeEvent.RESET_REQUESTED,
     "reset_done": EpisodeEvent.RESET_DONE,
 }
+# After a failed reset, the next try waits this long (s, wall), doubling with each consecutive failure up to
+# RESET_RETRY_MAX: a reset that keeps failing (an e-stop latched, a scene the simulator refuses) is retried without
+# flooding the arm or the log, and the operator's reset request tries at once.
+RESET_RETRY_FIRST = 1.0
+RESET_RETRY_MAX = 30.0
 JOY_BUTTON_PARAMS = ("joy_success_button", "joy_failure_button", "joy_reset_button", "joy_pause_button")
 OUTCOME_COLOURS = {
     "success": (0.1, 0.8, 0.1),
@@ -83,7 +91,10 @@ class EpisodeManagerNode(Node):
         self._sim_success = False
         self._resetting = False
         self._reset_started: float | None = None  # monotonic start of the reset call in progress
+        self._reset_call: Future | None = None  # that call's future (cancelled when abandoned)
         self._reset_error: str | None = None  # why the newest reset failed
+        self._reset_failures = 0  # consecutive failed resets, for the back-off
+        self._reset_retry_at: float | None = None  # monotonic time of the next try after a failure
         self._joy_previous: list[int] = []
         self._policy_version = ""
         # The operator's takeovers of the running policy episode, for the overlay: /teleop/engaged (the takeover
@@ -140,6 +151,9 @@ class EpisodeManagerNode(Node):
 
     def _reset_request(self) -> str:
         self._apply(self.session.request_reset(self._now(), "operator reset"))
+        # The operator asked (the teleop reset button, ~/reset): after a failed reset that means "try now", not
+        # at the end of the back-off (they may just have cleared what made it fail, an e-stop say).
+        self._reset_retry_at = None
         return "reset requested"
 
     def _pause(self) -> str:
@@ -210,33 +224,66 @@ class EpisodeManagerNode(Node):
                 self._apply(self.session.request_reset(self._now(), "session start"))
             success, self._sim_success = self._sim_success, False
             self._apply(self.session.tick(self._now(), success))
-            if self.session.wants_reset and not self._resetting:
+            timeout = float(self.params["reset_timeout"])  # type: ignore[arg-type]
+            started = self._reset_started
+            if self._resetting and started is not None and time.monotonic() - started > timeout:
+                # A call nobody answers (a lost request, a reset service that died) would hold the session forever.
+                abandoned = self._reset_call
+                self._reset_failed(f"no answer within reset_timeout ({timeout:g} s)")
+                if abandoned is not None:
+                    abandoned.cancel()
+            retry_at = self._reset_retry_at
+            if (
+                self.session.wants_reset
+                and not self._resetting
+                and (retry_at is None or time.monotonic() >= retry_at)
+            ):
                 self._start_reset()
             self._publish_status()
 
     def _start_reset(self) -> None:
-        self._resetting = True
         task = self.session.next_task()
         if self._sim_reset.service_is_ready():
-            self._reset_started = time.monotonic()
             future = self._sim_reset.call_async(ResetEpisode.Request(task=task, seed=-1))
-            future.add_done_callback(lambda f: self._reset_finished(f.result(), task))
         elif self._home.service_is_ready():
-            self._reset_started = time.monotonic()
             future = self._home.call_async(Trigger.Request())
-            future.add_done_callback(lambda f: self._reset_finished(f.result(), task))
         else:
-            self._resetting = False  # try again on the next tick, once a reset service is up
+            return  # try again on the next tick, once a reset service is up
+        self._resetting = True
+        self._reset_started = time.monotonic()
+        self._reset_call = future
+        future.add_done_callback(lambda f: self._reset_finished(f, task))
 
-    def _reset_finished(self, result: object, task: str) -> None:
+    def _reset_failed(self, why: str) -> None:
+        """The reset in progress failed or was abandoned: the next try waits RESET_RETRY_FIRST s, doubling with
+        each consecutive failure up to RESET_RETRY_MAX (an operator reset request tries at once)."""
+        self._resetting = False
+        self._reset_started = None
+        self._reset_call = None
+        self._reset_error = why
+        self._reset_failures += 1
+        delay = min(RESET_RETRY_MAX, RESET_RETRY_FIRST * 2.0 ** (self._reset_failures - 1))
+        self._reset_retry_at = time.monotonic() + delay
+        self.get_logger().error(f"reset failed: {why}; trying again in {delay:g} s")
+
+    def _reset_finished(self, future: Future, task: str) -> None:
         with self._lock:
+            if future is not self._reset_call:  # abandoned at reset_timeout: a late answer changes nothing
+                if not future.cancelled():
+                    self.get_logger().warning(
+                        "a reset answered after it was abandoned (reset_timeout): ignored"
+                    )
+                return
+            result = future.result()
+            if result is None or not getattr(result, "success", False):
+                self._reset_failed(str(getattr(result, "message", "no response")))
+                return
             self._resetting = False
             self._reset_started = None
-            if result is None or not getattr(result, "success", False):
-                self._reset_error = str(getattr(result, "message", "no response"))
-                self.get_logger().error(f"reset failed: {self._reset_error}")
-                return
+            self._reset_call = None
             self._reset_error = None
+            self._reset_failures = 0
+            self._reset_retry_at = None
             instruction = getattr(result, "instruction", "") or task.replace("-v3", "").replace("-", " ")
             task = getattr(result, "task", "") or task
             self._sim_success = False
@@ -338,6 +385,9 @@ class EpisodeManagerNode(Node):
                 reset_running=None if started is None else time.monotonic() - started,
                 reset_timeout=float(self.params["reset_timeout"]),  # type: ignore[arg-type]
                 reset_error=self._reset_error,
+                reset_retry_in=None
+                if self._reset_retry_at is None
+                else self._reset_retry_at - time.monotonic(),
                 reset_service=self._sim_reset.service_is_ready() or self._home.service_is_ready(),
                 wants_reset=self.session.wants_reset,
                 counters={

@@ -437,9 +437,8 @@ class SessionSnapshot:
     reset_service: bool  # a reset service (simulator or arm homing) is available
     wants_reset: bool
     counters: Mapping[str, object] = field(default_factory=dict)
-    reset_retry_in: float | None = (
-        None  # s until the next try after a failed reset (None: no failure pending)
-    )
+    # s until the next try after a failed reset (None: no failure pending)
+    reset_retry_in: float | None = None
 
 
 def session_status(node: str, s: SessionSnapshot) -> Status:

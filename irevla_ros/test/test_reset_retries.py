@@ -136,7 +136,7 @@ def test_the_operators_reset_request_skips_the_back_off(ros_context, graph, spin
     add(peer.node)
     manager = add(_manager(ros_context))
     # the third refusal received: the next try is 4 s away
-    assert spin(executor, lambda: manager._reset_failures == 3 and not manager._resetting, timeout=20)
+    assert spin(executor, lambda: manager._reset_failures == 3 and manager._reset_call is None, timeout=20)
     reset = peer.node.create_client(Trigger, topics.RESET_EPISODE)
     assert reset.wait_for_service(timeout_sec=10.0)
     asked = time.monotonic()

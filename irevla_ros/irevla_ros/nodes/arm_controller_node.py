@@ -372,9 +372,8 @@ class ArmControllerNode(Node):
         """Move home through the same step and speed limits, one command per control tick; answers when home."""
         done: Future = Future()
         with self._lock:
-            if (
-                self._homing is not None
-            ):  # a caller that gave up and asked again (reset_timeout): one homing runs
+            # A caller that gave up and asked again (reset_timeout): one homing runs, the newest request's.
+            if self._homing is not None:
                 self._homing.set_result((False, "superseded by a newer reset_home request"))
             self._reset_safety(self._now())
             self._homing = done

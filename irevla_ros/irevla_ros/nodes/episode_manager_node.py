@@ -89,9 +89,8 @@ class EpisodeManagerNode(Node):
         )
         self._lock = threading.RLock()
         self._sim_success = False
-        self._resetting = False
-        self._reset_started: float | None = None  # monotonic start of the reset call in progress
-        self._reset_call: Future | None = None  # that call's future (cancelled when abandoned)
+        self._reset_call: Future | None = None  # the reset call in progress (cancelled when abandoned)
+        self._reset_started: float | None = None  # its monotonic start
         self._reset_error: str | None = None  # why the newest reset failed
         self._reset_failures = 0  # consecutive failed resets, for the back-off
         self._reset_retry_at: float | None = None  # monotonic time of the next try after a failure
@@ -226,7 +225,7 @@ class EpisodeManagerNode(Node):
             self._apply(self.session.tick(self._now(), success))
             timeout = float(self.params["reset_timeout"])  # type: ignore[arg-type]
             started = self._reset_started
-            if self._resetting and started is not None and time.monotonic() - started > timeout:
+            if started is not None and time.monotonic() - started > timeout:
                 # A call nobody answers (a lost request, a reset service that died) would hold the session forever.
                 abandoned = self._reset_call
                 self._reset_failed(f"no answer within reset_timeout ({timeout:g} s)")
@@ -235,7 +234,7 @@ class EpisodeManagerNode(Node):
             retry_at = self._reset_retry_at
             if (
                 self.session.wants_reset
-                and not self._resetting
+                and self._reset_call is None
                 and (retry_at is None or time.monotonic() >= retry_at)
             ):
                 self._start_reset()
@@ -249,17 +248,15 @@ class EpisodeManagerNode(Node):
             future = self._home.call_async(Trigger.Request())
         else:
             return  # try again on the next tick, once a reset service is up
-        self._resetting = True
-        self._reset_started = time.monotonic()
         self._reset_call = future
+        self._reset_started = time.monotonic()
         future.add_done_callback(lambda f: self._reset_finished(f, task))
 
     def _reset_failed(self, why: str) -> None:
         """The reset in progress failed or was abandoned: the next try waits RESET_RETRY_FIRST s, doubling with
         each consecutive failure up to RESET_RETRY_MAX (an operator reset request tries at once)."""
-        self._resetting = False
-        self._reset_started = None
         self._reset_call = None
+        self._reset_started = None
         self._reset_error = why
         self._reset_failures += 1
         delay = min(RESET_RETRY_MAX, RESET_RETRY_FIRST * 2.0 ** (self._reset_failures - 1))
@@ -268,19 +265,15 @@ class EpisodeManagerNode(Node):
 
     def _reset_finished(self, future: Future, task: str) -> None:
         with self._lock:
-            if future is not self._reset_call:  # abandoned at reset_timeout: a late answer changes nothing
-                if not future.cancelled():
-                    self.get_logger().warning(
-                        "a reset answered after it was abandoned (reset_timeout): ignored"
-                    )
+            if future is not self._reset_call:
+                # Abandoned at reset_timeout and cancelled (rclpy then drops its answer): this is the cancellation.
                 return
             result = future.result()
             if result is None or not getattr(result, "success", False):
                 self._reset_failed(str(getattr(result, "message", "no response")))
                 return
-            self._resetting = False
-            self._reset_started = None
             self._reset_call = None
+            self._reset_started = None
             self._reset_error = None
             self._reset_failures = 0
             self._reset_retry_at = None

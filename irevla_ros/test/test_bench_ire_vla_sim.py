@@ -107,7 +107,7 @@ def test_tiny_benchmark_two_seeds_in_workers_writes_json_table_curves_and_gate(t
 
 
 def test_over_seeds_intervals_levels_and_the_gate_rule():
-    from irevla_ros.bench.ire_vla_sim import episodes_to_level, gate, mean_ci
+    from irevla_ros.bench.ire_vla_sim import best_after_promotion, episodes_to_level, gate, mean_ci
     from irevla_ros.train.evaluation import EvalReport, TaskEval
 
     assert mean_ci([0.5]) == (0.5, 0.5, 0.5)
@@ -132,6 +132,20 @@ def test_over_seeds_intervals_levels_and_the_gate_rule():
     assert not ok and "known tasks 0.50 vs 0.70 (worse)" in why
     ok, _ = gate(report({"a": 8, "b": 6, "new": 0}), running, ["a", "b"], "new", 0.1)
     assert not ok  # worse on the new task
+
+    # Drift: each candidate within the margin of the running version, 0.90 -> 0.80 -> 0.70 on the known tasks.
+    # Against the running version alone the third passes; held to the best version so far it does not.
+    first, second, third = (report({"a": k, "b": k, "new": 5}) for k in (9, 8, 7))
+    assert gate(second, first, ["a", "b"], "new", 0.1)[0]
+    assert best_after_promotion(second, first, None, ["a", "b"]) == "replaced"  # first stays the reference
+    assert gate(third, second, ["a", "b"], "new", 0.1)[0]  # the old rule's blind spot
+    ok, why = gate(third, second, ["a", "b"], "new", 0.1, best=first)
+    assert not ok and "known tasks 0.70 vs 0.80 (best 0.90) (worse)" in why
+    assert gate(report({"a": 9, "b": 7, "new": 5}), second, ["a", "b"], "new", 0.1, best=first)[0]
+    # the reference moves on to a candidate at least as good, and to the running version when it beats the best
+    assert best_after_promotion(report({"a": 9, "b": 9, "new": 5}), second, first, ["a", "b"]) == "candidate"
+    assert best_after_promotion(third, first, second, ["a", "b"]) == "replaced"
+    assert best_after_promotion(third, second, first, ["a", "b"]) == "best"
 
 
 def test_settings_are_validated_with_the_key_named(tmp_path: Path):

@@ -18,6 +18,7 @@ from iteration_helpers import TINY, write_episode
 
 from irevla_ros.store.episode_store import EpisodeStore
 from irevla_ros.train.config import SFTConfig, Stage1Config
+from irevla_ros.train.evaluation import EvalReport, TaskEval
 from irevla_ros.train.iteration import IterationConfig, IterationRecord, IterationRequest, IterationRunner
 from irevla_ros.train.metrics import MetricsLog, read_metrics
 from irevla_ros.vla.model import VLAModel
@@ -134,6 +135,55 @@ def test_candidate_failing_validation_is_not_announced(cell, tmp_path):
     assert runner.record.iteration == 2 and runner.record.running_version == v1
 
 
+def test_validation_holds_candidates_to_the_best_version_so_far(cell, tmp_path):
+    """Two candidates, each within the margin of the version it would replace (0.9 -> 0.8 -> 0.7): the second is
+    refused because it is worse than the best promoted version by more than the margin."""
+    store, models, v1 = cell
+    rates: dict[str, int] = {v1: 9}
+    calls: list[tuple[str, int]] = []
+
+    def scripted_evaluation(version: str, tasks, episodes: int, seed: int) -> EvalReport:
+        # Test double of the simulated cell's evaluation (train/evaluation.evaluate runs MuJoCo episodes; what is
+        # under test here is the promotion rule): each new version does one success fewer in 10 than the last.
+        rates.setdefault(version, min(rates.values()) - 1)
+        calls.append((version, seed))
+        seeds = list(range(seed, seed + episodes))
+        return EvalReport(
+            version,
+            {t: TaskEval(t, episodes, rates[version], [5] * episodes, seeds) for t in tasks},
+            seed,
+            True,
+            5,
+        )
+
+    cfg = config(validation_episodes=10, validation_tasks=("button-press-v3",), validation_margin=0.1)
+    announced = []
+    runner = IterationRunner(
+        tmp_path / "run", store, models, cfg, announce=announced.append, evaluate=scripted_evaluation
+    )
+    runner.start(v1)
+    first = runner.request_iteration(IterationRequest(reason="operator"))
+    runner.work_once()
+    assert first.result["promoted"], first.result
+    second_version = first.result["new_version"]
+    assert rates[second_version] == 8 and runner.record.running_version == second_version
+    assert runner.record.best_version == v1  # 0.8 replaced 0.9: the best is still v1
+    assert set(first.result["evaluation"]) == {"running", "candidate"}
+
+    second = runner.request_iteration(IterationRequest(reason="operator"))
+    runner.work_once()
+    result = second.result
+    assert not result["promoted"], result  # 0.7 is within 0.1 of the running 0.8, not of the best 0.9
+    assert set(result["evaluation"]) == {"best", "running", "candidate"}
+    assert f"vs {v1} 0.900 (margin 0.100): worse" in result["why"]
+    assert f"vs {second_version} 0.800 (margin 0.100): not worse" in result["why"]
+    assert [a.version_id for a in announced if a.stage == "stage2_sft"] == [second_version]
+    # every version of one validation on the same scenes
+    assert len({seed for _, seed in calls[:2]}) == 1 and len({seed for _, seed in calls[2:]}) == 1
+    record = IterationRecord.load(tmp_path / "run" / "iteration.json")
+    assert record.best_version == v1 and record.running_version == second_version
+
+
 def test_sigkill_during_stage2_resumes_in_that_phase(cell, tmp_path):
     store, _, v1 = cell
     for i in range(2):
@@ -146,6 +196,7 @@ from pathlib import Path
 from irevla_ros.store.episode_store import EpisodeStore
 from irevla_ros.train.iteration import IterationConfig, IterationRequest, IterationRunner
 from irevla_ros.train.config import SFTConfig, Stage1Config
+from irevla_ros.train.evaluation import EvalReport, TaskEval
 from irevla_ros.vla.model_store import ModelStore
 store = EpisodeStore(Path({str(tmp_path / "store")!r}))
 cfg = IterationConfig(stage1_enabled=False, stage2=SFTConfig(steps=int(sys.argv[1]), batch_size=4, threads=1,

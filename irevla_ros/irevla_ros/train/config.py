@@ -279,7 +279,11 @@ class IterationConfig:
         0, "simulation: evaluation episodes per task (0: finite-output and ONNX checks only)", min=0
     )
     validation_margin: float = setting(
-        0.1, "promote unless the candidate's success rate is lower by more than this", min=0.0, max=1.0
+        0.1,
+        "promote unless the candidate's success rate is lower than the running or the best promoted version's by "
+        "more than this",
+        min=0.0,
+        max=1.0,
     )
     validation_seed: int = setting(10_000, "first scene seed of the evaluation episodes", min=0)
 

@@ -78,6 +78,9 @@ class IterationRecord:
     session_interventions: list[int] = field(default_factory=list)  # operator takeovers per session episode
     end_reason: str = ""
     candidate: str = ""
+    # The promoted version with the best simulated validation so far (empty: none measured yet). Candidates are
+    # held to it as well as to the running version, so that losses each within the margin cannot add up.
+    best_version: str = ""
     history: list[dict[str, Any]] = field(default_factory=list)  # one entry per finished iteration
 
     @classmethod
@@ -378,6 +381,7 @@ class IterationRunner:
                 self._announce(info)
                 self._log(f"iteration {record.iteration}: announced {info.version_id}")
                 verdict = record.history[-1] if record.history else {}
+                record.best_version = verdict.get("best_after", record.best_version)
                 request.result = {**verdict, "new_version": info.version_id, "promoted": True}
                 self._next_session(promoted=info.version_id)
                 record.save(self._state_path)
@@ -485,17 +489,25 @@ class IterationRunner:
         if cfg.validation_episodes and cfg.validation_tasks and self._evaluate is not None:
             from irevla_ros.train.evaluation import not_worse
 
-            seed = cfg.validation_seed + 1000 * record.iteration  # the same scenes for both versions
-            reports = []
-            for i, version in enumerate((record.running_version, candidate)):
+            seed = cfg.validation_seed + 1000 * record.iteration  # the same scenes for every version
+            roles = {"running": record.running_version, "candidate": candidate}
+            if record.best_version and record.best_version != record.running_version:
+                roles = {"best": record.best_version, **roles}
+            reports = {}
+            for i, (role, version) in enumerate(roles.items()):
                 if request.cancel.is_set():
                     raise IterationCancelled("during validation")
-                self._progress("validation", 0.5 * i, f"evaluating {version} in simulation")
-                reports.append(self._evaluate(version, cfg.validation_tasks, cfg.validation_episodes, seed))
-            running, new = reports
-            verdict["evaluation"] = {"running": running.to_dict(), "candidate": new.to_dict()}
-            ok, why = not_worse(new, running, cfg.validation_margin)
-            if not ok:
+                self._progress("validation", i / len(roles), f"evaluating {version} ({role}) in simulation")
+                reports[role] = self._evaluate(version, cfg.validation_tasks, cfg.validation_episodes, seed)
+            new = reports["candidate"]
+            verdict["evaluation"] = {role: report.to_dict() for role, report in reports.items()}
+            checks = [
+                not_worse(new, reports[role], cfg.validation_margin) for role in roles if role != "candidate"
+            ]
+            why = "; ".join(w for _, w in checks)
+            # The best after a promotion: the highest rate on these scenes, ties to the newer version.
+            verdict["best_after"] = roles[max(reversed(list(roles)), key=lambda r: reports[r].success_rate)]
+            if not all(ok for ok, _ in checks):
                 return {**verdict, "promoted": False, "why": f"evaluation: {why}"}
             return {**verdict, "promoted": True, "why": f"validation passed; evaluation: {why}"}
         return {**verdict, "promoted": True, "why": "validation passed"}

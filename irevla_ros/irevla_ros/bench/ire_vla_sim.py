@@ -554,9 +554,10 @@ def best_after_promotion(candidate: Any, running: Any, best: Any, known: Sequenc
     """Which version the gate holds the next candidates to once `candidate` replaces the running version: the
     one with the best known-task rate on these scenes, "candidate", "replaced" (the version it replaces) or
     "best" (the earlier best stays); ties go to the newer version."""
-    rates = {"best": -1.0 if best is None else _rate(best, known), "replaced": _rate(running, known),
-             "candidate": _rate(candidate, known)}  # fmt: skip
-    return max(reversed(list(rates)), key=lambda name: rates[name])
+    from irevla_ros.train.evaluation import newest_best
+
+    return newest_best({"best": -1.0 if best is None else _rate(best, known), "replaced": _rate(running, known),
+                        "candidate": _rate(candidate, known)})  # fmt: skip
 
 
 # ---- iRe-VLA ----------------------------------------------------------------------------------------------------

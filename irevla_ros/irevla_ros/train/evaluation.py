@@ -12,7 +12,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -156,6 +156,12 @@ class EvalReport:
             f"{f'[{lo:.2f}, {hi:.2f}]':>15} {mean_len:>9.1f}"
         )
         return "\n".join(lines)
+
+
+def newest_best(rates: Mapping[str, float]) -> str:
+    """The version (key) with the highest success rate; ties go to the later key, the newer version. The best
+    version so far, which promotion gates hold candidates to."""
+    return max(reversed(list(rates)), key=lambda version: rates[version])
 
 
 def not_worse(candidate: EvalReport, running: EvalReport, margin: float) -> tuple[bool, str]:

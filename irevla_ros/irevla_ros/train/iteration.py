@@ -487,7 +487,7 @@ class IterationRunner:
             return {**verdict, "promoted": False, "why": f"validation failed: {exc}"}
         cfg = self.config
         if cfg.validation_episodes and cfg.validation_tasks and self._evaluate is not None:
-            from irevla_ros.train.evaluation import not_worse
+            from irevla_ros.train.evaluation import newest_best, not_worse
 
             seed = cfg.validation_seed + 1000 * record.iteration  # the same scenes for every version
             roles = {"running": record.running_version, "candidate": candidate}
@@ -505,8 +505,7 @@ class IterationRunner:
                 not_worse(new, reports[role], cfg.validation_margin) for role in roles if role != "candidate"
             ]
             why = "; ".join(w for _, w in checks)
-            # The best after a promotion: the highest rate on these scenes, ties to the newer version.
-            verdict["best_after"] = roles[max(reversed(list(roles)), key=lambda r: reports[r].success_rate)]
+            verdict["best_after"] = roles[newest_best({r: reports[r].success_rate for r in roles})]
             if not all(ok for ok, _ in checks):
                 return {**verdict, "promoted": False, "why": f"evaluation: {why}"}
             return {**verdict, "promoted": True, "why": f"validation passed; evaluation: {why}"}

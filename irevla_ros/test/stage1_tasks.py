@@ -104,3 +104,16 @@ class Reach:
                 LatentEpisodes.from_episode(f"{prefix}-{i}", np.stack(latents), np.stack(actions), outcome)
             )
         return LatentEpisodes.concat(episodes)
+
+
+def behaviour_clone(model: VLAModel, demos: LatentEpisodes, steps: int, lr: float = 1e-3) -> VLAModel:
+    """Stage 0 on the latents: the action head's mean regressed on the demonstrations' actions (full batch,
+    Adam), so Stage 1 starts, as in iRe-VLA, from a policy that solves the task some of the time."""
+    latents, actions = torch.from_numpy(demos.latents), torch.from_numpy(demos.actions)
+    optimiser = torch.optim.Adam(model.action_head.parameters(), lr=lr)
+    for _ in range(steps):
+        loss = (model.action_mean(latents) - actions).pow(2).mean()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    return model

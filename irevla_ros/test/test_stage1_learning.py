@@ -1,6 +1,8 @@
 """The chosen Stage 1 (SACfD with its defaults: RLPD's 50/50 demo/online batches, LayerNorm twin critics,
-update-to-data ratio 4) learns, from frozen features, a task the initial policy solves rarely, within a bounded
-number of episodes; the same criterion is not met by a learner whose actor does not learn, so the test can fail.
+update-to-data ratio 4, the behaviour-cloning term and the anchor to the policy Stage 1 starts from) learns, from
+frozen features, a task the initial policy solves rarely, within a bounded number of episodes; the same criterion
+is not met by a learner whose actor does not learn, so the test can fail. As in iRe-VLA, Stage 1 starts from a
+Stage 0 policy: the action head behaviour-cloned on 3 demonstrations, which solves about a quarter of the scenes.
 Real torch, the real VLAModel heads (small random config), latents from the fixed random feature map of
 stage1_tasks.Reach standing in for the frozen VLM. Deterministic: every RNG is seeded."""
 
@@ -10,7 +12,7 @@ import copy
 
 import pytest
 import torch
-from stage1_tasks import Reach, small_model
+from stage1_tasks import Reach, behaviour_clone, small_model
 from test_stage1_rl import _assert_only_heads_changed
 
 from irevla_ros.train.sacfd import SACfDConfig
@@ -24,7 +26,7 @@ LEVEL = 0.7  # deterministic success rate to reach within the budget
 
 @pytest.fixture(scope="module")
 def base_model():
-    return small_model()
+    return behaviour_clone(small_model(), Reach(seed=7).demos(3, prefix="sft"), steps=100)  # Stage 0
 
 
 def _success_rate(model) -> float:
@@ -46,7 +48,7 @@ def _learn(model, sacfd: SACfDConfig) -> list[float]:
 
 
 def _criterion_met(curve: list[float]) -> bool:
-    return curve[0] < 0.1 and max(curve) >= LEVEL
+    return curve[0] < 0.3 and max(curve) >= LEVEL
 
 
 # Only the learning rates and gamma/tau sized to this 10-step task; the rest is the shipped default.
@@ -65,4 +67,4 @@ def test_the_criterion_fails_for_a_learner_that_does_not_learn(base_model):
     # The same run with the actor's learning rate ~0: the critics learn, the policy does not move.
     curve = _learn(copy.deepcopy(base_model), SACfDConfig(**{**TASK_SIZED, "actor_lr": 1e-12}))
     assert not _criterion_met(curve), curve
-    assert max(curve) < 0.2, curve
+    assert max(curve) < curve[0] + 0.1, curve

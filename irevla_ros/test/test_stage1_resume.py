@@ -141,7 +141,7 @@ def test_sacfd_resume_continues_exactly_where_it_stopped(base_model, tmp_path):
         straight_model.state_dict().items(), resumed_model.state_dict().items(), strict=True
     ):
         assert torch.equal(a, b), name
-    for part in ("critic", "target"):
+    for part in ("critic", "target", "anchor"):
         for (name, a), (_, b) in zip(
             getattr(straight.learner, part).state_dict().items(),
             getattr(resumed.learner, part).state_dict().items(),
@@ -172,8 +172,15 @@ def test_sigkilled_sacfd_trainer_resumes_buffers_critics_targets_and_optimisers(
 
     step, state = checkpointer.latest()
     model = copy.deepcopy(base_model)
+    with torch.no_grad():  # a head that is neither the checkpoint's nor the one Stage 1 started from
+        for p in model.action_head.parameters():
+            p.add_(0.5)
     rl = OnlineRL(model, SAC, ckpt_dir)
     learner = rl.learner
+    # The anchor's reference is the head Stage 1 started from, restored from the checkpoint (not rebuilt from
+    # whatever head the restarted process had before it loaded the checkpoint).
+    for name, start in base_model.action_head.state_dict().items():
+        assert torch.equal(learner.anchor.state_dict()[name], start), f"anchor.{name}"
     assert rl.resumed_from == step and learner.updates == state["learner"]["updates"] > 0
     assert learner.warm_start_updates == 5
     assert len(learner.demo) > 0 and len(learner.online) > 0

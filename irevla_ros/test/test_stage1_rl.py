@@ -308,7 +308,10 @@ def test_sacfd_from_demos_learns_a_task_it_fails_at_first(model):
     before = _success_rate(model, seed=98)
     config = Stage1Config(
         algorithm="sacfd", seed=0, threads=1,
-        sacfd=SACfDConfig(batch_size=128, actor_lr=1e-3, critic_lr=1e-3, gamma=0.95, tau=0.01),
+        # No anchor: it holds the head Stage 1 starts from, here an untrained one, and this test is about the
+        # critics and the actor learning from scratch (the anchored default is tested from a Stage 0 policy in
+        # test_stage1_learning.py).
+        sacfd=SACfDConfig(batch_size=128, actor_lr=1e-3, critic_lr=1e-3, gamma=0.95, tau=0.01, anchor_weight=0.0),
     )  # fmt: skip
     rl = OnlineRL(model, config)
     task = Reach(seed=1)
@@ -367,6 +370,35 @@ def test_sacfd_bc_weight_keeps_the_actor_near_the_demonstrations(model):
             mean = model.action_mean(torch.from_numpy(demos.latents))
             errors[weight] = float((mean - torch.from_numpy(demos.actions)).pow(2).mean())
     assert errors[2.0] < 0.5 * errors[0.0], errors
+
+
+def test_sacfd_anchor_keeps_the_actor_near_the_policy_stage1_started_from(model):
+    # Online episodes of a task with no demonstrations, all failures: the critic's gradient moves the action head
+    # on those states; the anchor holds its mean near the head as the learner found it (the running version).
+    task = Reach(seed=6)
+    failures, _ = task.rollout(model, 16, deterministic=False, prefix="fail")
+    failures = dataclasses.replace(failures, rewards=np.zeros_like(failures.rewards),
+                                   terminals=np.zeros_like(failures.terminals),
+                                   outcomes=["failure"] * failures.episodes)  # fmt: skip
+    start = copy.deepcopy(model.state_dict())
+    online = torch.from_numpy(failures.latents)
+    with torch.no_grad():
+        reference = model.action_mean(online)
+    drift = {}
+    for weight in (0.0, 10.0):
+        model.load_state_dict(start)
+        config = SACfDConfig(batch_size=64, actor_lr=3e-3, bc_weight=0.0, anchor_weight=weight)
+        learner = SACfDLearner(model, config, seed=0)
+        learner.add_episodes(failures, demo=False)
+        stats = learner.update(200)
+        assert ("anchor_loss" in stats) == bool(weight)
+        with torch.no_grad():
+            drift[weight] = float((model.action_mean(online) - reference).pow(2).mean())
+            # The reference is a frozen copy: training moved the head, not the anchor.
+            assert torch.allclose(torch.tanh(learner.anchor(online)), reference)
+    model.load_state_dict(start)
+    assert drift[0.0] > 1e-3, drift  # without it the head does move (the anchor has something to hold)
+    assert drift[10.0] < 0.2 * drift[0.0], drift
 
 
 def test_sacfd_learning_starts_after_the_configured_online_episodes(model):

@@ -122,6 +122,7 @@ class BenchConfig:
     sacfd_min_transitions: int = 64
     sacfd_utd_ratio: int = 4
     sacfd_bc_weight: float = 1.0
+    sacfd_anchor_weight: float = 1.0
     sacfd_learning_starts: int = 0  # online episodes of an iteration before SACfD's first update
     exploration_max_std: float = 0.37
     calibrate_exploration: bool = True  # Stage 1 explores with the running version's error on D_e as its std
@@ -578,6 +579,7 @@ def stage1_config(cfg: BenchConfig, seed: int) -> Any:
             min_transitions=cfg.sacfd_min_transitions,
             utd_ratio=cfg.sacfd_utd_ratio,
             bc_weight=cfg.sacfd_bc_weight,
+            anchor_weight=cfg.sacfd_anchor_weight,
         ),
         calibrate_exploration=cfg.calibrate_exploration,
         exploration_max_std=cfg.exploration_max_std,

@@ -100,6 +100,13 @@ class SACfDConfig:
         "demo part; 0: off, as RLPD): keeps the one action head, shared by every task, close to what it was shown",
         min=0.0,
     )
+    anchor_weight: float = setting(
+        1.0,
+        "SACfD: weight of an anchor on the actor (MSE of its mean to the mean of the action head as Stage 1 found it, "
+        "on every state of the batch, online ones included; 0: off): the one action head serves every task, and "
+        "without it the critic's early gradients moved it off the task being learned (train/sacfd.py has the numbers)",
+        min=0.0,
+    )
     # The reward is 0/1: a large start temperature would drown it.
     init_temperature: float = setting(0.01, "SACfD: initial entropy temperature", min=0.0, min_exclusive=True)
     target_entropy: float | None = internal(None, "SACfD: target entropy; None: -action_dim / 2 (RLPD)")

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -86,6 +87,15 @@ validate(ModelStore(sys.argv[1]), sys.argv[2])
 """
 
 
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a running process (Linux /proc), None where it cannot be read."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 class LoaderClosedError(RuntimeError):
     """The loader was closed (the policy node is shutting down): the load stopped."""
 
@@ -100,12 +110,63 @@ class _Validators:
         self._running: set[subprocess.Popen[str]] = set()
         self.closed = False
 
-    def run(self, store_root: Path, version_id: str, timeout: float = 600.0, idle: bool = True) -> None:
+    # An idle validator that got less than this share of one core over a window is starved: a busy machine (a
+    # trainer, a benchmark) leaves a SCHED_IDLE process no CPU at all, and the version would wait until the
+    # timeout refused it. It is then restarted at normal priority (an unprivileged process cannot raise its own).
+    STARVATION_WINDOW_S = 10.0
+    STARVED_CPU_SHARE = 0.1
+
+    def run(self, store_root: Path, version_id: str, timeout: float = 600.0, idle: bool = True) -> str | None:
         """Checksums, weights, shapes, finite probe outputs and ONNX-vs-torch, in a child process: validation runs
         torch and holds the GIL for long stretches, which would delay the control loop's ticks. `idle`: the child
-        runs SCHED_IDLE, the CPU only when nothing else wants it (while the control loop runs episodes); not at
-        start-up, where a SCHED_IDLE child behind any busy process of the machine (a trainer, a benchmark) waited
-        for minutes and the node never came up."""
+        runs SCHED_IDLE, the CPU only when nothing else wants it (while the control loop runs episodes), and is
+        restarted at normal priority if it starves; not at start-up, where a SCHED_IDLE child behind any busy
+        process of the machine (a trainer, a benchmark) waited for minutes and the node never came up. Returns a
+        note when the priority changed, else None."""
+        deadline = time.monotonic() + timeout
+        note = None
+        proc = self._start(store_root, version_id, idle)
+        try:
+            cpu_before = _cpu_seconds(proc.pid)
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    proc.kill()
+                    proc.communicate()
+                    raise InvalidVersionError(f"validation of {version_id} did not finish in {timeout:.0f} s")
+                window = min(self.STARVATION_WINDOW_S, remaining)
+                try:
+                    _, stderr = proc.communicate(timeout=window)
+                    break
+                except subprocess.TimeoutExpired:
+                    if not idle:
+                        continue
+                    cpu = _cpu_seconds(proc.pid)
+                    if (
+                        cpu is None
+                        or cpu_before is None
+                        or cpu - cpu_before >= self.STARVED_CPU_SHARE * window
+                    ):
+                        cpu_before = cpu
+                        continue
+                    proc.kill()
+                    proc.communicate()
+                    self._forget(proc)
+                    idle = False
+                    waited = timeout - (deadline - time.monotonic())
+                    note = f"validated at normal priority: at idle priority it got no CPU for {waited:.0f} s"
+                    proc = self._start(store_root, version_id, idle)
+        finally:
+            self._forget(proc)
+        if self.closed:
+            raise LoaderClosedError(f"validation of {version_id} stopped: the loader is closed")
+        if proc.returncode != 0:
+            lines = [line for line in stderr.strip().splitlines() if line.strip()]
+            reason = lines[-1] if lines else f"validation exited with {proc.returncode}"
+            raise InvalidVersionError(reason.split(": ", 1)[-1] if "Error: " in reason else reason)
+        return note
+
+    def _start(self, store_root: Path, version_id: str, idle: bool) -> subprocess.Popen[str]:
         with self._lock:
             if self.closed:
                 raise LoaderClosedError(f"not validating {version_id}: the loader is closed")
@@ -126,23 +187,11 @@ class _Validators:
                 env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "ORT_NUM_THREADS": "1"},
             )
             self._running.add(proc)
-        try:
-            _, stderr = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
-            raise InvalidVersionError(
-                f"validation of {version_id} did not finish in {timeout:.0f} s"
-            ) from None
-        finally:
-            with self._lock:
-                self._running.discard(proc)
-        if self.closed:
-            raise LoaderClosedError(f"validation of {version_id} stopped: the loader is closed")
-        if proc.returncode != 0:
-            lines = [line for line in stderr.strip().splitlines() if line.strip()]
-            reason = lines[-1] if lines else f"validation exited with {proc.returncode}"
-            raise InvalidVersionError(reason.split(": ", 1)[-1] if "Error: " in reason else reason)
+        return proc
+
+    def _forget(self, proc: subprocess.Popen[str]) -> None:
+        with self._lock:
+            self._running.discard(proc)
 
     def close(self) -> None:
         with self._lock:
@@ -200,6 +249,7 @@ def vla_loader(store_root: str, *, deterministic: bool = False, seed: int = 0) -
         if heads_only is not None and bool(heads_only) != info.heads_only:
             said, is_ = ("heads-only", "a full version") if heads_only else ("full", "heads-only")
             raise HeadsOnlyMismatchError(f"{version_id} was announced as {said} but the store has {is_}")
+        priority_note = None
         with lock:
             shared = runtimes.get(info.base_version) if info.heads_only else None
             latent = probe_latents.get(info.base_version)
@@ -213,7 +263,7 @@ def vla_loader(store_root: str, *, deterministic: bool = False, seed: int = 0) -
             validate_heads(store, version_id, latents=latent)
             how = "shared, heads validated in-process"
         else:
-            validators.run(store.root, version_id, idle=idle)
+            priority_note = validators.run(store.root, version_id, idle=idle)
             shared, how = None, "loaded"
         runtime = make_runtime(info.path, reuse=shared)  # type: ignore[arg-type]
         probe = probe_observation(runtime.config)
@@ -231,6 +281,8 @@ def vla_loader(store_root: str, *, deterministic: bool = False, seed: int = 0) -
         policy = VLAPolicy(runtime, version_id, deterministic=deterministic, seed=seed)
         if info.heads_only:
             policy.load_note = f"heads-only on {info.base_version} (encoder {how})"
+        if priority_note:
+            policy.load_note = "; ".join(n for n in (policy.load_note, priority_note) if n)
         return policy
 
     return VLALoader(load, validators)

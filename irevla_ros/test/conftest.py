@@ -31,6 +31,15 @@ if sys.prefix not in os.environ.get("AMENT_PREFIX_PATH", "").split(":"):
     )
 
 
+@pytest.fixture(autouse=True)
+def normal_scheduling() -> Iterator[None]:
+    """Every test starts on SCHED_OTHER: franky (libfranka) gives the thread that drives it a real-time policy,
+    which every process a later test starts (nodes, validators, busy loops) would inherit."""
+    yield
+    if hasattr(os, "sched_getscheduler") and os.sched_getscheduler(0) != os.SCHED_OTHER:
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+
+
 @pytest.fixture
 def ros_domain(monkeypatch: pytest.MonkeyPatch) -> Iterator[int]:
     """A ROS_DOMAIN_ID leased for this test; child processes inherit it through the environment."""

@@ -37,13 +37,15 @@ def version(tmp_path_factory) -> tuple[ModelStore, str]:
     return store, store.save(_perturb(VLAModel(cfg), 0), parent=None, stage="stage0_sft").version_id
 
 
+# SCHED_OTHER set explicitly: a child inherits its parent thread's policy, and a real-time one (libfranka gives
+# the thread that runs franky one) would make these loops starve everything, the restarted validator included.
+HOG = "import os; os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))\nwhile True: pass"
+
+
 @pytest.fixture
 def busy_cores():
     """One busy-looping process per core this process may run on, at normal priority."""
-    hogs = [
-        subprocess.Popen([sys.executable, "-c", "while True: pass"])
-        for _ in range(len(os.sched_getaffinity(0)))
-    ]
+    hogs = [subprocess.Popen([sys.executable, "-c", HOG]) for _ in range(len(os.sched_getaffinity(0)))]
     yield len(hogs)
     for hog in hogs:
         hog.kill()

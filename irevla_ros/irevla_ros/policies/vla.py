@@ -66,6 +66,7 @@ class VLAPolicy:
 
 
 # Run first in the validator child: SCHED_IDLE (the CPU only when the control loop does not want it) when asked,
+# SCHED_OTHER otherwise,
 # set by the child itself so the parent can spawn it without a preexec_fn (which forces a full fork of this large
 # process); likewise the parent-death signal, so a node that is killed or crashes takes its validator with it.
 _VALIDATE = """
@@ -76,10 +77,10 @@ except (AttributeError, OSError):
     pass
 if os.getppid() != int(sys.argv[3]):
     sys.exit("the policy node is gone")
-if sys.argv[4] == "idle":
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except (AttributeError, OSError):
+try:  # never the real-time policy a node's thread may have (libfranka sets one): it would block the control loop
+    os.sched_setscheduler(0, os.SCHED_IDLE if sys.argv[4] == "idle" else os.SCHED_OTHER, os.sched_param(0))
+except (AttributeError, OSError):
+    if sys.argv[4] == "idle":
         os.nice(19)
 from irevla_ros.vla.model_store import ModelStore
 from irevla_ros.vla.validation import validate

@@ -348,14 +348,16 @@ class SACfDLearner:
                 q_pi = self.critic(b["latent"], action).min(dim=0).values
                 actor_loss = (alpha * log_prob - q_pi).mean()
                 if cfg.bc_weight and float(b["is_demo"].sum()):
-                    error = (model.action_mean(b["latent"]) - b["action"]).pow(2).mean(dim=1)
+                    error = (
+                        (dist.mean - b["action"]).pow(2).mean(dim=1)
+                    )  # dist.mean: the actor's mean, computed once
                     bc = (error * b["is_demo"]).sum() / b["is_demo"].sum()
                     actor_loss = actor_loss + cfg.bc_weight * bc
                     record(bc_loss=bc.detach())
                 if cfg.anchor_weight:
                     with torch.no_grad():
                         reference = torch.tanh(self.anchor(b["latent"]))
-                    anchor = (model.action_mean(b["latent"]) - reference).pow(2).mean()
+                    anchor = (dist.mean - reference).pow(2).mean()
                     actor_loss = actor_loss + cfg.anchor_weight * anchor
                     record(anchor_loss=anchor.detach())
                 self.actor_optimiser.zero_grad(set_to_none=True)

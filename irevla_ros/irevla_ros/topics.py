@@ -1,5 +1,6 @@
 """Topic and service names of the graph, in one place (realsense-ros naming for cameras)."""
 
+ARM_CONTROLLER_NODE = "arm_controller"  # subscribes to ACTION, offers the /arm_controller/* services
 CAMERA_IMAGE = "/camera/camera/color/image_raw"
 ACTION = "/policy/action"  # irevla_interfaces/ArmCommand
 STEP_RECORDS = "/policy/step_records"  # irevla_interfaces/StepRecord

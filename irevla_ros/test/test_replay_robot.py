@@ -174,15 +174,18 @@ def test_robot_replay_refuses_unless_paused_then_moves_inside_the_limits_and_hol
         assert run(moved) == 0, (moved.out, "".join(moved.err), logs())
         result = moved.result()
         assert result["commands"] == len(recorded) and result["interrupted"] is False
-        # Filled as the policy node fills its commands, the recorded actions in order, then one hold. The
-        # replay waits for the arm controller's subscription, not this observer's: the observer may discover the
-        # replay's publisher a few commands late.
+        # Filled as the policy node fills its commands, the recorded actions in order, then one hold. The replay
+        # starts once every subscription it has discovered is matched (this observer's and the controller's; it
+        # once went on the observer's match alone); an observer the replay had not discovered by then misses the
+        # first commands (up to 15 of 35 seen), so this checks an unbroken tail of at least half the episode; the
+        # arm's displacement below covers the whole replay.
         n = len(recorded)
         assert spin(executor, lambda: bool(commands) and commands[-1].step_index == n, timeout=5), commands[
             -1:
         ]
         first = commands[0].step_index
-        assert first <= 5 and [c.step_index for c in commands] == [*range(first, n), n]
+        print(f"observer's first command: step {first} of {n}")
+        assert first <= n // 2 and [c.step_index for c in commands] == [*range(first, n), n]
         assert {c.episode_id for c in commands} == {"ep-reach"} and commands[-1].hold
         assert not any(c.hold for c in commands[:-1])
         assert {c.policy_version for c in commands} == {"replay:scripted-expert"}
@@ -216,10 +219,16 @@ def test_robot_replay_refuses_unless_paused_then_moves_inside_the_limits_and_hol
         assert "interrupted: the arm holds" in "".join(interrupted.err)
         halted = interrupted.result()
         assert halted["interrupted"] is True and 0 < int(halted["commands"]) < len(recorded)  # type: ignore[call-overload]
-        assert spin(executor, lambda: len(commands) > sent_before and commands[-1].hold, timeout=5)
-        own = commands[sent_before:]  # all but a few first ones (discovery, as above)
-        assert not any(c.hold for c in own[:-1]) and own[-1].step_index == n
-        assert int(halted["commands"]) - 5 <= len(own) - 1 <= int(halted["commands"])  # type: ignore[call-overload]
+        # This replay lives about a second: the observer, which may discover its publisher late (as above), can
+        # miss all of it (seen once), so what it saw is checked only as far as it goes; the hold itself is checked
+        # on the arm below.
+        spin(executor, lambda: len(commands) > sent_before and commands[-1].hold, timeout=5)
+        own = commands[sent_before:]
+        print(
+            f"observer saw {len(own)} of the interrupted replay's {halted['commands']} commands and its hold"
+        )
+        assert not any(c.hold for c in own[:-1]) and len(own) - 1 <= int(halted["commands"])  # type: ignore[call-overload]
+        assert not own or (own[-1].hold and own[-1].step_index == n)
         after = len(poses)
         spin(executor, lambda: False, timeout=3.0)  # the cell holds the arm for periods of max_wall_wait
         still = [p for _, p in poses[after:]]

@@ -175,7 +175,7 @@ class RobotReplay:
             )
         if not c.spin_until(lambda: self.pose is not None, deadline):
             raise NoAnswer(no_answer_message("topic", topics.EE_POSE, self.domain, c.timeout))
-        if not c.spin_until(lambda: self._pub.get_subscription_count() > 0, deadline):
+        if not c.spin_until(self._controller_listens, deadline):
             raise NoAnswer(
                 no_answer_message(
                     "subscriber of", topics.ACTION, self.domain, c.timeout, "(the arm controller)"
@@ -183,6 +183,15 @@ class RobotReplay:
             )
         assert self.pose is not None
         return self.pose[1].copy()
+
+    def _controller_listens(self) -> bool:
+        """The arm controller's command subscription is discovered and every discovered subscription is matched.
+
+        A bare `get_subscription_count() > 0` is also satisfied by any other subscriber (an observer, `ros2 topic
+        echo`) matched before the controller, and the controller would then miss the first commands."""
+        readers = self.client.node.get_subscriptions_info_by_topic(topics.ACTION)
+        controller = any(r.node_name == topics.ARM_CONTROLLER_NODE for r in readers)
+        return controller and self._pub.get_subscription_count() >= len(readers)
 
     def _call(self, service: str, wait: float) -> tuple[bool, str]:
         c = self.client

@@ -247,3 +247,39 @@ def test_robot_replay_refuses_unless_paused_then_moves_inside_the_limits_and_hol
         assert "resumed during the replay" in "".join(stopped.err) and stopped.result()["stopped"]
     finally:
         runner.stop()
+
+
+def test_the_replay_waits_for_the_arm_controllers_subscription_not_any_subscriber(
+    ros_context, ros_domain, spin
+):
+    """An observer subscribed to the command topic (rqt, `ros2 topic echo`) does not start a replay: it waits until
+    a node named arm_controller subscribes and every subscription it has discovered is matched."""
+    from irevla_ros.operator.client import OperatorClient
+    from irevla_ros.operator.replay_robot import RobotReplay
+    from irevla_ros.train.replay import ReplayPlan
+
+    empty = np.zeros((1, 4), np.float32)
+    plan = ReplayPlan(
+        "ep", TASK, "reach", "expert", "scripted", "success", "", True, (), empty, np.zeros(1, bool),
+        np.zeros(1, bool), empty, 0, 0.1, ("camera",),
+    )  # fmt: skip
+    client = OperatorClient(ros_domain, timeout=5.0)
+    try:
+        replay = RobotReplay(client, plan, 1.0)
+        executor = SingleThreadedExecutor(context=ros_context)
+        observer = Node("observer", context=ros_context)
+        observer.create_subscription(ArmCommand, topics.ACTION, lambda _: None, 10)
+        executor.add_node(observer)
+        listens = replay._controller_listens  # the condition check() waits on
+        assert spin(executor, lambda: replay._pub.get_subscription_count() == 1, timeout=10)
+        assert not client.spin_until(listens, time.monotonic() + 2.0)
+
+        controller = Node(topics.ARM_CONTROLLER_NODE, context=ros_context)
+        controller.create_subscription(ArmCommand, topics.ACTION, lambda _: None, 10)
+        executor.add_node(controller)
+        assert client.spin_until(listens, time.monotonic() + 10.0)
+        assert replay._pub.get_subscription_count() == 2
+        controller.destroy_node()
+        observer.destroy_node()
+    finally:
+        client.close()

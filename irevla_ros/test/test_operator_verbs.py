@@ -317,3 +317,37 @@ def test_each_verb_against_the_running_graph(ros_context, ros_domain, operator_g
     assert "nothing on /policy/status" in view, view
     print("verb wall seconds:", {k: round(v, 2) for k, v in timings.items()})
     observer.destroy_node()
+
+
+def test_status_once_waits_for_a_discovered_status_topic_that_has_not_delivered_yet(
+    ros_context, ros_domain, spin
+):
+    """A node whose status publisher is discovered but speaks 6 s after the first source (longer than the 3 s
+    settle): `status --once` shows its line instead of "nothing on", and still does not wait its whole timeout
+    for the policy node, which is not running at all."""
+    from irevla_interfaces.msg import TrainerStatus
+
+    node = Node("late_graph", context=ros_context)
+    executor = SingleThreadedExecutor(context=ros_context)
+    executor.add_node(node)
+    trainer = node.create_publisher(TrainerStatus, topics.TRAINER_STATUS, LATCHED_QOS)
+    session = node.create_publisher(SessionStatus, topics.SESSION_STATUS, LATCHED_QOS)
+    trainer.publish(TrainerStatus(state=TrainerStatus.COLLECTING, active_version="v0001-stage0_sft"))
+    started = time.monotonic()
+    view = subprocess.Popen(
+        [IREVLA, "status", "--once", "--timeout", "20"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert spin(executor, lambda: trainer.get_subscription_count() > 0, timeout=15)
+    spin(executor, lambda: False, timeout=6.0)
+    assert view.poll() is None, view.communicate()[0]  # still waiting for the discovered session publisher
+    session.publish(SessionStatus(state=SessionStatus.PAUSED, episodes_done=3, successes=1))
+    out, _ = view.communicate(timeout=60)
+    took = time.monotonic() - started
+    assert view.returncode == 0, out
+    assert "session   paused" in out and "success rate 1/3" in out, out
+    assert "active v0001-stage0_sft" in out and "nothing on /policy/status" in out, out
+    assert took < 19.0, took  # not the whole timeout: the missing policy node has no publisher to wait for
+    node.destroy_node()

@@ -37,6 +37,13 @@ from irevla_ros.operator.view import (
 )
 
 ARM_DIAGNOSTIC = status_name("arm_controller", ARM_TASK)  # the arm controller's status on /diagnostics
+# The status sources that have a topic of their own (the arm's line is one status among many on /diagnostics).
+STATUS_TOPICS = {
+    "session": topics.SESSION_STATUS,
+    "trainer": topics.TRAINER_STATUS,
+    "version": topics.POLICY_VERSION,
+    "policy": topics.POLICY_STATUS,
+}
 SESSION_STATES = {
     SessionStatus.IDLE: "idle",
     SessionStatus.RESETTING: "resetting",
@@ -257,6 +264,15 @@ class OperatorClient:
         self.node.create_subscription(DiagnosticArray, topics.POLICY_STATUS, diagnostics("policy", None), 10)
         self.node.create_subscription(DiagnosticArray, "/diagnostics", diagnostics("arm", ARM_DIAGNOSTIC), 10)
         return snap
+
+    def silent_sources(self, snap: StatusSnapshot) -> list[str]:
+        """The status sources whose own topic has a publisher this node has discovered but no message from yet
+        (/diagnostics is shared by every node, so the arm's line is not among them)."""
+        return [
+            source
+            for source, topic in STATUS_TOPICS.items()
+            if source not in snap.received and self.node.count_publishers(topic) > 0
+        ]
 
 
 @contextmanager

@@ -19,7 +19,7 @@ from irevla_ros.operator.view import format_feedback, format_result, format_stat
 EXIT_NO_ANSWER = 1
 EXIT_REFUSED = 3
 EXIT_INTERRUPTED = 130
-STATUS_SETTLE = 3.0  # s: `status --once` waits this long after the first source for the others
+STATUS_SETTLE = 3.0  # s: `status --once` waits this long after the newest source for the others
 # verb -> (Trigger service, help)
 TRIGGERS: dict[str, tuple[str, str]] = {
     "reset": (topics.RESET_EPISODE, "end the running episode (aborted) and reset the scene for the next one"),
@@ -136,9 +136,22 @@ def cmd_status(args: argparse.Namespace) -> int:
             deadline = time.monotonic() + args.timeout
             client.spin_until(lambda: not snap.empty(), deadline)  # type: ignore[attr-defined]
             # The rest publish at least once a second (or are latched): a graph without a policy node, say,
-            # should not cost the whole timeout.
-            settle = min(deadline, time.monotonic() + STATUS_SETTLE)
-            client.spin_until(snap.complete, settle)  # type: ignore[attr-defined]
+            # should not cost the whole timeout. Discovery is not simultaneous, though (one node's topics can come
+            # seconds after another's on a loaded machine): the settle restarts with each new source, and a status
+            # topic with a publisher already discovered is waited for until the timeout.
+            newest = {"sources": len(snap.received), "at": time.monotonic()}
+
+            def settled() -> bool:
+                now = time.monotonic()
+                if snap.complete():
+                    return True
+                if len(snap.received) != newest["sources"]:
+                    newest.update(sources=len(snap.received), at=now)
+                if now - newest["at"] < STATUS_SETTLE:
+                    return False
+                return not client.silent_sources(snap)  # type: ignore[attr-defined]
+
+            client.spin_until(settled, deadline)  # type: ignore[attr-defined]
             if snap.empty():
                 raise_no_answer(args)
             print(format_status(snap), flush=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -98,6 +99,7 @@ def test_tiny_benchmark_two_seeds_in_workers_writes_json_table_curves_and_gate(t
     )
     rows = [line for line in table if line.startswith("| ") and not line.startswith("| Method")]
     assert [r.split("|")[1].strip() for r in rows[: len(METHODS)]] == list(METHODS)
+    assert any(line.startswith("| iRe-VLA - SFT, expert tasks |") for line in table)  # the paired targets
     assert any("seed 0 | seed 1" in line for line in table)  # the per-seed table: no seed hidden in a mean
     # The same work folder again: both seeds are kept, nothing runs, the same table comes out.
     capfd.readouterr()
@@ -170,3 +172,44 @@ def test_settings_are_validated_with_the_key_named(tmp_path: Path):
         BenchConfig.from_dict(values)  # every preset is valid
         assert scale in ("tiny", "small", "small_b", "default", "paper")
     assert main(["--scale", "tiny", "--demos-per-task", "0"]) == 2
+
+
+def test_against_targets_pairs_each_seeds_methods_and_counts_only_seeds_where_sft_solves_the_task_sometimes():
+    from irevla_ros.bench.ire_vla_sim import BenchConfig, against_targets, t_interval
+
+    cfg = BenchConfig(expert_tasks=["e"], rl_tasks=["r"], unseen_tasks=[], level_delta=0.3)
+
+    def seed(n: int, rates: dict[str, tuple[float, float]]) -> dict[str, Any]:
+        def group(rate: float) -> dict[str, float]:
+            return {"success_rate": rate}
+
+        return {
+            "seed": n,
+            "methods": {m: {"expert": group(e), "rl": {"r": group(r)}} for m, (e, r) in rates.items()},
+        }
+
+    seeds = [
+        seed(0, {"SFT": (0.9, 0.6), "iRe-VLA": (0.88, 0.9), "PPO-Replay": (0.6, 0.5)}),
+        seed(1, {"SFT": (0.8, 0.3), "iRe-VLA": (0.8, 0.7), "PPO-Replay": (0.5, 0.0)}),
+        seed(
+            2, {"SFT": (0.9, 0.9), "iRe-VLA": (0.8, 0.8), "PPO-Replay": (0.7, 0.5)}
+        ),  # SFT already solves it
+        seed(3, {"SFT": (0.9, 0.0), "iRe-VLA": (0.9, 0.0), "PPO-Replay": (0.7, 0.0)}),  # SFT never solves it
+    ]
+    expert = against_targets(cfg, seeds)[0]
+    assert expert["comparison"] == "iRe-VLA - SFT, expert tasks"
+    assert expert["per_seed"] == [-0.02, 0.0, -0.1, 0.0] and expert["met"] is False  # mean -0.03
+    sometimes = next(r for r in against_targets(cfg, seeds) if "sometimes" in r["comparison"])
+    assert sometimes["seeds"] == [0, 1] and sometimes["per_seed"] == [0.3, 0.4] and sometimes["met"] is True
+    mean, lo, hi = t_interval([0.3, 0.4])
+    assert sometimes["mean"] == pytest.approx(mean) and sometimes["ci95"] == pytest.approx([lo, hi], abs=1e-4)
+    assert lo < 0.3 < hi  # unclipped: a difference's interval may leave [0, 1]
+    every = next(r for r in against_targets(cfg, seeds) if "every seed" in r["comparison"])
+    assert every["seeds"] == [0, 1, 2, 3] and every["met"] is None
+    ppo = [r for r in against_targets(cfg, seeds) if "PPO-Replay" in r["comparison"]]
+    assert [r["met"] for r in ppo] == [True, True]
+    # One seed below the target on the RL task turns the verdict.
+    seeds[1]["methods"]["iRe-VLA"]["rl"]["r"]["success_rate"] = 0.4
+    sometimes = next(r for r in against_targets(cfg, seeds) if "sometimes" in r["comparison"])
+    assert sometimes["met"] is False and sometimes["mean"] == pytest.approx(0.2)
+    assert t_interval([-0.5, 0.1])[1] < 0.0  # no clipping for differences

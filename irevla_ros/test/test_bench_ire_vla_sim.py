@@ -100,6 +100,7 @@ def test_tiny_benchmark_two_seeds_in_workers_writes_json_table_curves_and_gate(t
     rows = [line for line in table if line.startswith("| ") and not line.startswith("| Method")]
     assert [r.split("|")[1].strip() for r in rows[: len(METHODS)]] == list(METHODS)
     assert any(line.startswith("| iRe-VLA - SFT, expert tasks |") for line in table)  # the paired targets
+    assert doc["against_targets"][0]["seeds"] == [0, 1]
     assert any("seed 0 | seed 1" in line for line in table)  # the per-seed table: no seed hidden in a mean
     # The same work folder again: both seeds are kept, nothing runs, the same table comes out.
     capfd.readouterr()

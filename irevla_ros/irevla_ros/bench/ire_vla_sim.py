@@ -1007,10 +1007,11 @@ def against_targets(cfg: BenchConfig, per_seed: Sequence[dict[str, Any]]) -> lis
         return float((m["rl"][task] if task else m[group])["success_rate"])
 
     def row(what: str, diffs: list[float], seeds: list[int], target: str, met: bool | None) -> None:
-        mean, lo, hi = t_interval(diffs) if diffs else (math.nan, math.nan, math.nan)
+        mean, lo, hi = t_interval(diffs) if diffs else (None, None, None)
         rows.append({"comparison": what, "seeds": seeds, "per_seed": [round(d, 4) for d in diffs],
-                     "mean": round(mean, 4), "ci95": [round(lo, 4), round(hi, 4)], "target": target,
-                     "met": met})  # fmt: skip
+                     "mean": None if mean is None else round(mean, 4),
+                     "ci95": None if lo is None or hi is None else [round(lo, 4), round(hi, 4)],
+                     "target": target, "met": met})  # fmt: skip
 
     every = [int(s["seed"]) for s in per_seed]
     expert = [rate(s, "iRe-VLA", "expert") - rate(s, "SFT", "expert") for s in per_seed]
@@ -1086,6 +1087,7 @@ def aggregate(cfg: BenchConfig, seeds: Sequence[dict[str, Any]]) -> dict[str, An
             step_seconds[k] = step_seconds.get(k, 0.0) + s["timing"]["step_seconds"][k]
     return {
         "methods": methods,
+        "against_targets": against_targets(cfg, seeds),
         "timing": {
             "phases": phases,
             **rollout_speed(steps, step_seconds),

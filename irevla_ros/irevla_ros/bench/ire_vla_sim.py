@@ -1168,9 +1168,9 @@ def markdown(cfg: BenchConfig, doc: dict[str, Any]) -> str:
             continue
         per = ", ".join(f"{d:+.2f} (seed {s})" for d, s in zip(r["per_seed"], r["seeds"], strict=True))
         lo, hi = r["ci95"]
+        spread = f"[{lo:+.2f}, {hi:+.2f}]" if len(r["seeds"]) > 1 else "(one seed)"
         verdict = {True: "met", False: "not met", None: ""}[r["met"]]
-        lines.append(f"| {r['comparison']} | {r['mean']:+.2f} [{lo:+.2f}, {hi:+.2f}] | {per} | {r['target']} | "
-                     f"{verdict} |")  # fmt: skip
+        lines.append(f"| {r['comparison']} | {r['mean']:+.2f} {spread} | {per} | {r['target']} | {verdict} |")
     timing = doc["timing"]
     lines += ["", f"Wall time per seed {', '.join(f'{s:.0f}' for s in timing['seconds_per_seed'])} s; "
               f"VLA rollouts {timing['vla_steps_per_second']} environment steps/s, the scripted expert's (the "

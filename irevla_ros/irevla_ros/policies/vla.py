@@ -66,9 +66,9 @@ class VLAPolicy:
 
 
 # Run first in the validator child: SCHED_IDLE (the CPU only when the control loop does not want it) when asked,
-# SCHED_OTHER otherwise,
-# set by the child itself so the parent can spawn it without a preexec_fn (which forces a full fork of this large
-# process); likewise the parent-death signal, so a node that is killed or crashes takes its validator with it.
+# SCHED_OTHER otherwise, set by the child itself so the parent can spawn it without a preexec_fn (which forces a
+# full fork of this large process); likewise the parent-death signal, so a node that is killed or crashes takes its
+# validator with it.
 _VALIDATE = """
 import ctypes, os, signal, sys
 try:

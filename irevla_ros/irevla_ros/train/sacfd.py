@@ -348,9 +348,8 @@ class SACfDLearner:
                 q_pi = self.critic(b["latent"], action).min(dim=0).values
                 actor_loss = (alpha * log_prob - q_pi).mean()
                 if cfg.bc_weight and float(b["is_demo"].sum()):
-                    error = (
-                        (dist.mean - b["action"]).pow(2).mean(dim=1)
-                    )  # dist.mean: the actor's mean, computed once
+                    # dist.mean is the actor's mean (model.action_mean), already computed for this batch
+                    error = (dist.mean - b["action"]).pow(2).mean(dim=1)
                     bc = (error * b["is_demo"]).sum() / b["is_demo"].sum()
                     actor_loss = actor_loss + cfg.bc_weight * bc
                     record(bc_loss=bc.detach())

@@ -3,17 +3,31 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
+from typing import Any
 
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
+from rclpy.publisher import Publisher
+from rclpy.subscription import Subscription
 
 from irevla_interfaces.msg import ArmCommand, EpisodeEvent, EpisodeStored, StepRecord
 from irevla_ros import topics
 from irevla_ros.nodes.common import RELIABLE_QOS, time_to_ns
 
+NAME = "teleop_observer"
+
+
+def required_nodes(*nodes: str) -> str:
+    """The episode manager's required_nodes with this observer among them: the session's first START waits until
+    the observer listens to the episode events, which it does only once every topic it watches or publishes is
+    connected. Without it, an observer that discovers the graph a second late (Fast DDS, even on a quiet machine)
+    misses the START its script and its checks are timed from, or the first steps' messages."""
+    return f"/episode_manager.required_nodes=[{','.join([*nodes, '/' + NAME])}]"
+
 
 class Observer:
-    def __init__(self, context: object, name: str = "teleop_observer") -> None:
+    def __init__(self, context: object, name: str = NAME) -> None:
         self.node = Node(name, context=context)  # type: ignore[arg-type]
         self.lock = threading.Lock()
         self.records: dict[tuple[str, int], StepRecord] = {}
@@ -22,20 +36,46 @@ class Observer:
         self.actions: dict[tuple[str, int], ArmCommand] = {}
         self.starts: dict[str, EpisodeEvent] = {}
         self.acks: dict[str, EpisodeStored] = {}
-        sub = self.node.create_subscription
+        self._subscriptions: list[Subscription] = []
+        self._publishers: list[Publisher] = []
+        sub = self.subscribe
         sub(StepRecord, topics.STEP_RECORDS, self._on_record, RELIABLE_QOS)
         sub(ArmCommand, topics.TELEOP_COMMAND, lambda m: self._keep(self.teleop, m), 100)
         sub(ArmCommand, topics.SIM_EXPERT_ACTION, lambda m: self._keep(self.expert, m), 100)
         sub(ArmCommand, topics.ACTION, self._on_action, 100)
-        sub(EpisodeEvent, topics.EPISODE_EVENTS, self._on_event, RELIABLE_QOS)
         sub(
             EpisodeStored,
             topics.EPISODE_STORED,
             lambda m: self.acks.__setitem__(m.episode_id, m),
             RELIABLE_QOS,
         )
+        self._events: Subscription | None = None
+        self._connect_timer = self.node.create_timer(0.05, self._listen_once_connected)
         self.executor = SingleThreadedExecutor(context=context)  # type: ignore[arg-type]
         self.executor.add_node(self.node)
+
+    def subscribe(
+        self, msg_type: type, topic: str, callback: Callable[[Any], None], qos: Any
+    ) -> Subscription:
+        """A subscription whose publisher must be connected before the observer listens to the episode events."""
+        subscription = self.node.create_subscription(msg_type, topic, callback, qos)
+        self._subscriptions.append(subscription)
+        return subscription
+
+    def publisher(self, msg_type: type, topic: str, qos: Any) -> Publisher:
+        """A publisher whose subscriber must be connected before the observer listens to the episode events."""
+        publisher = self.node.create_publisher(msg_type, topic, qos)
+        self._publishers.append(publisher)
+        return publisher
+
+    def _listen_once_connected(self) -> None:
+        if all(s.get_publisher_count() for s in self._subscriptions) and all(
+            p.get_subscription_count() for p in self._publishers
+        ):
+            self._connect_timer.cancel()
+            self._events = self.node.create_subscription(
+                EpisodeEvent, topics.EPISODE_EVENTS, self._on_event, RELIABLE_QOS
+            )
 
     def _keep(self, into: dict[int, ArmCommand], msg: ArmCommand) -> None:
         with self.lock:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray
-from teleop_observer import Observer
+from teleop_observer import Observer, required_nodes
 
 from irevla_ros import topics
 from irevla_ros.store.episode_store import EpisodeStore
@@ -31,7 +31,7 @@ def test_takeover_and_hand_back_at_exact_ticks(ros_context, sim_graph, spin, tmp
         "/episode_manager.episode_timeout=2.0",
         "/episode_manager.source=policy",
         "/episode_manager.success_source=none",  # the expert could succeed during the takeover: fixed length
-        "/episode_manager.required_nodes=[/policy,/trainer,/arm_controller,/sim_operator]",
+        required_nodes("/policy", "/trainer", "/arm_controller", "/sim_operator"),
         "/policy.policy=random",
         # as the robot profiles set it (for their demonstration sessions): a policy still takes teleop as takeovers
         f"/policy.expert_command_topic={topics.TELEOP_COMMAND}",

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 from sensor_msgs.msg import Joy
-from teleop_observer import Observer
+from teleop_observer import Observer, required_nodes
 
 from irevla_interfaces.msg import ArmCommand
 from irevla_ros import topics
@@ -40,6 +40,15 @@ def _stored_steps(tmp_path, observer):
     return episode_id, record.steps
 
 
+def _leading_hold(steps) -> int:
+    """How many ticks at the episode's start held (0 or 1). A sim-time tick waits for the operator's command only
+    once the policy has seen one (the simulated operator may be off): under load the very first command can come
+    after the first tick, which then holds, as a robot does without a command. Only that first tick may."""
+    leading = next(i for i, s in enumerate(steps) if not s.hold)
+    assert leading <= 1 and all(not s.intervention for s in steps[:leading]), leading
+    return leading
+
+
 def test_the_simulated_operator_records_a_demonstration_of_the_commands_sent(
     ros_context, sim_graph, spin, tmp_path
 ):
@@ -47,7 +56,7 @@ def test_the_simulated_operator_records_a_demonstration_of_the_commands_sent(
     runner = sim_graph(
         *TELEOP_DEMO,
         "/sim_operator.demonstrate=true",
-        "/episode_manager.required_nodes=[/policy,/trainer,/arm_controller,/sim_operator]",
+        required_nodes("/policy", "/trainer", "/arm_controller", "/sim_operator"),
     )
     done = spin(observer.executor, lambda: observer.acks or runner.poll() is not None, timeout=240)
     assert done and observer.acks, _logs(tmp_path)
@@ -55,12 +64,7 @@ def test_the_simulated_operator_records_a_demonstration_of_the_commands_sent(
     assert not runner.unclean_exits(codes), runner.unclean_exits(codes)
     episode_id, steps = _stored_steps(tmp_path, observer)
     assert len(steps) >= 5
-    # A sim-time tick waits for the operator's command only once the policy has seen one (the simulated operator
-    # may be off): under load the very first command can come after the first tick, which then holds, as a robot
-    # does without a command. Only that first tick may.
-    leading = next(i for i, s in enumerate(steps) if not s.hold)
-    assert leading <= 1 and all(not s.intervention for s in steps[:leading]), leading
-    for step in steps[leading:]:
+    for step in steps[_leading_hold(steps) :]:
         sent = observer.teleop[step.stamp_ns]  # the teleop command of the tick's own time
         assert not sent.hold and not step.hold and not step.intervention, step.step_index
         np.testing.assert_array_equal(step.action, np.array([*sent.ee_delta, sent.gripper], dtype=np.float32))
@@ -77,7 +81,7 @@ RELEASED = range(6, 9)  # steps with the deadman released
 def test_releasing_the_deadman_holds_the_arm_from_that_tick(ros_context, sim_graph, spin, tmp_path):
     observer = Observer(ros_context)
     mapping = TeleopMapping(gripper_axis=4)  # the sim profile's
-    joy_pub = observer.node.create_publisher(Joy, topics.JOY, 10)
+    joy_pub = observer.publisher(Joy, topics.JOY, 10)
     period_ns = 100_000_000
 
     def scripted_joy(msg: ArmCommand) -> None:
@@ -90,14 +94,18 @@ def test_releasing_the_deadman_holds_the_arm_from_that_tick(ros_context, sim_gra
         joy.header.stamp = msg.header.stamp
         joy_pub.publish(joy)
 
-    observer.node.create_subscription(ArmCommand, topics.SIM_EXPERT_ACTION, scripted_joy, 100)
-    runner = sim_graph(*TELEOP_DEMO, "/episode_manager.episode_timeout=1.5")
+    observer.subscribe(ArmCommand, topics.SIM_EXPERT_ACTION, scripted_joy, 100)
+    runner = sim_graph(
+        *TELEOP_DEMO,
+        "/episode_manager.episode_timeout=1.5",
+        required_nodes("/policy", "/trainer", "/arm_controller"),
+    )
     done = spin(observer.executor, lambda: observer.acks or runner.poll() is not None, timeout=240)
     assert done and observer.acks, _logs(tmp_path)
     runner.stop()
     episode_id, steps = _stored_steps(tmp_path, observer)
     assert len(steps) > max(RELEASED) + 1, len(steps)
-    for step in steps:
+    for step in steps[_leading_hold(steps) :]:
         released = step.step_index in RELEASED
         assert step.hold == released, step.step_index
         assert observer.actions[(episode_id, step.step_index)].hold == released

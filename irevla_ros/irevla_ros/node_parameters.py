@@ -175,7 +175,8 @@ EPISODE_MANAGER = (
     ParamSpec(
         "required_nodes",
         ["/policy", "/trainer", "/arm_controller"],
-        "the session starts once these nodes are up and listening to the episode events",
+        "the session starts once these nodes are up and listening to the episode events (the trainer and the "
+        "arm controller listen once their step records resp. actions have a publisher)",
     ),
     ParamSpec(
         "episode_timeout", 15.0, "an episode running this long (s, ROS time) ends as a timeout", min=0.1

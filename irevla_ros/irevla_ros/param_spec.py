@@ -176,6 +176,12 @@ def validate_parameters(
         if spec is None:
             known = ", ".join(sorted(by_name)) or "(none)"
             raise ConfigError(f"{where}: unknown parameter (known: {known})")
+        if isinstance(value, list) and not value:
+            # rcl's parameter-file reader cannot type an empty sequence: the node gets no value and keeps the default.
+            raise ConfigError(
+                f"{where}: an empty list, which ROS reads from a parameter file as no value at all (the node "
+                f"would keep its default {spec.default!r})"
+            )
         checked[name] = spec.check(value, where)
     return checked
 

@@ -78,6 +78,20 @@ def test_unknown_key_names_file_and_key(tmp_path):
         validate_graph(collect_graph("sim"), config)
 
 
+def test_an_empty_list_is_refused_rather_than_read_as_the_default(tmp_path):
+    config = _config_copy(tmp_path)
+    path = config / "episode_manager.yaml"
+    path.write_text(
+        path.read_text().replace("required_nodes: [/policy, /trainer, /arm_controller]", "required_nodes: []")
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"episode_manager\.yaml: /episode_manager\.ros__parameters\.required_nodes: an empty list.*"
+        r"keep its default \['/policy'",
+    ):
+        validate_graph(collect_graph("sim"), config)
+
+
 def test_bad_yaml_names_file_and_line(tmp_path):
     config = _config_copy(tmp_path)
     (config / "trainer.yaml").write_text("/trainer:\n  ros__parameters:\n    store_path: [unclosed\n")

@@ -164,7 +164,9 @@ def operator_graph(tmp_path: Path, ros_domain: int):
     runner = GraphRunner(
         graph,
         [
-            "/episode_manager.required_nodes=[/trainer, /arm_controller]",
+            # No policy here, so the trainer and the arm controller, which listen to episodes only once a step
+            # producer resp. an action publisher is connected, never do: the session waits for this test's observer.
+            "/episode_manager.required_nodes=[/operator_observer]",
             "/episode_manager.episode_timeout=600.0",  # episodes end only by the operator's verbs
             f"/trainer.store_path={tmp_path / 'store'}",
             f"/trainer.run_dir={tmp_path / 'trainer'}",

@@ -49,7 +49,13 @@ from irevla_ros import topics
 from irevla_ros.diagnostics import EVENT_WINDOW, ArmSnapshot, EventWindow, Status, arm_status
 from irevla_ros.hardware.arm import ARMS, ArmBackend, ArmError, ArmMotionAborted
 from irevla_ros.node_parameters import ARM_CONTROLLER
-from irevla_ros.nodes.common import RELIABLE_QOS, RosTimePeriodic, declare_parameters, run_nodes, time_to_ns
+from irevla_ros.nodes.common import (
+    RosTimePeriodic,
+    declare_parameters,
+    listen_to_episodes_once_connected,
+    run_nodes,
+    time_to_ns,
+)
 from irevla_ros.nodes.diagnostics_publisher import DiagnosticsPublisher
 from irevla_ros.param_spec import ConfigError, ParamValue, from_parameters
 from irevla_ros.safety import CommandStatus, SafetyConfigError, SafetyLayer, SafetyLimits
@@ -128,10 +134,11 @@ class ArmControllerNode(Node):
         self._recent_aborts = EventWindow(EVENT_WINDOW)
         self._last_abort = ""
         control = MutuallyExclusiveCallbackGroup()
-        self.create_subscription(ArmCommand, topics.ACTION, self._on_action, 10, callback_group=control)
-        self.create_subscription(
-            EpisodeEvent, topics.EPISODE_EVENTS, self._on_event, RELIABLE_QOS, callback_group=control
+        actions = self.create_subscription(
+            ArmCommand, topics.ACTION, self._on_action, 10, callback_group=control
         )
+        # A session starts only once the policy's first commands can reach the arm.
+        listen_to_episodes_once_connected(self, [actions], self._on_event, control)
         # The driver's own /joint_states and /tf where it publishes them (servo backend): never a second source.
         self._robot_state = bool(getattr(self.backend, "publishes_robot_state", True))
         self._joint_pub = (

@@ -9,6 +9,7 @@ import functools
 import gc
 import signal
 import sys
+import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -17,6 +18,8 @@ import numpy as np
 import rclpy
 from builtin_interfaces.msg import Time as TimeMsg
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
+from rclpy.clock import Clock as RosClock
+from rclpy.clock import ClockType
 from rclpy.context import Context
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.impl.implementation_singleton import rclpy_implementation as _rclpy
@@ -29,9 +32,12 @@ from rclpy.qos import (
     ReliabilityPolicy,
     qos_profile_sensor_data,
 )
+from rclpy.subscription import Subscription
 from rosgraph_msgs.msg import Clock
 from sensor_msgs.msg import Image
 
+from irevla_interfaces.msg import EpisodeEvent
+from irevla_ros import topics
 from irevla_ros.dds_profile import use_default_profile
 from irevla_ros.param_spec import ConfigError, ParamSpec, ParamValue
 
@@ -231,6 +237,42 @@ class RosTimePeriodic:
             # Like a timer: one call however many periods passed, next due on the period grid after now.
             self._next_ns += ((now - self._next_ns) // self.period_ns + 1) * self.period_ns
             self._callback()
+
+
+def listen_to_episodes_once_connected(
+    node: Node,
+    inputs: Sequence[Subscription],
+    callback: Callable[[Any], None],
+    callback_group: Any = None,
+) -> None:
+    """Subscribe `node` to the episode events once each of `inputs` has a connected publisher.
+
+    The episode manager starts a session once its required nodes listen to the episode events. A node that records
+    or carries out another node's messages during an episode (the trainer the policy's step records, the arm
+    controller its actions) is ready only when it is connected to that producer: listening earlier lets a session
+    start while the first steps still have nowhere to go (seen under load: the trainer, which had discovered the
+    episode manager but not yet the policy, stored the first episode with no steps). Checked on wall time: a paused
+    simulated clock must not hold it back."""
+    since = time.monotonic()
+
+    def check() -> None:
+        waiting = [s.topic_name for s in inputs if s.get_publisher_count() == 0]
+        if waiting:
+            if time.monotonic() - since > 10.0:
+                node.get_logger().info(
+                    f"not listening to {topics.EPISODE_EVENTS} yet (no session starts without this node): "
+                    f"no publisher on {waiting}",
+                    throttle_duration_sec=30.0,
+                )
+            return
+        timer.cancel()
+        node.destroy_timer(timer)
+        node.create_subscription(
+            EpisodeEvent, topics.EPISODE_EVENTS, callback, RELIABLE_QOS, callback_group=callback_group
+        )
+
+    steady = RosClock(clock_type=ClockType.STEADY_TIME)
+    timer = node.create_timer(0.05, check, callback_group=callback_group, clock=steady)
 
 
 _stop_signals: list[int] = []  # SIGINT/SIGTERM received by this process (run_nodes' handler)

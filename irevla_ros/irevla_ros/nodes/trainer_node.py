@@ -54,6 +54,7 @@ from irevla_ros.nodes.common import (
     RELIABLE_QOS,
     ImageFormatError,
     declare_parameters,
+    listen_to_episodes_once_connected,
     msg_to_image,
     run_nodes,
     time_to_ns,
@@ -160,12 +161,11 @@ class TrainerNode(Node):
             # Before the subscriptions: the episode manager starts a session once they exist, and this set-up
             # (TensorBoard, the action server) takes seconds on a loaded machine while nothing would be spun.
             self._start_iterations(group)
-        self.create_subscription(
+        steps = self.create_subscription(
             StepRecord, topics.STEP_RECORDS, self._on_step, RELIABLE_QOS, callback_group=group
         )
-        self.create_subscription(
-            EpisodeEvent, topics.EPISODE_EVENTS, self._on_event, RELIABLE_QOS, callback_group=group
-        )
+        # A session starts only once the step producer's records can reach this recorder.
+        listen_to_episodes_once_connected(self, [steps], self._on_event, group)
         record_robot_state(self, self.collector, group)  # /joint_states, /tf: stored with each step
         self._stored_pub = self.create_publisher(EpisodeStored, topics.EPISODE_STORED, RELIABLE_QOS)
         self._status_pub = self.create_publisher(TrainerStatus, topics.TRAINER_STATUS, LATCHED_QOS)

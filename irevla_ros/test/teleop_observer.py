@@ -13,7 +13,7 @@ from rclpy.subscription import Subscription
 
 from irevla_interfaces.msg import ArmCommand, EpisodeEvent, EpisodeStored, StepRecord
 from irevla_ros import topics
-from irevla_ros.nodes.common import RELIABLE_QOS, time_to_ns
+from irevla_ros.nodes.common import RELIABLE_QOS, listen_to_episodes_once_connected, time_to_ns
 
 NAME = "teleop_observer"
 
@@ -49,8 +49,9 @@ class Observer:
             lambda m: self.acks.__setitem__(m.episode_id, m),
             RELIABLE_QOS,
         )
-        self._events: Subscription | None = None
-        self._connect_timer = self.node.create_timer(0.05, self._listen_once_connected)
+        listen_to_episodes_once_connected(
+            self.node, self._subscriptions, self._on_event, outputs=self._publishers
+        )
         self.executor = SingleThreadedExecutor(context=context)  # type: ignore[arg-type]
         self.executor.add_node(self.node)
 
@@ -67,15 +68,6 @@ class Observer:
         publisher = self.node.create_publisher(msg_type, topic, qos)
         self._publishers.append(publisher)
         return publisher
-
-    def _listen_once_connected(self) -> None:
-        if all(s.get_publisher_count() for s in self._subscriptions) and all(
-            p.get_subscription_count() for p in self._publishers
-        ):
-            self._connect_timer.cancel()
-            self._events = self.node.create_subscription(
-                EpisodeEvent, topics.EPISODE_EVENTS, self._on_event, RELIABLE_QOS
-            )
 
     def _keep(self, into: dict[int, ArmCommand], msg: ArmCommand) -> None:
         with self.lock:

@@ -25,6 +25,7 @@ from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.impl.implementation_singleton import rclpy_implementation as _rclpy
 from rclpy.node import Node
 from rclpy.parameter import Parameter
+from rclpy.publisher import Publisher
 from rclpy.qos import (
     DurabilityPolicy,
     HistoryPolicy,
@@ -244,8 +245,10 @@ def listen_to_episodes_once_connected(
     inputs: Sequence[Subscription],
     callback: Callable[[Any], None],
     callback_group: Any = None,
+    outputs: Sequence[Publisher] = (),
 ) -> None:
-    """Subscribe `node` to the episode events once each of `inputs` has a connected publisher.
+    """Subscribe `node` to the episode events once each of `inputs` has a connected publisher (and each of
+    `outputs` a connected subscriber). The sequences are read at each check: items added later count too.
 
     The episode manager starts a session once its required nodes listen to the episode events. A node that records
     or carries out another node's messages during an episode (the trainer the policy's step records, the arm
@@ -256,12 +259,14 @@ def listen_to_episodes_once_connected(
     since = time.monotonic()
 
     def check() -> None:
-        waiting = [s.topic_name for s in inputs if s.get_publisher_count() == 0]
+        waiting = [s.topic_name for s in inputs if s.get_publisher_count() == 0] + [
+            p.topic_name for p in outputs if p.get_subscription_count() == 0
+        ]
         if waiting:
             if time.monotonic() - since > 10.0:
                 node.get_logger().info(
                     f"not listening to {topics.EPISODE_EVENTS} yet (no session starts without this node): "
-                    f"no publisher on {waiting}",
+                    f"not connected on {waiting}",
                     throttle_duration_sec=30.0,
                 )
             return

@@ -107,6 +107,10 @@ def test_tiny_benchmark_two_seeds_in_workers_writes_json_table_curves_and_gate(t
     assert main(argv) == 0
     assert capfd.readouterr().err.count("kept from") == 2
     assert json.loads((out / "ire_vla_sim.json").read_text())["methods"] == doc["methods"]
+    # A run of other seeds keeps those it shares: seed 1 alone is not run again.
+    assert main([*argv[:2], "--seeds", "1", *argv[4:]]) == 0
+    assert capfd.readouterr().err.count("seed 1: kept from") == 1
+    assert json.loads((out / "ire_vla_sim.json").read_text())["seeds"] == [doc["seeds"][1]]
 
 
 def test_over_seeds_intervals_levels_and_the_gate_rule():

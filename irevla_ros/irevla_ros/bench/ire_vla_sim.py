@@ -942,16 +942,22 @@ def _seed_worker(cfg_dict: dict[str, Any], seed: int, work: str) -> dict[str, An
     return run_seed(BenchConfig.from_dict(cfg_dict), seed, Path(work))
 
 
+def _one_seeds_settings(parameters: dict[str, Any]) -> dict[str, Any]:
+    """The settings one seed's result depends on: all but which seeds the run had."""
+    return {k: v for k, v in parameters.items() if k not in ("seed", "seeds")}
+
+
 def run_seeds(cfg: BenchConfig, work: Path, jobs: int) -> list[dict[str, Any]]:
     """Every seed of `cfg`, `jobs` at a time in worker processes (1: in this process). A seed whose result is in
-    `work` from an earlier run with the same settings is not run again."""
+    `work` from an earlier run with the same settings is not run again, whichever other seeds that run had (a
+    seed's result does not depend on them: `--seeds 0,1` then `--seeds 0,1,2` runs only seed 2)."""
     done: dict[int, dict[str, Any]] = {}
     wanted = dataclasses.asdict(cfg)
     for seed in cfg.seed_list:
         path = work / f"seed-{seed}.json"
         if path.exists():
             kept = json.loads(path.read_text())
-            if kept.pop("parameters") == wanted:
+            if _one_seeds_settings(kept.pop("parameters")) == _one_seeds_settings(wanted):
                 log(f"seed {seed}: kept from {path}")
                 done[seed] = kept
     todo = [s for s in cfg.seed_list if s not in done]

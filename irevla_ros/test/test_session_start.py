@@ -13,14 +13,11 @@ from rclpy.parameter import Parameter
 
 from irevla_interfaces.msg import ArmCommand, StepRecord
 from irevla_ros import topics
-from irevla_ros.nodes.common import RELIABLE_QOS
+from irevla_ros.nodes.common import RELIABLE_QOS, subscriber_nodes
 
 
 def _listening(node: Node) -> set[str]:
-    return {
-        f"{i.node_namespace.rstrip('/')}/{i.node_name}"
-        for i in node.get_subscriptions_info_by_topic(topics.EPISODE_EVENTS)
-    }
+    return subscriber_nodes(node, topics.EPISODE_EVENTS)
 
 
 def test_the_trainer_and_the_arm_listen_to_episodes_once_their_producer_is_connected(
@@ -79,10 +76,8 @@ def test_the_trainer_and_the_arm_listen_to_episodes_once_their_producer_is_conne
         )
     finally:
         executor.shutdown()
+        trainer.close()
+        arm.close()
         for node in (manager, producer, trainer, arm):
-            if node is trainer:
-                trainer.close()
-            if node is arm:
-                arm.close()
             node.destroy_node()
         cell.close()

@@ -240,6 +240,14 @@ class RosTimePeriodic:
             self._callback()
 
 
+def subscriber_nodes(node: Node, topic: str) -> set[str]:
+    """Fully qualified names of the nodes whose subscriptions to `topic` `node` has discovered."""
+    return {
+        f"{info.node_namespace.rstrip('/')}/{info.node_name}"
+        for info in node.get_subscriptions_info_by_topic(topic)
+    }
+
+
 def listen_to_episodes_once_connected(
     node: Node,
     inputs: Sequence[Subscription],

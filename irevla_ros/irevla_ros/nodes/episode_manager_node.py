@@ -42,6 +42,7 @@ from irevla_ros.nodes.common import (
     image_to_msg,
     msg_to_image,
     run_nodes,
+    subscriber_nodes,
     time_to_ns,
     to_time_msg,
 )
@@ -201,11 +202,7 @@ class EpisodeManagerNode(Node):
 
     # --- the session clock ----------------------------------------------------------------------------------------
     def _ready_to_start(self) -> bool:
-        listening = {
-            f"{info.node_namespace.rstrip('/')}/{info.node_name}"
-            for info in self.get_subscriptions_info_by_topic(topics.EPISODE_EVENTS)
-        }
-        self._waiting_for -= listening
+        self._waiting_for -= subscriber_nodes(self, topics.EPISODE_EVENTS)
         if self._waiting_for:
             self.get_logger().info(
                 f"session waits for {sorted(self._waiting_for)} to listen to {topics.EPISODE_EVENTS}",

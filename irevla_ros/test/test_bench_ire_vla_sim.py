@@ -3,6 +3,7 @@ with the episode counts. Success values are not asserted (a tiny run checks code
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -111,6 +112,17 @@ def test_tiny_benchmark_two_seeds_in_workers_writes_json_table_curves_and_gate(t
     assert main([*argv[:2], "--seeds", "1", *argv[4:]]) == 0
     assert capfd.readouterr().err.count("seed 1: kept from") == 1
     assert json.loads((out / "ire_vla_sim.json").read_text())["seeds"] == [doc["seeds"][1]]
+
+
+def test_a_kept_seed_counts_a_setting_added_after_it_at_its_default():
+    from irevla_ros.bench.ire_vla_sim import BenchConfig, _one_seeds_settings
+
+    current = dataclasses.asdict(BenchConfig(seeds=[0, 1, 2]))
+    older = {k: v for k, v in current.items() if k != "sacfd_residual_scale"}  # written before the setting
+    older["seeds"] = [0, 1]
+    assert _one_seeds_settings(older) == _one_seeds_settings(current)
+    assert _one_seeds_settings({**older, "sacfd_residual_scale": 0.5}) != _one_seeds_settings(current)
+    assert _one_seeds_settings({**older, "stage0_steps": 7}) != _one_seeds_settings(current)
 
 
 def test_over_seeds_intervals_levels_and_the_gate_rule():

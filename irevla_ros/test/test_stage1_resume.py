@@ -18,6 +18,7 @@ from irevla_ros.train.checkpoint import Checkpointer
 from irevla_ros.train.ppo import PPOConfig
 from irevla_ros.train.sacfd import SACfDConfig
 from irevla_ros.train.stage1 import OnlineRL, Stage1Config, Stage1Error
+from irevla_ros.vla.model import HEAD_GROUPS
 
 torch.set_num_threads(1)
 
@@ -34,6 +35,10 @@ SAC = Stage1Config(
     threads=1,
     # Every SACfD learner state in play: LayerNorm critics, their targets, n-step sampling, the warm-start count.
     sacfd=SACfDConfig(batch_size=32, min_transitions=16, utd_ratio=1, n_step=3, critic_warm_start_updates=5),
+)
+# The residual actor (a bounded correction on the frozen action head) and its anchor's copy are learner state too.
+SAC_RESIDUAL = Stage1Config(
+    **{**SAC.__dict__, "sacfd": SACfDConfig(**{**SAC.sacfd.__dict__, "residual_scale": 0.5})}
 )
 
 
@@ -113,11 +118,12 @@ def _sac_data(plain):
     return demos, batches
 
 
-def test_sacfd_resume_continues_exactly_where_it_stopped(base_model, tmp_path):
+@pytest.mark.parametrize("config", [SAC, SAC_RESIDUAL], ids=["action_head", "residual"])
+def test_sacfd_resume_continues_exactly_where_it_stopped(base_model, tmp_path, config):
     demos, batches = _sac_data(base_model)  # collected by the untrained policy, once for both runs
 
     def run(model, directory, parts):
-        rl = OnlineRL(model, SAC, directory)
+        rl = OnlineRL(model, config, directory)
         if rl.resumed_from is None:
             rl.add_demos(demos)
         for batch in parts:
@@ -141,7 +147,7 @@ def test_sacfd_resume_continues_exactly_where_it_stopped(base_model, tmp_path):
         straight_model.state_dict().items(), resumed_model.state_dict().items(), strict=True
     ):
         assert torch.equal(a, b), name
-    for part in ("critic", "target", "anchor"):
+    for part in ("critic", "target", "anchor", "anchor_residual"):
         for (name, a), (_, b) in zip(
             getattr(straight.learner, part).state_dict().items(),
             getattr(resumed.learner, part).state_dict().items(),
@@ -152,12 +158,18 @@ def test_sacfd_resume_continues_exactly_where_it_stopped(base_model, tmp_path):
     assert resumed.learner.warm_start_updates == straight.learner.warm_start_updates == 5
     assert torch.equal(resumed.learner.log_alpha, straight.learner.log_alpha)
     assert resumed.successes() == straight.successes()
+    moved = [
+        k for k, v in resumed_model.state_dict().items() if not torch.equal(v, base_model.state_dict()[k])
+    ]
+    actor = "action_residual." if config.sacfd.residual_scale else "action_head."
+    assert any(k.startswith(actor) for k in moved), moved
 
 
-def test_sigkilled_sacfd_trainer_resumes_buffers_critics_targets_and_optimisers(base_model, tmp_path):
+@pytest.mark.parametrize("config", [SAC, SAC_RESIDUAL], ids=["action_head", "residual"])
+def test_sigkilled_sacfd_trainer_resumes_buffers_critics_targets_and_optimisers(base_model, tmp_path, config):
     ckpt_dir = tmp_path / "sacfd"
     child = multiprocessing.get_context("fork").Process(
-        target=_train_forever, args=(copy.deepcopy(base_model), str(ckpt_dir), SAC)
+        target=_train_forever, args=(copy.deepcopy(base_model), str(ckpt_dir), config)
     )
     child.start()
     checkpointer = Checkpointer(ckpt_dir)
@@ -175,12 +187,19 @@ def test_sigkilled_sacfd_trainer_resumes_buffers_critics_targets_and_optimisers(
     with torch.no_grad():  # a head that is neither the checkpoint's nor the one Stage 1 started from
         for p in model.action_head.parameters():
             p.add_(0.5)
-    rl = OnlineRL(model, SAC, ckpt_dir)
+    rl = OnlineRL(model, config, ckpt_dir)
     learner = rl.learner
     # The anchor's reference is the head Stage 1 started from, restored from the checkpoint (not rebuilt from
     # whatever head the restarted process had before it loaded the checkpoint).
     for name, start in base_model.action_head.state_dict().items():
         assert torch.equal(learner.anchor.state_dict()[name], start), f"anchor.{name}"
+    for name, saved in state["learner"]["anchor_residual"].items():
+        assert torch.equal(learner.anchor_residual.state_dict()[name], saved), f"anchor_residual.{name}"
+    if config.sacfd.residual_scale:  # the residual trained and came back; the head it corrects did not move
+        assert float(model.action_residual.scale) == 0.5
+        assert any(state["heads"][k].any() for k in state["heads"] if k.startswith("action_residual.net.4"))
+        for name, start in base_model.action_head.state_dict().items():
+            assert torch.equal(state["heads"][f"action_head.{name}"], start), name
     assert rl.resumed_from == step and learner.updates == state["learner"]["updates"] > 0
     assert learner.warm_start_updates == 5
     assert len(learner.demo) > 0 and len(learner.online) > 0
@@ -221,9 +240,8 @@ def test_push_cadence_by_episodes_and_by_time(base_model):
     rl.step()
     assert rl.should_push(now)  # 16 episodes
     heads = rl.heads_state_dict()
-    assert set(heads) == {
-        k for k in model.state_dict() if k.split(".")[0] in ("action_head", "critic_head", "log_std")
-    }
+    assert set(heads) == {k for k in model.state_dict() if k.split(".")[0] in HEAD_GROUPS}
+    assert any(k.startswith("action_residual.") for k in heads)
     rl.mark_pushed(now)
     assert not rl.should_push(now + 1000) and rl.counters()["pushes"] == 1
 

@@ -190,7 +190,9 @@ def test_heads_stage_freezes_everything_but_the_heads(blip2_dir):
     model.set_trainable("heads")
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {
-        n for n, _ in model.named_parameters() if n.startswith(("action_head", "critic_head"))
+        n
+        for n, _ in model.named_parameters()
+        if n.startswith(("action_head", "action_residual", "critic_head"))
     } | {"log_std"}
     assert set(STAGES) == {"heads", "lora_and_action_head"}
     with pytest.raises(VLAConfigError, match="unknown training stage"):

@@ -21,7 +21,7 @@ from irevla_ros.vla.integrity import (
     UnknownVersionError,
     sha256_file,
 )
-from irevla_ros.vla.model import VLAModel
+from irevla_ros.vla.model import HEAD_GROUPS, VLAModel
 from irevla_ros.vla.model_store import ModelStore
 from irevla_ros.vla.onnx_export import ATOL, RTOL
 from irevla_ros.vla.runtime import OnnxPolicyRuntime, TorchPolicyRuntime, make_runtime
@@ -362,15 +362,17 @@ def test_changed_hf_base_model_is_refused(tmp_path):
 
 
 def _new_heads(model: VLAModel, seed: int) -> VLAModel:
-    """A copy of `model` whose action head, critic head and log_std moved, the rest frozen (a Stage 1 step)."""
+    """A copy of `model` whose heads moved, the rest frozen (a Stage 1 step); its action residual corrects by at
+    most 0.3, so the versions, their ONNX heads and their loads carry one."""
     import copy
 
     out = copy.deepcopy(model)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in out.named_parameters():
-            if name.startswith(("action_head", "critic_head", "log_std")):
+            if name.split(".")[0] in HEAD_GROUPS:
                 p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        out.action_residual.scale.fill_(0.3)
     return out
 
 
@@ -404,7 +406,8 @@ def test_save_heads_layout_chain_and_round_trip(heads_saved):
     assert h1.meta["base_manifest_sha256"] == base.manifest_sha256
     assert set(h1.onnx["files"]) == {"heads"} and max(h1.onnx["max_abs_error"].values()) <= ATOL + RTOL
     stored = _heads_tensors(h1.path)
-    assert stored and all(k.split(".")[0] in ("action_head", "critic_head", "log_std") for k in stored)
+    assert stored and all(k.split(".")[0] in HEAD_GROUPS for k in stored)
+    assert float(stored["action_residual.scale"]) == pytest.approx(0.3)
     # a heads update is a small fraction of its base version
     assert sum(h1.meta["bytes"].values()) < 0.2 * sum(base.meta["bytes"].values())
     for info, model in ((h1, m1), (h2, m2)):

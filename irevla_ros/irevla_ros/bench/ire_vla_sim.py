@@ -123,6 +123,7 @@ class BenchConfig:
     sacfd_utd_ratio: int = 4
     sacfd_bc_weight: float = 1.0
     sacfd_anchor_weight: float = 1.0
+    sacfd_residual_scale: float = 0.0  # > 0: Stage 1 trains a residual actor of this bound (train/sacfd.py)
     sacfd_learning_starts: int = 0  # online episodes of an iteration before SACfD's first update
     exploration_max_std: float = 0.37
     calibrate_exploration: bool = True  # Stage 1 explores with the running version's error on D_e as its std
@@ -175,7 +176,7 @@ class BenchConfig:
             )
         if self.max_steps is not None and self.max_steps < 1:
             raise BenchConfigError(f"max_steps must be >= 1 or null, got {self.max_steps}")
-        for name in ("demo_noise", "ppo_lr", "replay_coef", "backbone_lr"):
+        for name in ("demo_noise", "ppo_lr", "replay_coef", "backbone_lr", "sacfd_residual_scale"):
             if not float(getattr(self, name)) >= 0.0:
                 raise BenchConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         for name in ("stage2_rl_fraction", "gate_margin", "level_delta"):
@@ -580,6 +581,7 @@ def stage1_config(cfg: BenchConfig, seed: int) -> Any:
             utd_ratio=cfg.sacfd_utd_ratio,
             bc_weight=cfg.sacfd_bc_weight,
             anchor_weight=cfg.sacfd_anchor_weight,
+            residual_scale=cfg.sacfd_residual_scale,
         ),
         calibrate_exploration=cfg.calibrate_exploration,
         exploration_max_std=cfg.exploration_max_std,
@@ -718,6 +720,7 @@ class PPOReplay:
 
     def __init__(self, model: Any, cfg: BenchConfig, d_e: Any, seed: int) -> None:
         from irevla_ros.train.ppo import PPOConfig
+        from irevla_ros.vla.model import HEAD_GROUPS
 
         self.model, self.cfg = model, cfg
         self.ppo = PPOConfig(
@@ -725,7 +728,7 @@ class PPOReplay:
         )
         model.fresh_critic()
         groups = model.named_parameter_groups()
-        fast = [p for g in ("action_head", "critic_head", "log_std") for _, p in groups[g]]
+        fast = [p for g in HEAD_GROUPS for _, p in groups[g]]
         slow = [p for g in ("lora", "backbone_new", "token_learner") for _, p in groups[g]]
         for p in model.parameters():
             p.requires_grad_(False)
@@ -943,8 +946,10 @@ def _seed_worker(cfg_dict: dict[str, Any], seed: int, work: str) -> dict[str, An
 
 
 def _one_seeds_settings(parameters: dict[str, Any]) -> dict[str, Any]:
-    """The settings one seed's result depends on: all but which seeds the run had."""
-    return {k: v for k, v in parameters.items() if k not in ("seed", "seeds")}
+    """The settings one seed's result depends on: all but which seeds the run had. A setting added after the
+    result was written counts at its default (a new setting's default is the behaviour from before it)."""
+    every = {**dataclasses.asdict(BenchConfig()), **parameters}
+    return {k: v for k, v in every.items() if k not in ("seed", "seeds")}
 
 
 def run_seeds(cfg: BenchConfig, work: Path, jobs: int) -> list[dict[str, Any]]:

@@ -74,7 +74,7 @@ def make_versions(
 
     from irevla_ros.train.stage0 import CPU_LORA_TARGETS
     from irevla_ros.vla.config import VLAConfig
-    from irevla_ros.vla.model import VLAModel
+    from irevla_ros.vla.model import HEAD_GROUPS, VLAModel
     from irevla_ros.vla.model_store import ModelStore
 
     torch.manual_seed(0)
@@ -98,7 +98,7 @@ def make_versions(
         log(f"saved {info.version_id} in {seconds:.1f} s ({size / 1e6:.2f} MB)")
         return info, {"version": info.version_id, "seconds": round(seconds, 3), "bytes": size}
 
-    heads = ("action_head", "critic_head", "log_std")
+    heads = HEAD_GROUPS
     saves = []
     v1, s = timed(store.save, model, parent=None, stage="stage0_sft")
     saves.append({"kind": "full", **s})

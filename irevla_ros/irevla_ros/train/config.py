@@ -107,6 +107,14 @@ class SACfDConfig:
         "without it the critic's early gradients moved it off the task being learned (train/sacfd.py has the numbers)",
         min=0.0,
     )
+    residual_scale: float = setting(
+        0.0,
+        "SACfD: train a residual actor instead of the action head (PLD, EXPO-FT): a correction of at most this much "
+        "per action dimension (pre-tanh) on top of the running policy's head, which stays frozen; the next Stage 2 "
+        "distils it into the action head (0: off, the actor is the action head)",
+        min=0.0,
+        max=2.0,
+    )
     # The reward is 0/1: a large start temperature would drown it.
     init_temperature: float = setting(0.01, "SACfD: initial entropy temperature", min=0.0, min_exclusive=True)
     target_entropy: float | None = internal(None, "SACfD: target entropy; None: -action_dim / 2 (RLPD)")

@@ -28,11 +28,10 @@ from irevla_ros import durable
 from irevla_ros.store.episode_store import EpisodeStore
 from irevla_ros.store.records import StoredEpisode
 from irevla_ros.train.datasets import DatasetError, Transitions, load_transitions
-from irevla_ros.vla.model import VLAModel
+from irevla_ros.vla.model import HEAD_GROUPS, VLAModel
 from irevla_ros.vla.preprocess import preprocess_images
 
 TERMINAL_OUTCOMES: tuple[str, ...] = ("success",)
-HEAD_GROUPS = ("action_head", "critic_head", "log_std")
 _CACHE_FORMAT = 1
 
 

@@ -7,9 +7,12 @@ towards a target entropy; a configurable update-to-data ratio (the caller decide
 new transition, see stage1.OnlineRL).
 
 The actor is the VLA's own action head and log_std (the clipped Gaussian of vla/distribution.py), so what this
-trains deploys as-is. Samples are reparameterised (mean + std * noise, clipped to [-1, 1]); their log-probability
-is the clipped Gaussian's, whose bound mass stands in for a density at the bounds (the recorded log-probs of the
-robot use the same rule). The critics are an ensemble of MLPs of the action head's structure taking
+trains deploys as-is; or, with `residual_scale` > 0, the VLA's action residual and log_std on top of the frozen
+action head (residual RL as PLD and EXPO-FT do it: the running policy's action plus a correction bounded by the
+scale, zero at the start; Stage 2 then distils the successes into the action head and resets the residual).
+Samples are reparameterised (mean + std * noise, clipped to [-1, 1]); their log-probability is the clipped
+Gaussian's, whose bound mass stands in for a density at the bounds (the recorded log-probs of the robot use the
+same rule). The critics are an ensemble of MLPs of the action head's structure taking
 [latent, action]; the model's own critic head (a V function) is not used by SACfD.
 
 Transitions come from whole latent episodes: step t's next state is step t+1 of the same episode; a terminal
@@ -216,9 +219,16 @@ class SACfDLearner:
         mc = model.config
         model.set_trainable("heads")
         device = model.log_std.device
-        self.actor_params = [
-            p for g in ("action_head", "log_std") for _, p in model.named_parameter_groups()[g]
-        ]
+        # The actor: the action head itself, or (residual) a bounded correction on top of the frozen head.
+        actor = "action_residual" if cfg.residual_scale else "action_head"
+        groups = model.named_parameter_groups()
+        if cfg.residual_scale and not float(model.action_residual.scale):
+            # A plain version: the residual starts at no correction. One that carries a residual (a Stage 1
+            # heads update not yet distilled) keeps it and its bound, and learning goes on from there.
+            model.action_residual.reset(cfg.residual_scale)
+        for _, p in groups["action_residual" if actor == "action_head" else "action_head"]:
+            p.requires_grad_(False)
+        self.actor_params = [p for g in (actor, "log_std") for _, p in groups[g]]
         with torch.random.fork_rng(devices=[]):  # seeded critics without moving the caller's global RNG
             torch.manual_seed(seed)
             self.critic = QEnsemble(
@@ -231,6 +241,7 @@ class SACfDLearner:
         )
         # The policy as Stage 1 found it (the running version): the anchor's reference, frozen for the stage.
         self.anchor = copy.deepcopy(model.action_head).requires_grad_(False)
+        self.anchor_residual = copy.deepcopy(model.action_residual).requires_grad_(False)
         self.actor_optimiser = torch.optim.Adam(self.actor_params, lr=cfg.actor_lr)
         self.critic_optimiser = torch.optim.Adam(self.critic.parameters(), lr=cfg.critic_lr)
         self.alpha_optimiser = torch.optim.Adam([self.log_alpha], lr=cfg.alpha_lr)
@@ -355,7 +366,8 @@ class SACfDLearner:
                     record(bc_loss=bc.detach())
                 if cfg.anchor_weight:
                     with torch.no_grad():
-                        reference = torch.tanh(self.anchor(b["latent"]))
+                        head = self.anchor(b["latent"])
+                        reference = torch.tanh(head + self.anchor_residual(b["latent"], head))
                     anchor = (dist.mean - reference).pow(2).mean()
                     actor_loss = actor_loss + cfg.anchor_weight * anchor
                     record(anchor_loss=anchor.detach())
@@ -387,6 +399,7 @@ class SACfDLearner:
             "critic": self.critic.state_dict(),
             "target": self.target.state_dict(),
             "anchor": self.anchor.state_dict(),
+            "anchor_residual": self.anchor_residual.state_dict(),
             "log_alpha": self.log_alpha.detach().clone(),
             "actor_optimiser": self.actor_optimiser.state_dict(),
             "critic_optimiser": self.critic_optimiser.state_dict(),
@@ -403,6 +416,8 @@ class SACfDLearner:
         self.target.load_state_dict(state["target"])
         if "anchor" in state:  # checkpoints before the anchor: the head the learner was built on stands in
             self.anchor.load_state_dict(state["anchor"])
+        if "anchor_residual" in state:  # checkpoints before the residual: none (the one built here is zero)
+            self.anchor_residual.load_state_dict(state["anchor_residual"])
         with torch.no_grad():
             self.log_alpha.copy_(state["log_alpha"])
         self.actor_optimiser.load_state_dict(state["actor_optimiser"])

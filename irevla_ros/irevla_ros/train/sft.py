@@ -159,6 +159,9 @@ def supervised_parameters(
             "new layers, so fully fine-tuned base weights would be lost"
         )
     model.set_trainable("lora_and_action_head")
+    # Supervised stages distil a Stage 1 residual (PLD): the action head learns from D_RL what the residual did,
+    # so the residual starts and ends at no correction and the version is a plain VLA again.
+    model.action_residual.reset()
     groups = model.named_parameter_groups()
     named = [(n, p) for g in _groups(trainable) for n, p in groups[g]]
     for _, p in named:

@@ -37,10 +37,10 @@ import torch
 
 from irevla_ros.train.checkpoint import Checkpointer, CheckpointError, rng_state, set_rng_state
 from irevla_ros.train.config import ALGORITHMS, Stage1Config, Stage1Error  # noqa: F401 (re-exported)
-from irevla_ros.train.latents import HEAD_GROUPS, LatentEpisodes, encoder_key
+from irevla_ros.train.latents import LatentEpisodes, encoder_key
 from irevla_ros.train.ppo import PPOLearner
 from irevla_ros.train.sacfd import SACfDLearner
-from irevla_ros.vla.model import VLAModel
+from irevla_ros.vla.model import HEAD_GROUPS, VLAModel, with_residual_defaults
 
 _FORMAT = 1
 _LOG = logging.getLogger(__name__)
@@ -300,7 +300,7 @@ class OnlineRL:
                 "do not fit this model; use a new checkpoint directory"
             )
         own = self.model.state_dict()
-        heads = state["heads"]
+        heads = with_residual_defaults(state["heads"], self.model)  # checkpoints before the residual had none
         expected = {k for k in own if k.split(".")[0] in HEAD_GROUPS}
         if set(heads) != expected or any(own[k].shape != heads[k].shape for k in heads):
             raise CheckpointError(f"checkpoint {step}: its head tensors do not match the model's")

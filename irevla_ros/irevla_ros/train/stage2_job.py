@@ -40,7 +40,7 @@ from irevla_ros.train.datasets import Transitions
 from irevla_ros.train.sft import RUN_DEFINING_KEYS, SFTConfig, trainable_state
 from irevla_ros.vla.config import VLAConfig, VLAConfigError
 from irevla_ros.vla.integrity import sha256_file
-from irevla_ros.vla.model import VLAModel
+from irevla_ros.vla.model import VLAModel, with_residual_defaults
 from irevla_ros.vla.model_store import (
     CONFIG,
     TOKENIZER_DIR,
@@ -281,6 +281,7 @@ def load_parent(job_dir: str | Path, spec: JobSpec | None = None) -> VLAModel:
         raise Stage2Error(f"{parent / CONFIG}: {exc}") from exc
     tensors = load_file(str(parent / WEIGHTS))
     model = VLAModel(config, load_pretrained=False, tokenizer_dir=parent / TOKENIZER_DIR)
+    tensors = with_residual_defaults(tensors, model)
     try:
         check_tensors(tensors, model, spec.parent)
     except InvalidVersionError as exc:
@@ -354,3 +355,6 @@ def apply_adapter(model: VLAModel, path: str | Path, trainable: str = "lora_and_
     result = model.load_state_dict(tensors, strict=False)
     if result.unexpected_keys:
         raise Stage2Error(f"{path}: unexpected keys {result.unexpected_keys[:5]}")
+    # The job trained with the residual reset (sft.supervised_parameters): its action head learned from D_RL what
+    # a Stage 1 residual did, so the new version carries none.
+    model.action_residual.reset()

@@ -4,10 +4,15 @@
 - `encode(images, text_features, proprio)`: backbone + token learner -> latent (B, latent_dim). This is what the
   RL stage caches: with the backbone and the token learner frozen (stage "heads"), RL runs in latent space.
 - `action_mean(latent)`: tanh-bounded action (B, A); `value(latent)`: critic (B,) with the same MLP structure.
+- `action_residual`: a bounded correction added to the action head's output before the tanh (residual RL: PLD,
+  EXPO-FT). Its `scale` is 0 in every version Stage 0 or 2 writes, so it changes nothing there; Stage 1 may set a
+  scale and train it instead of the action head (SACfDConfig.residual_scale), and the next supervised stage
+  distils what it did into the action head (from D_RL) and resets it.
 - `distribution(latent)` / `act(...)`: Gaussian exploration (see distribution.py); deterministic in evaluation.
 
 Training stages (`set_trainable(stage)`):
-- "heads" (stage 1, online RL): action head, critic head and log_std. Backbone, LoRA and token learner frozen.
+- "heads" (stage 1, online RL): action head, action residual, critic head and log_std. Backbone, LoRA and token
+  learner frozen.
 - "lora_and_action_head" (stages 0 and 2, supervised): LoRA parameters, the backbone's new (not pretrained)
   layers, the token learner and the action head. Pretrained backbone weights stay frozen; the critic and
   log_std are not touched by the MSE loss.
@@ -18,7 +23,7 @@ an observation does not depend on the training mode.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -31,6 +36,8 @@ from irevla_ros.vla.distribution import ClippedNormal
 from irevla_ros.vla.preprocess import VLAInputError
 
 STAGES = ("heads", "lora_and_action_head")
+# What Stage 1 trains, what a heads-only version stores and what a push replaces (state-dict prefixes).
+HEAD_GROUPS = ("action_head", "action_residual", "critic_head", "log_std")
 
 
 class TokenLearner(nn.Module):
@@ -64,6 +71,42 @@ def mlp(in_dim: int, hidden: Sequence[int], out_dim: int, final_std: float) -> n
     return nn.Sequential(*layers, last)
 
 
+class ActionResidual(nn.Module):
+    """scale * tanh(net([latent, tanh(head output)])): a correction of at most `scale` per action dimension to the
+    action head's pre-tanh output, hence (tanh being 1-Lipschitz) to the action. `scale` is a buffer, stored with
+    the weights, so a deployed version (ONNX heads included) acts exactly as the learner did."""
+
+    def __init__(self, latent_dim: int, action_dim: int, hidden: Sequence[int]) -> None:
+        super().__init__()
+        self.net = mlp(latent_dim + action_dim, hidden, action_dim, final_std=0.0)
+        self.register_buffer("scale", torch.zeros(()))
+
+    def forward(self, latent: torch.Tensor, head_output: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([latent, torch.tanh(head_output).detach()], dim=-1)
+        return self.scale * torch.tanh(self.net(x))
+
+    @torch.no_grad()
+    def reset(self, scale: float = 0.0) -> None:
+        """No correction (the output layer zeroed), and `scale` as the bound for what training adds."""
+        last = self.net[-1]
+        assert isinstance(last, nn.Linear)
+        last.weight.zero_()
+        last.bias.zero_()
+        self.scale.fill_(float(scale))
+
+
+def with_residual_defaults(tensors: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """`tensors` (a state dict, whole or heads only) completed with a zero action residual when it has none:
+    versions and checkpoints written before the residual existed act as they did."""
+    out = dict(tensors)
+    if any(k.startswith("action_residual.") for k in out):
+        return out
+    for k, v in model.state_dict().items():
+        if k.startswith("action_residual."):
+            out[k] = torch.zeros_like(v)  # zero weights and scale 0: no correction at all
+    return out
+
+
 class ActOutput(NamedTuple):
     action: torch.Tensor  # (B, A) in [-1, 1]: what is executed and stored
     log_prob: torch.Tensor  # (B,) log-probability of `action` under the exploration distribution
@@ -90,6 +133,9 @@ class VLAModel(nn.Module):
             self.backbone.out_dim, cfg.token_learner_hidden, cfg.token_learner_tokens, cfg.latent_dim
         )
         self.action_head = mlp(cfg.latent_dim, cfg.head_hidden, cfg.action_dim, final_std=0.01)
+        with torch.random.fork_rng(devices=[]):  # the global RNG stream (every later init) as without it
+            torch.manual_seed(0)
+            self.action_residual = ActionResidual(cfg.latent_dim, cfg.action_dim, cfg.head_hidden)
         self.critic_head = mlp(cfg.latent_dim, cfg.head_hidden, 1, final_std=0.01)
         self.log_std = nn.Parameter(torch.full((cfg.action_dim,), float(cfg.init_log_std)))
         self.set_trainable("lora_and_action_head")
@@ -113,7 +159,7 @@ class VLAModel(nn.Module):
 
     def named_parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
         """Every parameter in exactly one group: pretrained, lora, backbone_new, token_learner, action_head,
-        critic_head, log_std."""
+        action_residual, critic_head, log_std."""
         pretrained = self._pretrained_names()
         groups: dict[str, list[tuple[str, nn.Parameter]]] = {
             k: []
@@ -123,6 +169,7 @@ class VLAModel(nn.Module):
                 "backbone_new",
                 "token_learner",
                 "action_head",
+                "action_residual",
                 "critic_head",
                 "log_std",
             )
@@ -143,10 +190,7 @@ class VLAModel(nn.Module):
         if stage not in STAGES:
             raise VLAConfigError(f"unknown training stage {stage!r} (known: {', '.join(STAGES)})")
         groups = self.named_parameter_groups()
-        if stage == "heads":
-            wanted = ("action_head", "critic_head", "log_std")
-        else:
-            wanted = ("lora", "backbone_new", "token_learner", "action_head")
+        wanted = HEAD_GROUPS if stage == "heads" else ("lora", "backbone_new", "token_learner", "action_head")
         return [p for g in wanted for _, p in groups[g]]
 
     def set_trainable(self, stage: str) -> list[nn.Parameter]:
@@ -215,7 +259,8 @@ class VLAModel(nn.Module):
         return self.token_learner(hidden, mask)
 
     def action_mean(self, latent: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.action_head(latent))
+        head = self.action_head(latent)
+        return torch.tanh(head + self.action_residual(latent, head))
 
     def value(self, latent: torch.Tensor) -> torch.Tensor:
         return self.critic_head(latent).squeeze(-1)

@@ -63,10 +63,10 @@ from irevla_ros.vla.integrity import (
     verify_version_dir,
     write_manifest,
 )
-from irevla_ros.vla.model import VLAModel
+from irevla_ros.vla.model import HEAD_GROUPS, VLAModel, with_residual_defaults
 
 # Top-level modules / parameters of VLAModel that a heads-only (Stage 1) version replaces.
-HEAD_MODULES = ("action_head", "critic_head", "log_std")
+HEAD_MODULES = HEAD_GROUPS
 
 _VERSION_RE = re.compile(r"v(\d{4,})-([a-z0-9_]{1,40})")
 _STAGE_RE = re.compile(r"[a-z0-9_]{1,40}")
@@ -491,6 +491,7 @@ class ModelStore:
         except (SafetensorError, OSError, ValueError) as exc:
             raise InvalidVersionError(f"{version_id}: {WEIGHTS} cannot be read: {exc}") from exc
         model = VLAModel(config, load_pretrained=False, tokenizer_dir=info.path / TOKENIZER_DIR)
+        tensors = with_residual_defaults(tensors, model)
         check_tensors(tensors, model, version_id)
         result = model.load_state_dict(tensors, strict=False)
         base = {f"backbone.{k}" for k in (model.backbone.base_state_keys() or set())}
@@ -511,6 +512,7 @@ class ModelStore:
             tensors = load_file(str(info.path / HEADS_WEIGHTS))
         except (SafetensorError, OSError, ValueError) as exc:
             raise InvalidVersionError(f"{info.version_id}: {HEADS_WEIGHTS} cannot be read: {exc}") from exc
+        tensors = with_residual_defaults(tensors, model)
         check_tensors(tensors, model, info.version_id, heads_only=True)
         result = model.load_state_dict(tensors, strict=False)
         if result.unexpected_keys:

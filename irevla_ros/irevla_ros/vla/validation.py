@@ -28,7 +28,7 @@ from irevla_ros.vla.integrity import (
     sha256_file,
     verify_version_dir,
 )
-from irevla_ros.vla.model import VLAModel
+from irevla_ros.vla.model import ActionResidual, VLAModel, with_residual_defaults
 from irevla_ros.vla.model_store import ModelStore, check_shapes
 from irevla_ros.vla.runtime import OnnxPolicyRuntime, TorchPolicyRuntime
 
@@ -97,12 +97,14 @@ def validate_heads(store: ModelStore, version_id: str, latents: np.ndarray | Non
     config = store.read_config(version_id)
     heads = torch.nn.Module()  # just the heads, named as in VLAModel, so VLAModel's head functions apply
     heads.action_head = mlp(config.latent_dim, config.head_hidden, config.action_dim, final_std=0.01)
+    heads.action_residual = ActionResidual(config.latent_dim, config.action_dim, config.head_hidden)
     heads.critic_head = mlp(config.latent_dim, config.head_hidden, 1, final_std=0.01)
     heads.log_std = torch.nn.Parameter(torch.zeros(config.action_dim))
     try:
         tensors = load_file(str(info.path / HEADS_WEIGHTS))
     except (SafetensorError, OSError, ValueError) as exc:
         raise InvalidVersionError(f"{version_id}: {HEADS_WEIGHTS} cannot be read: {exc}") from exc
+    tensors = with_residual_defaults(tensors, heads)
     check_shapes(tensors, {k: tuple(v.shape) for k, v in heads.state_dict().items()}, version_id)
     heads.load_state_dict(tensors, strict=True)
     heads.eval()
